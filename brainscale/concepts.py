@@ -1,0 +1,285 @@
+"""What users write models with: hidden states, trace parameters and trace operators.
+
+* :class:`ETraceState` marks a hidden state ``h`` (any ``brainstate.HiddenState`` counts too).
+* :class:`ETraceParam` is a parameter ``θ`` paired with the :class:`ETraceOp` that applies it.
+* :class:`ETraceOp` is the interaction ``y = op(x, θ)`` (``xw_to_y``) together with the two
+  maps the trace equations need: ``yw_to_w`` (multiply a parameter-shaped tree by a
+  neuron-shaped vector) and ``xy_to_dw`` (the VJP of ``θ ↦ op(x, θ)``).
+
+How the compiler finds trace ops: applying an op calls a ``jax.jit``-wrapped function whose
+name starts with :data:`MARKER_PREFIX` and carries the op's registry id. A ``jit`` equation
+survives ``jit``, ``vmap`` and module nesting unchanged, so the frontend recognises every
+application in the jaxpr however the user nests it, and reads which state leaves are its
+parameter from the equation's inputs.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import weakref
+from typing import Any, Callable
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ETraceState", "ETraceGrad", "ETraceParam", "ETraceParamOp", "ETraceOp",
+    "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op",
+]
+
+#: prefix of the jit name that marks a trace-op application in a jaxpr
+MARKER_PREFIX = "brainscale_etrace_op__"
+
+_OP_IDS = itertools.count()
+_OP_REGISTRY: "weakref.WeakValueDictionary[int, ETraceOp]" = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+
+def lookup_op(jit_name: str) -> "ETraceOp | None":
+    """The op whose marker equation has this jit name, or None if it is not a marker."""
+    if not jit_name.startswith(MARKER_PREFIX):
+        return None
+    return _OP_REGISTRY.get(int(jit_name[len(MARKER_PREFIX):]))
+
+
+class ETraceState(brainstate.HiddenState):
+    """A hidden state ``h`` whose eligibility traces the compiler keeps.
+
+    Any ``brainstate.HiddenState`` is treated as a hidden state as well; this class exists
+    so models written against the seed API run unchanged.
+
+    Example::
+
+        self.V = brainscale.ETraceState(jnp.zeros(n) * u.mV)
+    """
+
+
+def is_hidden_state(st: Any) -> bool:
+    return isinstance(st, brainstate.HiddenState)
+
+
+class ETraceGrad(enum.Enum):
+    """How an :class:`ETraceParam` gets its gradient.
+
+    * ``adaptive``: the algorithm (and, for the hybrid one, the ``select-dims`` cost
+      model) decides between a param-dim (D-RTRL) and an io-dim (ES-D-RTRL) trace;
+    * ``full``: always a param-dim trace (the more exact D-RTRL rule);
+    * ``approx``: always an io-dim trace (the cheaper ES-D-RTRL rule).
+    """
+    adaptive = "adaptive"
+    full = "full"
+    approx = "approx"
+
+
+def _shaped(tree):
+    return jax.tree.map(lambda a: jax.core.ShapedArray(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, dict):
+        inner = ",\n".join(f"    {k!r}: {_fmt_value(v[k])}" for k in sorted(v))
+        return "{\n" + inner + "\n  }"
+    try:
+        return str(jax.core.ShapedArray(jnp.shape(v), jnp.result_type(v)))
+    except TypeError:
+        return repr(v)
+
+
+class ETraceOp:
+    """An interaction operator ``y = xw_to_y(x, w)`` that eligibility traces can follow.
+
+    Subclasses implement :meth:`xw_to_y`; they may override :meth:`yw_to_w` (needed by the
+    compact param-dim trace) and :meth:`xy_to_dw` (defaults to a VJP). Calling an op
+    ``op(x, w)`` applies it *and* marks the application for the compiler.
+
+    A plain function can be turned into an op with the decorator form::
+
+        @brainscale.ETraceOp
+        def matmul(x, w):
+            return x @ w['weight'] + w['bias']
+
+    Attributes:
+        is_diagonal: True when ``y`` is element-wise in the parameter (``ElemWiseOp``).
+        param_trace: layout of the param-dim (D-RTRL) trace. ``'compact'`` stores one
+            parameter-shaped tree per hidden-state component (valid when every parameter
+            element reaches the output neurons only along the axis ``yw_to_w``
+            broadcasts: matmul, sparse, element-wise); ``'dense'`` stores the exact
+            per-output-neuron trace (conv, LoRA, any op without ``yw_to_w``).
+        x_ndim: rank of one example's input ``x``; one more means a leading batch axis.
+    """
+
+    is_diagonal: bool = False
+    param_trace: str = "compact"
+    x_ndim: int | None = 1
+    kind: str = "custom"
+
+    def __new__(cls, *args, **kwargs):
+        # decorator form: ETraceOp(fn) -> FunctionOp(fn)
+        if cls is ETraceOp and len(args) == 1 and callable(args[0]) and not kwargs:
+            return FunctionOp(args[0])
+        return super().__new__(cls)
+
+    def __init__(self, is_diagonal: bool | None = None):
+        if is_diagonal is not None:
+            self.is_diagonal = is_diagonal
+        self._register()
+
+    # -- identity / marker -------------------------------------------------------------
+    def _register(self):
+        if getattr(self, "_op_id", None) is None:
+            with _LOCK:
+                self._op_id = next(_OP_IDS)
+                _OP_REGISTRY[self._op_id] = self
+
+    @property
+    def op_id(self) -> int:
+        self._register()
+        return self._op_id
+
+    def _marked_fn(self) -> Callable:
+        fn = self.__dict__.get("_jitted")
+        if fn is None:
+            op = self
+
+            def apply(x, w):
+                return op.xw_to_y(x, w)
+
+            apply.__name__ = f"{MARKER_PREFIX}{self.op_id}"
+            apply.__qualname__ = apply.__name__
+            fn = jax.jit(apply, keep_unused=True)
+            self.__dict__["_jitted"] = fn
+        return fn
+
+    def __call__(self, x, w):
+        """Apply the op to ``x`` with parameter ``w``, marked for the compiler."""
+        return self._marked_fn()(x, w)
+
+    # -- the math ------------------------------------------------------------------------
+    def xw_to_y(self, x, w):
+        """``y = op(x, w)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement xw_to_y(x, w) -> y")
+
+    def yw_to_w(self, y, w):
+        """Multiply the parameter-shaped tree ``w`` by the neuron-shaped vector ``y``.
+
+        Used by the compact param-dim trace: ``ε ← yw_to_w(J, ε)`` and the gradient
+        ``Σ yw_to_w(δ, ε)``. The default broadcasts ``y`` along the output (last) axis of
+        every leaf, which is right for matmul-like parameters.
+        """
+        def mul(leaf):
+            yy = y
+            while jnp.ndim(yy) < jnp.ndim(leaf):
+                yy = jnp.expand_dims(yy, axis=-2)
+            return leaf * yy
+        return jax.tree.map(mul, w)
+
+    def xy_to_dw(self, x, dy, w):
+        """``∂⟨dy, op(x, w)⟩/∂w``: the VJP of ``w ↦ op(x, w)`` with cotangent ``dy``."""
+        _, vjp = jax.vjp(lambda ww: self.xw_to_y(x, ww), w)
+        return vjp(dy)[0]
+
+    # -- printing ------------------------------------------------------------------------
+    def _repr_fields(self) -> dict:
+        return {"is_diagonal": self.is_diagonal}
+
+    def __repr__(self):
+        fields = self._repr_fields()
+        if not fields:
+            return f"{type(self).__name__}()"
+        body = ",\n".join(f"  {k}={_indent(repr(v))}" for k, v in fields.items())
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+def _indent(s: str, n: int = 2) -> str:
+    return s.replace("\n", "\n" + " " * n)
+
+
+class FunctionOp(ETraceOp):
+    """An op made from a plain function ``fn(x, w) -> y`` (the decorator form).
+
+    Without a ``yw_to_w`` it cannot use the compact param-dim layout, so its param-dim
+    trace is the exact per-neuron one; its io-dim trace needs only the VJP.
+    """
+    param_trace = "dense"
+    kind = "function"
+
+    def __init__(self, fn: Callable, yw_to_w: Callable | None = None, is_diagonal=None,
+                 x_ndim: int | None = 1):
+        self.fn = fn
+        self._yw = yw_to_w
+        self.x_ndim = x_ndim
+        if yw_to_w is not None:
+            self.param_trace = "compact"
+        super().__init__(is_diagonal)
+
+    def xw_to_y(self, x, w):
+        return self.fn(x, w)
+
+    def yw_to_w(self, y, w):
+        if self._yw is None:
+            return super().yw_to_w(y, w)
+        return self._yw(y, w)
+
+    def _repr_fields(self):
+        return {"fn": self.fn, "is_diagonal": self.is_diagonal}
+
+
+class ETraceParam(brainstate.ParamState):
+    """A trainable parameter whose gradient follows eligibility traces.
+
+    Args:
+        value: the parameter (array, Quantity, or a dict of them such as
+            ``{'weight': W, 'bias': b}``).
+        op: the :class:`ETraceOp` applying it; ``param.execute(x)`` is ``op(x, value)``.
+            It may be left out when the model applies an op to ``param.value`` itself.
+        grad: an :class:`ETraceGrad` (or its name) choosing the trace kind.
+        is_etrace: ``False`` makes it an ordinary parameter (instantaneous gradient only).
+
+    Example::
+
+        w = brainscale.ETraceParam({'weight': W, 'bias': b}, brainscale.MatMulOp())
+        y = w.execute(x)
+    """
+
+    def __init__(self, value, op: ETraceOp | Callable | None = None, grad=None,
+                 name: str | None = None, is_etrace: bool = True):
+        super().__init__(value, name=name)
+        if op is not None and not isinstance(op, ETraceOp):
+            if not callable(op):
+                raise TypeError(f"ETraceParam op must be an ETraceOp or a callable (x, w) -> y, "
+                                f"got {type(op).__name__}")
+            op = FunctionOp(op)
+        self.op = op
+        if grad is None:
+            grad = ETraceGrad.adaptive
+        if isinstance(grad, str):
+            try:
+                grad = ETraceGrad[grad]
+            except KeyError:
+                raise ValueError(f"grad must be one of {[g.name for g in ETraceGrad]}, "
+                                 f"got {grad!r}") from None
+        self.gradient = grad
+        self.is_etrace = bool(is_etrace)
+
+    def execute(self, x):
+        """Apply the parameter's op to ``x``: ``op(x, self.value)``."""
+        if self.op is None:
+            raise ValueError("this ETraceParam was created without an op; pass op=... or "
+                             "apply an ETraceOp to param.value yourself")
+        return self.op(x, self.value)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(\n  value={_indent(_fmt_value(self.value))},\n"
+                f"  gradient={self.gradient!r},\n  op={_indent(repr(self.op))},\n"
+                f"  is_etrace={self.is_etrace}\n)")
+
+
+class ETraceParamOp(ETraceParam):
+    """A parameter together with its op (seed API): ``ETraceParamOp(weight, op)``.
+
+    ``op`` may be an :class:`ETraceOp` or a plain function ``op(x, w) -> y``;
+    :meth:`execute` applies it.
+    """

@@ -1,0 +1,135 @@
+"""The IR module: one compiled model step."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from .nodes import HiddenGroup, HiddenState, Input, Op, Param, Relation, Trace, Value
+from .types import FrozenAttrs
+
+__all__ = ["Graph", "StepInfo"]
+
+
+@dataclass(frozen=True, eq=False)
+class StepInfo:
+    """What the backend needs besides the IR: the traced jaxpr and the live states.
+
+    Not part of the IR's structural equality (two graphs of the same model compare equal
+    whatever objects the tracer produced).
+    """
+    jaxpr: Any                     # closed jaxpr of one step, trace-op calls inlined
+    states: tuple                  # brainstate states in jaxpr order
+    state_paths: tuple             # their names (paths) in the same order
+    state_treedefs: tuple          # pytree structure of each state's value
+    n_arg_leaves: int              # jaxpr invars [0, n) are the step's argument leaves
+    args_treedef: Any              # treedef of (args, kwargs)
+    out_treedef: Any               # treedef of the step's output
+    n_out_leaves: int
+    state_out_slices: tuple        # per state: (start, stop) into jaxpr outvars
+    state_in_slices: tuple         # per state: (start, stop) into jaxpr invars
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An etrace IR graph: entities in deterministic order plus the passes that ran."""
+    name: str
+    inputs: tuple[Input, ...] = ()
+    hidden: tuple[HiddenState, ...] = ()
+    params: tuple[Param, ...] = ()
+    values: tuple[Value, ...] = ()
+    ops: tuple[Op, ...] = ()
+    groups: tuple[HiddenGroup, ...] = ()
+    relations: tuple[Relation, ...] = ()
+    traces: tuple[Trace, ...] = ()
+    stages: tuple[str, ...] = ()
+    facts: frozenset = frozenset()     # facts established by passes ('groups', ...)
+    attrs: FrozenAttrs = ()
+    info: StepInfo | None = field(default=None, compare=False, repr=False)
+
+    # -- functional updates ------------------------------------------------------------
+    def replace(self, **kw) -> "Graph":
+        new = dataclasses.replace(self, **kw)
+        return self if new == self else new
+
+    def with_stage(self, spec: str, provides: frozenset = frozenset()) -> "Graph":
+        return dataclasses.replace(self, stages=self.stages + (spec,),
+                                   facts=self.facts | frozenset(provides))
+
+    # -- lookups -------------------------------------------------------------------------
+    @cached_property
+    def hidden_by_name(self) -> dict[str, HiddenState]:
+        return {h.name: h for h in self.hidden}
+
+    @cached_property
+    def param_by_name(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params}
+
+    @cached_property
+    def op_by_name(self) -> dict[str, Op]:
+        return {o.name: o for o in self.ops}
+
+    @cached_property
+    def value_by_name(self) -> dict[str, Value]:
+        return {v.name: v for v in self.values}
+
+    @cached_property
+    def group_by_id(self) -> dict[str, HiddenGroup]:
+        return {g.id: g for g in self.groups}
+
+    @cached_property
+    def relation_by_id(self) -> dict[str, Relation]:
+        return {r.id: r for r in self.relations}
+
+    @cached_property
+    def trace_by_id(self) -> dict[str, Trace]:
+        return {t.id: t for t in self.traces}
+
+    def group_of(self, hidden_name: str) -> HiddenGroup | None:
+        for g in self.groups:
+            if hidden_name in g.states:
+                return g
+        return None
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)
+
+    # -- views ---------------------------------------------------------------------------
+    def to_networkx(self):
+        """A ``networkx.DiGraph`` view: nodes are IR names with a ``kind`` attribute."""
+        import networkx as nx
+        g = nx.DiGraph(name=self.name)
+        for i in self.inputs:
+            g.add_node(i.name, kind="input", type=str(i.type))
+        for h in self.hidden:
+            g.add_node(h.name, kind="hidden", type=str(h.type))
+        for p in self.params:
+            g.add_node(p.name, kind="param", type=str(p.type), param_kind=p.kind)
+        for v in self.values:
+            g.add_node(v.name, kind="value", type=str(v.type))
+            for d in v.deps:
+                g.add_edge(d, v.name)
+        for o in self.ops:
+            g.add_node(o.name, kind="op", op_kind=o.kind, type=str(o.type))
+            g.add_edge(o.param, o.name)
+            if o.x is not None:
+                g.add_edge(o.x, o.name)
+        for grp in self.groups:
+            g.add_node(grp.id, kind="group", varshape=grp.varshape)
+            for s in grp.states:
+                g.add_edge(s, grp.id, kind="member")
+        for r in self.relations:
+            g.add_node(r.id, kind="relation")
+            g.add_edge(r.op, r.id)
+            for gid in r.groups:
+                g.add_edge(r.id, gid)
+        for t in self.traces:
+            g.add_node(t.id, kind="trace", dim=t.dim)
+            for rid in t.relations:
+                g.add_edge(rid, t.id)
+        return g
+
+    def __str__(self) -> str:
+        from .printer import print_graph
+        return print_graph(self)

@@ -1,0 +1,153 @@
+"""Immutable nodes of the etrace IR.
+
+Entities refer to each other by stable names (hidden states and params by their brainstate
+path, op outputs ``%y{k}`` in jaxpr order, groups ``G{k}``, relations ``R{k}``, traces
+``T{k}``), never by object, so replacing one node never invalidates another. All nodes are
+frozen dataclasses compared structurally; change them with :func:`replace`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import FrozenAttrs, Loc, TensorType, TreeType
+
+__all__ = ["Input", "HiddenState", "Param", "Value", "Op", "HiddenGroup", "Relation",
+           "Trace", "replace", "TRACE_DIMS", "OP_KINDS", "PARAM_KINDS"]
+
+TRACE_DIMS = ("param", "io", "none")
+OP_KINDS = ("dense", "conv", "sparse", "elemwise", "lora", "function", "custom")
+PARAM_KINDS = ("etrace", "plain")
+
+_ID = {"G": re.compile(r"^G\d+$"), "R": re.compile(r"^R\d+$"), "T": re.compile(r"^T\d+$")}
+
+
+def replace(node, **kw):
+    """``dataclasses.replace`` that returns ``node`` itself when nothing changed."""
+    new = dataclasses.replace(node, **kw)
+    return node if new == node else new
+
+
+def _check_id(prefix: str, value: str):
+    if not _ID[prefix].match(value):
+        raise ValueError(f"id {value!r} must match {prefix}<number>")
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """An external input ``u^t`` of the step (one jaxpr invar)."""
+    name: str            # 'u0', 'u1', ... in argument-leaf order
+    type: TensorType
+    invar: int           # index into the jaxpr invars
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenState:
+    """A hidden state: ``h^{t-1}`` is read from ``invar``, ``h^t`` written to ``outvar``."""
+    name: str            # brainstate path, e.g. 'neu.V'
+    type: TensorType
+    invar: int           # index into the jaxpr invars
+    outvar: int          # index into the jaxpr outvars
+    state_index: int     # index into the traced states
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A parameter state read by the step (trace parameter or plain parameter)."""
+    name: str                   # brainstate path, e.g. 'syn.comm.weight_op'
+    type: TensorType | TreeType
+    kind: str                   # 'etrace' (has a trace op) or 'plain'
+    invars: tuple[int, ...]     # jaxpr invars of its leaves
+    state_index: int
+    attrs: FrozenAttrs = ()     # e.g. (('grad', 'adaptive'),)
+
+    def __post_init__(self):
+        if self.kind not in ("etrace", "plain"):
+            raise ValueError(f"Param kind must be 'etrace' or 'plain', got {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """An intermediate value that matters to the analysis (the input ``x`` of an op)."""
+    name: str            # '%x0', ...
+    type: TensorType
+    eqn: int | None      # defining equation (None: a jaxpr invar)
+    deps: tuple[str, ...] = ()   # hidden states / inputs it is computed from
+    loc: Loc | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One application ``%y = kind(%x, %param)`` of an :class:`~brainscale.ETraceOp`."""
+    name: str                   # '%y0', ... in jaxpr equation order
+    kind: str                   # one of OP_KINDS
+    op_class: str               # the ETraceOp subclass name
+    op_id: int                  # registry id of the op object (see concepts.lookup_op)
+    x: str | None               # name of the input Value (None for element-wise ops)
+    param: str                  # name of the Param
+    type: TensorType            # type of y
+    eqn: int                    # index of the marker equation in the (inlined) jaxpr
+    n_x_leaves: int             # number of jaxpr inputs of the marker eqn that belong to x
+    batched: bool               # x carries a leading batch axis
+    attrs: FrozenAttrs = ()
+    loc: Loc | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"Op kind must be one of {OP_KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenGroup:
+    """Hidden states of one neuron shape coupled element-wise inside a neuron."""
+    id: str                     # 'G0', ...
+    states: tuple[str, ...]     # hidden-state names, in jaxpr order
+    varshape: tuple[int, ...]   # the common shape (batch axis included)
+    attrs: FrozenAttrs = ()
+
+    def __post_init__(self):
+        _check_id("G", self.id)
+
+    @property
+    def num_state(self) -> int:
+        return len(self.states)
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """Param → op → the hidden groups its output reaches through element-wise paths."""
+    id: str                     # 'R0', ...
+    param: str
+    op: str                     # op output name '%y0'
+    groups: tuple[str, ...]     # may be empty: the output reaches no hidden state
+    direct: bool = False        # the output also reaches the step's outputs not via h^t
+    attrs: FrozenAttrs = ()
+
+    def __post_init__(self):
+        _check_id("R", self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """An eligibility trace kept by the compiled step.
+
+    ``dim='param'``: D-RTRL, one trace per (relation, group) in param space
+    (``layout='compact'`` a param-shaped tree × k, ``'dense'`` per output neuron);
+    ``dim='io'``: ES-D-RTRL, factorised into ``ε_x`` (shared per op input) and ``ε_f``;
+    ``dim='none'``: the parameter gets only its instantaneous gradient.
+    """
+    id: str                         # 'T0', ...
+    dim: str                        # 'param' | 'io' | 'none'
+    relations: tuple[str, ...]      # more than one: fused
+    shapes: tuple[TensorType, ...]  # the arrays the trace keeps (per relation & group)
+    attrs: FrozenAttrs = ()         # cost, reason, layout, shared x, ...
+
+    def __post_init__(self):
+        _check_id("T", self.id)
+        if self.dim not in TRACE_DIMS:
+            raise ValueError(f"Trace dim must be one of {TRACE_DIMS}, got {self.dim!r}")
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)

@@ -1,0 +1,298 @@
+"""Per-primitive dependency rules and the dependency analysis they drive.
+
+For every jaxpr variable the analysis computes a :class:`Dep`:
+
+* ``hid``: hidden states ``h^{t-1}`` it depends on through **element-wise** paths only
+  (neuron ``n`` of the variable depends on neuron ``n`` of the state);
+* ``ys``: trace-op outputs it depends on element-wise;
+* ``mixed``: origins that reach it through a path that mixes neurons (a matmul that is not a
+  trace op, a reduction, a transpose, ...), each with the first equation that mixed them;
+* ``src``: every origin reaching it by any path (for display);
+* ``direct``: trace-op outputs reaching it without passing through a new hidden value.
+
+Trace-op equations are the sanctioned mixing points: their output depends on their own op
+only. Which primitives are element-wise, shape-preserving or mixing is a rule table
+(:data:`DEP_RULES`), extended with :func:`register_dependency_rule` — never a chain of ``if``
+on primitive names. A primitive without a rule mixes whatever it reads; that is an error
+only if it lies on a path into a hidden state.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from .. import _compat as C
+from ..concepts import lookup_op
+
+__all__ = ["Dep", "RuleContext", "DependencyRule", "DEP_RULES", "register_dependency_rule",
+           "analyze", "DepAnalysis", "EMPTY"]
+
+
+@dataclass(frozen=True)
+class Dep:
+    hid: frozenset = frozenset()
+    ys: frozenset = frozenset()
+    mixed: tuple = ()          # ((origin, eqn_index, reason), ...) sorted, one per origin
+    src: frozenset = frozenset()
+    direct: frozenset = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.hid or self.ys or self.mixed)
+
+
+EMPTY = Dep()
+
+
+def _merge_mixed(*groups) -> tuple:
+    out: dict = {}
+    for g in groups:
+        for origin, eq, why in g:
+            if origin not in out:
+                out[origin] = (origin, eq, why)
+    return tuple(sorted(out.values(), key=lambda t: (str(t[0]), t[1])))
+
+
+def union(deps: Sequence[Dep]) -> Dep:
+    return Dep(frozenset().union(*(d.hid for d in deps)),
+               frozenset().union(*(d.ys for d in deps)),
+               _merge_mixed(*(d.mixed for d in deps)),
+               frozenset().union(*(d.src for d in deps)),
+               frozenset().union(*(d.direct for d in deps)))
+
+
+def mix(deps: Sequence[Dep], eqn_index: int, reason: str) -> Dep:
+    """Every element-wise origin of ``deps`` becomes a mixed origin."""
+    u = union(deps)
+    new = [(("h", i), eqn_index, reason) for i in u.hid] + \
+          [(("y", q), eqn_index, reason) for q in u.ys]
+    return Dep(frozenset(), frozenset(), _merge_mixed(u.mixed, new), u.src, u.direct)
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    eqn: Any
+    index: int                 # index of the top-level equation (for error messages)
+    in_shapes: tuple
+    out_shapes: tuple
+    analyze_sub: Callable      # (closed_jaxpr, [Dep]) -> [Dep]
+
+
+class DependencyRule(Protocol):
+    def __call__(self, ctx: RuleContext, deps: list[Dep]) -> list[Dep]: ...
+
+
+#: primitive name -> rule
+DEP_RULES: dict[str, DependencyRule] = {}
+
+
+def register_dependency_rule(*prims):
+    """Decorator registering a rule for primitives (objects with ``.name`` or names)."""
+    def deco(fn):
+        for p in prims:
+            DEP_RULES[getattr(p, "name", p)] = fn
+        return fn
+    return deco
+
+
+def _suffix(small: tuple, big: tuple) -> bool:
+    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == tuple(small)
+
+
+def elementwise_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    out_shape = ctx.out_shapes[0] if ctx.out_shapes else ()
+    parts = []
+    for d, s in zip(deps, ctx.in_shapes):
+        if d.empty or tuple(s) == tuple(out_shape):
+            parts.append(d)
+            continue
+        # a leading-axis broadcast keeps a neuron's identity for op outputs (batch axis)
+        if not d.hid and _suffix(tuple(s), tuple(out_shape)) and len(s) > 0:
+            parts.append(d)
+            continue
+        parts.append(mix([d], ctx.index, f"broadcast in '{ctx.eqn.primitive.name}'"))
+    u = union(parts) if parts else EMPTY
+    return [u] * len(ctx.out_shapes)
+
+
+def identity_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """Shape changes that keep each element's identity (reshape with equal size, ...)."""
+    import numpy as np
+    d = deps[0] if deps else EMPTY
+    rest = deps[1:]
+    if any(not r.empty for r in rest):
+        return [mix(deps, ctx.index, ctx.eqn.primitive.name)] * len(ctx.out_shapes)
+    if int(np.prod(ctx.in_shapes[0], dtype=np.int64)) == int(np.prod(ctx.out_shapes[0], dtype=np.int64)):
+        return [d] * len(ctx.out_shapes)
+    return [mix([d], ctx.index, ctx.eqn.primitive.name)] * len(ctx.out_shapes)
+
+
+def broadcast_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    d = deps[0]
+    s, o = tuple(ctx.in_shapes[0]), tuple(ctx.out_shapes[0])
+    import numpy as np
+    if d.empty or int(np.prod(s, dtype=np.int64)) == int(np.prod(o, dtype=np.int64)):
+        return [union(deps)]
+    dims = tuple(ctx.eqn.params.get("broadcast_dimensions", ()))
+    if not d.hid and len(s) > 0 and dims == tuple(range(len(o) - len(s), len(o))) and _suffix(s, o):
+        return [union(deps)]
+    return [mix(deps, ctx.index, "broadcast_in_dim")]
+
+
+def mixing_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    return [mix(deps, ctx.index, ctx.eqn.primitive.name)] * len(ctx.out_shapes)
+
+
+def _unsupported_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    return [mix(deps, ctx.index, f"unsupported:{ctx.eqn.primitive.name}")] * len(ctx.out_shapes)
+
+
+def _call_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """custom_jvp_call / custom_vjp_call / remat: analyse the body."""
+    subs = C.eqn_subjaxprs(ctx.eqn)
+    n_in = len(ctx.eqn.invars)
+    for sub in subs:
+        if len(C.open_jaxpr(sub).invars) == n_in:
+            return ctx.analyze_sub(sub, deps)
+    return _unsupported_rule(ctx, deps)
+
+
+def _cond_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    branches = ctx.eqn.params["branches"]
+    pred, ops = deps[0], deps[1:]
+    outs = [ctx.analyze_sub(b, list(ops)) for b in branches]
+    res = [union([o[i] for o in outs]) for i in range(len(ctx.out_shapes))]
+    if not pred.empty:
+        res = [union([r, mix([pred], ctx.index, "cond predicate")]) for r in res]
+    return res
+
+
+_ELEMENTWISE = """add sub mul div neg max min pow integer_pow exp exp2 log log1p expm1 tanh
+logistic sin cos tan sqrt rsqrt cbrt abs sign floor ceil round select_n clamp
+convert_element_type erf erfc erf_inv atan2 sinh cosh asinh acosh atanh asin acos atan square
+gt ge lt le eq ne and or not xor is_finite nextafter rem stop_gradient copy copy_p real imag
+conj reduce_precision heaviside_surrogate_gradient exprel sign custom_lin add_any
+shift_left shift_right_logical shift_right_arithmetic population_count clz""".split()
+_IDENTITY = "reshape squeeze expand_dims".split()
+_MIXING = """dot_general conv_general_dilated reduce_sum reduce_max reduce_min reduce_prod
+reduce_and reduce_or argmax argmin cumsum cumprod cummax cummin cumlogsumexp transpose
+concatenate slice dynamic_slice dynamic_update_slice gather scatter scatter-add scatter_add
+pad rev sort top_k iota split""".split()
+
+for _n in _ELEMENTWISE:
+    DEP_RULES[_n] = elementwise_rule
+for _n in _IDENTITY:
+    DEP_RULES[_n] = identity_rule
+for _n in _MIXING:
+    DEP_RULES[_n] = mixing_rule
+DEP_RULES["broadcast_in_dim"] = broadcast_rule
+for _n in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint",
+           "jit", "pjit", "closed_call"):
+    DEP_RULES[_n] = _call_rule
+DEP_RULES["cond"] = _cond_rule
+for _n in ("scan", "while"):
+    DEP_RULES[_n] = _unsupported_rule
+
+
+@dataclass
+class DepAnalysis:
+    """Result of :func:`analyze` on a lowered graph."""
+    hidden_out: dict = field(default_factory=dict)   # hidden name -> Dep of h^t
+    op_x: dict = field(default_factory=dict)         # op name -> Dep of its input x
+    out_direct: frozenset = frozenset()              # op indices reaching outputs directly
+    var_deps: dict = field(default_factory=dict)     # jaxpr var -> Dep (top level)
+
+
+def _shapes(vs):
+    return tuple(tuple(getattr(v.aval, "shape", ())) for v in vs)
+
+
+def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
+         hidden_out_vars: dict, env_out: dict | None = None) -> list[Dep]:
+    env: dict = {}
+    for v, d in zip(jaxpr.invars, in_deps):
+        env[v] = d
+
+    def rd(v):
+        return EMPTY if C.is_literal(v) else env.get(v, EMPTY)
+
+    for ei, eqn in enumerate(jaxpr.eqns):
+        idx = ei if top_index is None else top_index
+        deps = [rd(v) for v in eqn.invars]
+        q = op_of_eqn.get(ei) if top_index is None else None
+        if q is not None:
+            xsrc = union(deps).src if deps else frozenset()
+            outs = [Dep(frozenset(), frozenset({q}), (), xsrc | {("y", q)}, frozenset({q}))]
+        else:
+            rule = DEP_RULES.get(eqn.primitive.name, _unsupported_rule)
+
+            def sub(closed, ds, _idx=idx):
+                return _run(C.open_jaxpr(closed), ds, _idx, {}, {})
+            ctx = RuleContext(eqn, idx, _shapes(eqn.invars), _shapes(eqn.outvars), sub)
+            outs = list(rule(ctx, deps))
+            srcs = union(deps) if deps else EMPTY
+            outs = [Dep(o.hid, o.ys, o.mixed, o.src | srcs.src, o.direct | srcs.direct)
+                    for o in outs]
+        for ov, d in zip(eqn.outvars, outs):
+            if top_index is None and ov in hidden_out_vars:
+                d = Dep(d.hid, d.ys, d.mixed, d.src, frozenset())   # direct paths end at h^t
+            env[ov] = d
+    if env_out is not None:
+        env_out.update(env)
+    return [rd(v) for v in jaxpr.outvars]
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def analyze(graph) -> DepAnalysis:
+    """Run the dependency analysis on a lowered graph (cached per traced step)."""
+    info = graph.info
+    if info is None:
+        raise ValueError("the graph carries no traced step (StepInfo); lower it with "
+                         "brainscale.lower(model, *inputs)")
+    cached = _CACHE.get(info)
+    if cached is not None:
+        return cached
+    jaxpr = C.open_jaxpr(info.jaxpr)
+    in_deps = []
+    hid_by_invar = {h.invar: k for k, h in enumerate(graph.hidden)}
+    for i, v in enumerate(jaxpr.invars):
+        if i in hid_by_invar:
+            k = hid_by_invar[i]
+            in_deps.append(Dep(frozenset({k}), frozenset(), (), frozenset({("h", k)})))
+        elif i < info.n_arg_leaves:
+            in_deps.append(Dep(src=frozenset({("in", i)})))
+        else:
+            in_deps.append(EMPTY)
+    op_of_eqn = {o.eqn: q for q, o in enumerate(graph.ops)}
+    hidden_out_vars = {jaxpr.outvars[h.outvar]: k for k, h in enumerate(graph.hidden)}
+    env: dict = {}
+    _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env)
+
+    def rd(v):
+        if C.is_literal(v):
+            return EMPTY
+        if v in env:
+            return env[v]
+        return in_deps[jaxpr.invars.index(v)] if v in jaxpr.invars else EMPTY
+
+    res = DepAnalysis(var_deps=env)
+    for k, h in enumerate(graph.hidden):
+        res.hidden_out[h.name] = rd(jaxpr.outvars[h.outvar])
+    for o in graph.ops:
+        eqn = jaxpr.eqns[o.eqn]
+        res.op_x[o.name] = rd(eqn.invars[0]) if o.n_x_leaves else EMPTY
+    # outputs: the step's output leaves and written non-hidden states
+    hidden_outvars = {h.outvar for h in graph.hidden}
+    direct = set()
+    for i, ov in enumerate(jaxpr.outvars):
+        if i in hidden_outvars:
+            continue
+        if i >= info.n_out_leaves and ov in jaxpr.invars:
+            continue   # an unchanged state
+        direct |= set(rd(ov).direct)
+    res.out_direct = frozenset(direct)
+    _CACHE[info] = res
+    return res
