@@ -146,9 +146,22 @@ def inline_calls(closed: Any) -> Any:
 
 
 def eval_eqn(eqn: Any, invals: Sequence[Any]) -> list:
-    """Evaluate one equation on concrete or traced values (the core of eval_jaxpr)."""
-    subfuns, bind_params = eqn.primitive.get_bind_params(eqn.params)
-    ans = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    """Evaluate one equation on concrete or traced values (the core of eval_jaxpr).
+
+    ``get_bind_params`` returns ``params`` on recent jax and ``(subfuns, params)`` on older
+    releases; both forms are handled. The equation's context (e.g. source info) is entered.
+    """
+    bp = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(bp, tuple) and len(bp) == 2 and isinstance(bp[1], dict):
+        subfuns, params = bp
+    else:
+        subfuns, params = (), bp
+    mgr = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if mgr is not None:
+        with mgr:
+            ans = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        ans = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(ans) if eqn.primitive.multiple_results else [ans]
 
 

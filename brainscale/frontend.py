@@ -110,10 +110,9 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
 
     arg_leaves, args_treedef = jax.tree.flatten((args, kwargs))
     n_arg = len(arg_leaves)
-    out_treedef = sf.get_out_treedef(*args, **kwargs)
-    # out treedef is (out, state_values); count the step output's leaves
     out_shapes, _ = sf.get_out_shapes(*args, **kwargs)
-    n_out = len(jax.tree.leaves(out_shapes))
+    out_treedef = jax.tree.structure(out_shapes)
+    n_out = out_treedef.num_leaves
 
     # state slices into invars / outvars
     in_slices, out_slices, treedefs, paths = [], [], [], []

@@ -1,0 +1,37 @@
+"""brainscale: online learning for brain dynamics models, built as a compiler.
+
+A frontend lowers the jaxpr of one model step into a typed etrace IR, passes analyse and
+transform it, and a backend emits a jitted step that advances hidden states and their
+eligibility traces, with online gradients through its custom VJP.
+"""
+__version__ = "0.2.0"
+
+from .concepts import (ETraceState as ETraceState, ETraceParam as ETraceParam,
+                       ETraceParamOp as ETraceParamOp, ETraceOp as ETraceOp,
+                       ETraceGrad as ETraceGrad, FunctionOp as FunctionOp)
+from .ops import (MatMulOp as MatMulOp, ConvOp as ConvOp, SpMatMulOp as SpMatMulOp,
+                  ElemWiseOp as ElemWiseOp, LoraOp as LoraOp)
+from .errors import (BrainscaleError as BrainscaleError, IRVerificationError as IRVerificationError,
+                     PassError as PassError, PipelineError as PipelineError,
+                     UnsupportedModelError as UnsupportedModelError,
+                     UnsupportedPrimitiveError as UnsupportedPrimitiveError,
+                     BackendError as BackendError, NotCompiledError as NotCompiledError)
+from .frontend import lower as lower
+from .ir import Graph as Graph, print_graph as print_graph, PrintSettings as PrintSettings, verify as verify
+from .passes import (Pass as Pass, PassManager as PassManager, PassContext as PassContext,
+                     register_pass as register_pass, function_pass as function_pass,
+                     register_dependency_rule as register_dependency_rule,
+                     DEFAULT_PIPELINE as DEFAULT_PIPELINE, DumpDir as DumpDir,
+                     PrintAfterAll as PrintAfterAll, PrintAfter as PrintAfter, Timing as Timing)
+from .algorithms import (ETraceAlgorithm as ETraceAlgorithm, DiagIODimAlgorithm as DiagIODimAlgorithm,
+                         DiagParamDimAlgorithm as DiagParamDimAlgorithm,
+                         DiagHybridDimAlgorithm as DiagHybridDimAlgorithm,
+                         online_gradients as online_gradients, decay_from as decay_from)
+from .api import compile as compile, Compiled as Compiled
+
+# brainscale.nn is imported lazily (it pulls in neuron models)
+def __getattr__(name):
+    if name == "nn":
+        import importlib
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'brainscale' has no attribute {name!r}")
