@@ -1,0 +1,27 @@
+# Two commands on a fresh machine (Python >= 3.11):
+#   make demo   - create .venv, install, train an SNN online on embedded data, dump graph + plot
+#   make test   - create .venv, install, run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,demo,brainpy]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py --out outputs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
