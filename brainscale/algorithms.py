@@ -45,8 +45,9 @@ def decay_from(decay_or_rank) -> float:
                     f"got {type(decay_or_rank).__name__}")
 
 
-def _sig(args, kwargs):
-    return jax.tree.map(lambda a: (tuple(np.shape(a)), str(jnp.result_type(a))), (args, kwargs))
+def _sig(args, kwargs) -> str:
+    leaves = jax.tree.leaves((args, kwargs))
+    return ", ".join(f"{jnp.result_type(a)}{list(np.shape(a))}" for a in leaves)
 
 
 class ETraceAlgorithm(brainstate.nn.Module):

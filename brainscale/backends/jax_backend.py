@@ -470,8 +470,8 @@ class _Emitter:
         _, vjp = jax.vjp(lambda e, z, tt, tp, a: omega(e, z, tt, tp, a),
                          eta0, zeta0, tuple(theta_t), tuple(theta_p), args_f)
         keep_cts = tuple(ct_outs) + tuple(ct_others)
-        keep_cts = tuple(c if _is_float(c) and _is_float(p) else jnp.zeros(())
-                         for c, p in zip(keep_cts, tuple(self._keep_primals(res))))
+        keep_cts = tuple(c if _is_float(c) and jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros(())
+                         for c, a in zip(keep_cts, self._keep_avals()))
         d_eta, d_zeta, g_t, g_p, g_a = vjp(keep_cts)
         delta = [de + (ch if _is_float(ch) else 0.) for de, ch in zip(d_eta, ct_hidden)]
         g_t = [list(x) for x in g_t]
@@ -525,9 +525,11 @@ class _Emitter:
                 tuple(_zero_ct(h) for h in hidden), tuple(_zero_ct(o) for o in others),
                 tuple(_zero_ct(t) for t in traces_old))
 
-    def _keep_primals(self, res):
-        # shapes/dtypes of the primal outputs Ω returns (to align cotangents)
-        return self._last_keep
+    def _keep_avals(self):
+        """Avals of the outputs Ω returns: the step's outputs, then other states' values."""
+        outv = self.jaxpr.outvars
+        keep = list(range(self.L.n_out)) + list(self.L.other_out)
+        return [outv[i].aval for i in keep]
 
     def _group_delta(self, gid, delta):
         grp = self.g.group_by_id[gid]
@@ -565,10 +567,7 @@ class _Emitter:
 
         def fwd(theta_t, theta_p, args, hidden, others, traces):
             outs, xs = emitter._forward(theta_t, theta_p, args, hidden, others, traces)
-            step_outs, new_hidden, new_others, new_traces = outs
-            keep = tuple(step_outs) + tuple(new_others)
-            emitter._last_keep = tuple(jax.ShapeDtypeStruct(jnp.shape(k), jnp.result_type(k))
-                                       for k in keep)
+            new_traces = outs[3]
             res = (theta_t, theta_p, args, hidden, others, traces, new_traces,
                    tuple(x if x is not None else jnp.zeros(()) for x in xs))
             return outs, res

@@ -222,8 +222,10 @@ def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
         deps = [rd(v) for v in eqn.invars]
         q = op_of_eqn.get(ei) if top_index is None else None
         if q is not None:
-            xsrc = union(deps).src if deps else frozenset()
-            outs = [Dep(frozenset(), frozenset({q}), (), xsrc | {("y", q)}, frozenset({q}))]
+            u = union(deps) if deps else EMPTY
+            # the op cuts element-wise dependence, but a path that reaches the outputs
+            # through this op (and no new hidden value) is still a direct path
+            outs = [Dep(frozenset(), frozenset({q}), (), u.src | {("y", q)}, u.direct | {q})]
         else:
             rule = DEP_RULES.get(eqn.primitive.name, _unsupported_rule)
 
@@ -293,6 +295,10 @@ def analyze(graph) -> DepAnalysis:
         if i >= info.n_out_leaves and ov in jaxpr.invars:
             continue   # an unchanged state
         direct |= set(rd(ov).direct)
+    # an op output feeding another op's input without a new hidden value in between also
+    # reaches the loss along paths no trace of its own covers (through the other op)
+    for o in graph.ops:
+        direct |= set(res.op_x[o.name].direct)
     res.out_direct = frozenset(direct)
     _CACHE[info] = res
     return res

@@ -109,7 +109,8 @@ class SelectDimsPass(Pass):
             pa = dict(par.attrs)
             op = graph.op_by_name[rel.op]
             if not rel.groups:
-                dim, why = "none", "output reaches no hidden state: instantaneous gradient"
+                dim, why = "none", ("output reaches hidden states only through other trace "
+                                    "ops, or none: instantaneous gradient")
             elif not pa.get("is_etrace", True):
                 dim, why = "none", "is_etrace=False: instantaneous gradient"
             elif rel.param in over:
