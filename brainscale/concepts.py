@@ -181,6 +181,22 @@ class ETraceOp:
         _, vjp = jax.vjp(lambda ww: self.xw_to_y(x, ww), w)
         return vjp(dy)[0]
 
+    # -- optional fused param-dim rules (backends use them when an op provides them) ----
+    def drtrl_update(self, eps, J, df, x, w):
+        """Fused compact D-RTRL update for all examples at once, or ``NotImplemented``.
+
+        ``eps`` is the param-shaped trace tree with leading batch axes (if any) and a
+        trailing ``k`` axis, ``J`` is ``(..., *S, k, k)``, ``df`` is ``(..., *S, k)``, ``x``
+        the op input. Must equal, per example and state ``i``,
+        ``Σ_j yw_to_w(J[..., i, j], eps[..., j]) + xy_to_dw(x, df[..., i], w)``. The default
+        returns ``NotImplemented`` and the backend maps the generic rule over the batch.
+        """
+        return NotImplemented
+
+    def drtrl_grad(self, eps, delta, w):
+        """Fused ``Σ_batch Σ_i yw_to_w(delta[..., i], eps[..., i])``, or ``NotImplemented``."""
+        return NotImplemented
+
     # -- printing ------------------------------------------------------------------------
     def _repr_fields(self) -> dict:
         return {"is_diagonal": self.is_diagonal}

@@ -248,6 +248,42 @@ class MatMulOp(ETraceOp):
         summed over the batch when ``x`` is batched)."""
         return _vjp(lambda ww: self.xw_to_y(x, ww), w, dy)
 
+    # Fused param-dim rules. They treat ``weight_fn`` as element-wise (as the compact layout
+    # itself does): ∂W_eff[a, n]/∂W[a, n] = c[a, n] is computed once per step.
+    def _chain(self, weight):
+        weight = u.get_mantissa(weight)
+        W_eff, vjp = jax.vjp(lambda ww: u.get_mantissa(self.effective_weight(ww)), weight)
+        return vjp(jnp.ones_like(W_eff))[0]
+
+    def drtrl_update(self, eps, J, df, x, w):
+        """ε_W[.., a, n, i] ← Σ_j J[.., n, i, j] ε_W[.., a, n, j] + x[.., a] c[a, n] df[.., n, i];
+        the bias trace likewise with ``x c = 1`` — one fused element-wise pass per leaf."""
+        def decay(e, lead):
+            Je = J.reshape(J.shape[:-3] + (1,) * lead + J.shape[-3:])
+            return jnp.sum(Je * jnp.expand_dims(e, -2), axis=-1)
+        if isinstance(eps, dict):
+            out = {}
+            for key, e in eps.items():
+                if key == "weight":
+                    c = self._chain(w["weight"])
+                    cur = x[..., :, None, None] * (c[:, :, None] * df[..., None, :, :])
+                    out[key] = decay(e, 1) + cur
+                else:
+                    out[key] = decay(e, 0) + df
+            return out
+        c = self._chain(w)
+        return decay(eps, 1) + x[..., :, None, None] * (c[:, :, None] * df[..., None, :, :])
+
+    def drtrl_grad(self, eps, delta, w):
+        """g_W[a, n] = Σ_batch Σ_i δ[.., n, i] ε_W[.., a, n, i] (one fused reduction per leaf)."""
+        def contract(e, lead):
+            d = delta.reshape(delta.shape[:-2] + (1,) * lead + delta.shape[-2:])
+            axes = tuple(range(e.ndim - 2 - lead)) + (e.ndim - 1,)
+            return jnp.sum(d * e, axis=axes)
+        if isinstance(eps, dict):
+            return {key: contract(e, 1 if key == "weight" else 0) for key, e in eps.items()}
+        return contract(eps, 1)
+
     def _repr_fields(self):
         return {
             "is_diagonal": self.is_diagonal,

@@ -378,6 +378,9 @@ class _Emitter:
     @staticmethod
     def _drtrl_compact(op, w, eps, J, df, x, bshape):
         """ε[·,i] ← Σ_j yw_to_w(J[:,i,j], ε[·,j]) + xy_to_dw(x, df[:,i]) (per example)."""
+        fused = op.drtrl_update(eps, J, df, x, w)
+        if fused is not NotImplemented:
+            return fused
         def single(eps, J, df, x):
             k = df.shape[-1]
             cols = []
@@ -537,6 +540,10 @@ class _Emitter:
 
     @staticmethod
     def _contract_param(op, w, eps, dg, dense, bshape):
+        if not dense:
+            fused = op.drtrl_grad(eps, dg, w)
+            if fused is not NotImplemented:
+                return fused
         if dense:
             def single(eps, dg):
                 nS = dg.ndim - 1
