@@ -267,6 +267,24 @@ class ETraceAlgorithm(brainstate.nn.Module):
         from .ir.printer import PrintSettings, print_graph
         return print_graph(self.graph, PrintSettings(**settings))
 
+    def compiled(self):
+        """A :class:`brainscale.Compiled` view (stages, log, DOT, report) of this learner."""
+        self._require()
+        from .api import Compiled
+        return Compiled(self.graph, self.stages, self.log, self, self.compile_seconds or 0.0)
+
+    def to_dot(self, **kw) -> str:
+        """DOT text of the compiled graph (see :func:`brainscale.ir.dot.to_dot`)."""
+        return self.compiled().to_dot(**kw)
+
+    def render(self, path, **kw):
+        """Render the compiled graph to ``path`` (SVG/PNG), or write the .dot and say how."""
+        return self.compiled().render(path, **kw)
+
+    def report(self) -> str:
+        """The compile report: states, params, traces, bytes, dim choices, time per pass."""
+        return self.compiled().report()
+
 
 class DiagIODimAlgorithm(ETraceAlgorithm):
     """ES-D-RTRL: io-dim traces, memory O(B·(|x|+|y|·k)).

@@ -433,8 +433,7 @@ def write_graph(learner, out_dir: Path) -> list:
     p = out_dir / "graph.ir.txt"
     p.write_text(learner.ir() + "\n")
     files.append(p)
-    compiled = brainscale.Compiled(learner.graph, learner.stages, learner.log, learner,
-                                   learner.compile_seconds or 0.0)
+    compiled = learner.compiled()
     try:
         dot = compiled.to_dot()
     except ImportError:
