@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "ETraceState", "ETraceGrad", "ETraceParam", "ETraceParamOp", "ETraceOp",
-    "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op",
+    "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op", "sum_leading",
 ]
 
 #: prefix of the jit name that marks a trace-op application in a jaxpr
@@ -207,6 +207,23 @@ class ETraceOp:
             return f"{type(self).__name__}()"
         body = ",\n".join(f"  {k}={_indent(repr(v))}" for k, v in fields.items())
         return f"{type(self).__name__}(\n{body}\n)"
+
+
+def sum_leading(term: Callable, n: int, unroll_max: int = 64):
+    """``Σ_{b<n} term(b)`` without materialising the stacked terms.
+
+    XLA on CPU reduces over an outer axis of a large array an order of magnitude slower than
+    it streams an element-wise sum, and a ``term(b)`` that broadcasts (e.g. ``δ[b] * ε[b]``)
+    would otherwise be written out in full first. Small ``n`` is unrolled into one fused
+    element-wise pass; larger ``n`` runs a ``fori_loop`` accumulating in place.
+    """
+    if n <= unroll_max:
+        acc = term(0)
+        for b in range(1, n):
+            acc = jax.tree.map(jnp.add, acc, term(b))
+        return acc
+    first = term(0)
+    return jax.lax.fori_loop(1, n, lambda b, acc: jax.tree.map(jnp.add, acc, term(b)), first)
 
 
 def _indent(s: str, n: int = 2) -> str:

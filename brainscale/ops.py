@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .concepts import ETraceOp
+from .concepts import ETraceOp, sum_leading
 
 __all__ = ["MatMulOp", "ConvOp", "SpMatMulOp", "ElemWiseOp", "LoraOp"]
 
@@ -258,9 +258,19 @@ class MatMulOp(ETraceOp):
     def drtrl_update(self, eps, J, df, x, w):
         """ε_W[.., a, n, i] ← Σ_j J[.., n, i, j] ε_W[.., a, n, j] + x[.., a] c[a, n] df[.., n, i];
         the bias trace likewise with ``x c = 1`` — one fused element-wise pass per leaf."""
+        k = J.shape[-1]
+
         def decay(e, lead):
+            # Σ_j J[.., n, i, j] e[.., n, j], written per (i, j) so that the update stays one
+            # element-wise fusion of the trace's own rank (k is small)
             Je = J.reshape(J.shape[:-3] + (1,) * lead + J.shape[-3:])
-            return jnp.sum(Je * jnp.expand_dims(e, -2), axis=-1)
+            cols = []
+            for i in range(k):   # slices keep the trailing axis: no rank change, in-place friendly
+                acc = Je[..., i, 0:1] * e[..., 0:1]
+                for j in range(1, k):
+                    acc = acc + Je[..., i, j:j + 1] * e[..., j:j + 1]
+                cols.append(acc)
+            return cols[0] if k == 1 else jnp.concatenate(cols, axis=-1)
         if isinstance(eps, dict):
             out = {}
             for key, e in eps.items():
@@ -278,8 +288,19 @@ class MatMulOp(ETraceOp):
         """g_W[a, n] = Σ_batch Σ_i δ[.., n, i] ε_W[.., a, n, i] (one fused reduction per leaf)."""
         def contract(e, lead):
             d = delta.reshape(delta.shape[:-2] + (1,) * lead + delta.shape[-2:])
-            axes = tuple(range(e.ndim - 2 - lead)) + (e.ndim - 1,)
-            return jnp.sum(d * e, axis=axes)
+            k = e.shape[-1]
+
+            def over_k(dd, ee):
+                acc = dd[..., 0] * ee[..., 0]
+                for i in range(1, k):
+                    acc = acc + dd[..., i] * ee[..., i]
+                return acc
+            nb = e.ndim - 2 - lead          # leading batch axes
+            if nb == 0:
+                return over_k(d, e)
+            d2 = d.reshape((-1,) + d.shape[nb:])
+            e2 = e.reshape((-1,) + e.shape[nb:])
+            return sum_leading(lambda b: over_k(d2[b], e2[b]), e2.shape[0])
         if isinstance(eps, dict):
             return {key: contract(e, 1 if key == "weight" else 0) for key, e in eps.items()}
         return contract(eps, 1)

@@ -242,7 +242,8 @@ def compile_report(compiled) -> str:
     rows = [[t.id, t.dim, ",".join(t.relations), ",".join(t.params), t.layout or "-",
              t.bytes_human] for t in rep.traces]
     out += _table([["id", "dim", "relations", "params", "layout", "bytes"]] + rows)
-    out.append(f"  total: {rep.trace_bytes_total_human} ({rep.trace_bytes_total} B)")
+    exact = f" ({rep.trace_bytes_total} B)" if rep.trace_bytes_total >= 1024 else ""
+    out.append(f"  total: {rep.trace_bytes_total_human}{exact}")
     out += ["", "dimension choices:"]
     rows = []
     for c in rep.dim_choices:

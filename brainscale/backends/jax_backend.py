@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _compat as C
-from ..concepts import MARKER_PREFIX, lookup_op
+from ..concepts import MARKER_PREFIX, lookup_op, sum_leading
 from ..errors import BackendError
 from .base import Backend, CompiledStep, register_backend
 
@@ -561,7 +561,8 @@ class _Emitter:
                     acc = t if acc is None else _tree_add(acc, t)
                 return acc
         if bshape:
-            return jax.tree.map(lambda l: jnp.sum(l, axis=0), jax.vmap(single)(eps, dg))
+            return sum_leading(lambda b: single(jax.tree.map(lambda e: e[b], eps), dg[b]),
+                               bshape[0])
         return single(eps, dg)
 
     # -- assembly -----------------------------------------------------------------------

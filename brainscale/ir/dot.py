@@ -18,8 +18,9 @@ What is drawn (colours are fixed per node kind, see ``_COLOR_MAP``):
   parameters by dashed edges;
 * a legend cluster explains the shapes.
 
-Node IDs are the IR names (``"%y0"``, ``"neu.V"``, ``"T0"``), quoted; labels escape
-``{}<>|"\\``. Source locations appear only with ``show_locs=True`` (or
+Node IDs are the IR names, quoted (``"neu.V"``, ``"T0"``; SSA names without their ``%``,
+``"y0"``, because Graphviz reserves ``%``-names for anonymous nodes); labels show the full
+IR names and escape ``{}<>|"\\``. Source locations appear only with ``show_locs=True`` (or
 ``PrintSettings(print_locs=True)``) and are shortened to the last two path parts.
 """
 from __future__ import annotations
@@ -82,6 +83,35 @@ def _label(lines, left: bool = False) -> str:
 
 def _id(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _node_ids(graph) -> dict[str, str]:
+    """DOT node name per IR name: the IR name itself, except that SSA names lose their
+    leading ``%`` (Graphviz reserves ``%``-names for anonymous nodes and would print them as
+    ``%1``, ``%2`` in SVG titles). Clashes, which only a state named like an SSA value or a
+    trace id could cause, get a kind prefix (``value:x0``, ``trace:T0``)."""
+    ids: dict[str, str] = {}
+    taken: set[str] = set()
+    for items in (graph.inputs, graph.hidden, graph.params):
+        for it in items:
+            ids[it.name] = it.name
+            taken.add(it.name)
+    taken |= {f"cluster_{g.id}" for g in graph.groups}
+
+    def claim(key: str, cand: str, kind: str):
+        if cand in taken or cand.startswith("%"):
+            cand = f"{kind}:{cand.lstrip('%')}"
+        ids[key] = cand
+        taken.add(cand)
+    for v in graph.values:
+        claim(v.name, v.name[1:] if v.name.startswith("%") else v.name, "value")
+    for o in graph.ops:
+        claim(o.name, o.name[1:] if o.name.startswith("%") else o.name, "op")
+    for r in graph.relations:
+        claim(r.id, r.id, "relation")
+    for t in graph.traces:
+        claim(t.id, t.id, "trace")
+    return ids
 
 
 def _attrs(**kw) -> str:
@@ -152,6 +182,10 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
     """
     s = settings
     locs = show_locs or s.print_locs
+    ids = _node_ids(graph)
+
+    def n(name: str) -> str:
+        return _id(ids.get(name, name))
     out: list[str] = []
     emit = out.append
 
@@ -166,12 +200,12 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
     # -- inputs ---------------------------------------------------------------------------
     for i in graph.inputs:
         lines = [f"%{i.name}"] + (_type_lines(i.type) if s.print_types else [])
-        emit(f"  {_id(i.name)} {_attrs(shape='parallelogram', style='filled', fillcolor=_COLOR_MAP['input'], label=_label(lines))};")
+        emit(f"  {n(i.name)} {_attrs(shape='parallelogram', style='filled', fillcolor=_COLOR_MAP['input'], label=_label(lines))};")
 
     # -- hidden states, grouped in clusters -------------------------------------------------
     def hidden_node(h, indent):
         lines = [f"%{h.name}"] + (_type_lines(h.type) if s.print_types else [])
-        emit(f"{indent}{_id(h.name)} {_attrs(shape='ellipse', style='filled', fillcolor=_COLOR_MAP['hidden'], label=_label(lines))};")
+        emit(f"{indent}{n(h.name)} {_attrs(shape='ellipse', style='filled', fillcolor=_COLOR_MAP['hidden'], label=_label(lines))};")
 
     grouped = {st for g in graph.groups for st in g.states}
     for g in graph.groups:
@@ -200,21 +234,21 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
             if extra:
                 lines.append(", ".join(f"{k}={_fmt_val(v)}" for k, v in extra))
         color = _COLOR_MAP["param" if p.kind == "etrace" else "plain-param"]
-        emit(f"  {_id(p.name)} {_attrs(shape='box', style='filled', fillcolor=color, label=_label(lines))};")
+        emit(f"  {n(p.name)} {_attrs(shape='box', style='filled', fillcolor=color, label=_label(lines))};")
 
     # -- values and ops ---------------------------------------------------------------------
     for v in graph.values:
         lines = [f"{v.name} = value"] + ([str(v.type)] if s.print_types else [])
         if locs:
             lines.append(_short_loc(v.loc))
-        emit(f"  {_id(v.name)} {_attrs(shape='ellipse', label=_label(lines))};")
+        emit(f"  {n(v.name)} {_attrs(shape='ellipse', label=_label(lines))};")
     for o in graph.ops:
         lines = [f"{o.name} = {o.kind}"] + ([str(o.type)] if s.print_types else [])
         if s.print_attrs:
             lines.append(o.op_class)
         if locs:
             lines.append(_short_loc(o.loc))
-        emit(f"  {_id(o.name)} {_attrs(shape='box', style=_ROUNDED, fillcolor=_COLOR_MAP['op'], label=_label(lines))};")
+        emit(f"  {n(o.name)} {_attrs(shape='box', style=_ROUNDED, fillcolor=_COLOR_MAP['op'], label=_label(lines))};")
 
     # -- traces -----------------------------------------------------------------------------
     rel_by_id = graph.relation_by_id
@@ -233,28 +267,28 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
                 wrapped = textwrap.wrap(f"reason: {reason}", width=44, subsequent_indent="  ")
                 lines.extend(wrapped)
         color = _COLOR_MAP.get(f"trace-{t.dim}", "white")
-        emit(f"  {_id(t.id)} {_attrs(shape='note', style='filled', fillcolor=_id(color), label=_label(lines, left=True))};")
+        emit(f"  {n(t.id)} {_attrs(shape='note', style='filled', fillcolor=_id(color), label=_label(lines, left=True))};")
 
     # -- edges ------------------------------------------------------------------------------
     for v in graph.values:
         for d in v.deps:
             src = d[1:] if d.startswith("%") and d[1:] in graph.hidden_by_name else d
-            emit(f"  {_id(src)} -> {_id(v.name)} {_attrs(color='gray45')};")
+            emit(f"  {n(src)} -> {n(v.name)} {_attrs(color='gray45')};")
     for o in graph.ops:
         if o.x is not None:
-            emit(f"  {_id(o.x)} -> {_id(o.name)};")
-        emit(f"  {_id(o.param)} -> {_id(o.name)};")
+            emit(f"  {n(o.x)} -> {n(o.name)};")
+        emit(f"  {n(o.param)} -> {n(o.name)};")
     for r in graph.relations:
         text = r.id + (" +direct" if r.direct else "")
         rc = _id(_COLOR_MAP["relation"])
         if not r.groups:
-            emit(f"  {_id(r.id)} {_attrs(shape='plaintext', fontcolor=rc, label=_label([f'{r.id}: no hidden state']))};")
-            emit(f"  {_id(r.op)} -> {_id(r.id)} {_attrs(color=rc, style='dotted')};")
+            emit(f"  {n(r.id)} {_attrs(shape='plaintext', fontcolor=rc, label=_label([f'{r.id}: no hidden state']))};")
+            emit(f"  {n(r.op)} -> {n(r.id)} {_attrs(color=rc, style='dotted')};")
         for gid in r.groups:
             g = graph.group_by_id.get(gid)
             if g is None or not g.states:
                 continue
-            emit(f"  {_id(r.op)} -> {_id(g.states[0])} {_attrs(lhead=_id('cluster_' + gid), color=rc, fontcolor=rc, penwidth='1.5', label=_label([text]))};")
+            emit(f"  {n(r.op)} -> {n(g.states[0])} {_attrs(lhead=_id('cluster_' + gid), color=rc, fontcolor=rc, penwidth='1.5', label=_label([text]))};")
     for t in graph.traces:
         seen: list[str] = []
         for rid in t.relations:
@@ -262,7 +296,7 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
             if r is not None and r.param not in seen:
                 seen.append(r.param)
         for pname in seen:
-            emit(f"  {_id(pname)} -> {_id(t.id)} {_attrs(style='dashed', arrowhead='none', color='gray40')};")
+            emit(f"  {n(pname)} -> {n(t.id)} {_attrs(style='dashed', arrowhead='none', color='gray40')};")
 
     if legend:
         _legend(emit)
@@ -280,6 +314,7 @@ def _legend(emit) -> None:
         ("op", dict(shape="box", style=_ROUNDED, fillcolor=_COLOR_MAP["op"]), "op application"),
         ("trace_io", dict(shape="note", style="filled", fillcolor=_id(_COLOR_MAP["trace-io"])), "io-dim trace"),
         ("trace_param", dict(shape="note", style="filled", fillcolor=_id(_COLOR_MAP["trace-param"])), "param-dim trace"),
+        ("trace_none", dict(shape="note", style="filled", fillcolor=_id(_COLOR_MAP["trace-none"])), "no trace (dim=none)"),
     ]
     emit(f"  subgraph {_id('cluster_legend')} {{")
     emit(f"    graph {_attrs(label=_label(['legend  (blue edge: relation op -> hidden group)']), style='dashed', color='gray60')};")
@@ -288,7 +323,11 @@ def _legend(emit) -> None:
         nid = _id(f"__legend_{key}")
         names.append(nid)
         emit(f"    {nid} {_attrs(**style, fontsize='10', label=_label([text]))};")
-    emit("    { rank=same; " + "; ".join(names) + "; }")
+    # two rows (nodes, then traces) keep the legend narrow
+    rows = (names[:6], names[6:])
+    for row in rows:
+        emit("    { rank=same; " + "; ".join(row) + "; }")
+    emit(f"    {rows[0][0]} -> {rows[1][0]} [style=invis];")
     emit("  }")
 
 

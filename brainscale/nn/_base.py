@@ -202,7 +202,7 @@ class Neuron(Dynamics):
         ...         self.V.value = self.sum_delta_inputs(V + x)
         ...         return self.get_spike()
         >>> neu = MyLIF(4)
-        >>> brainstate.nn.init_all_states(neu)
+        >>> _ = brainstate.nn.init_all_states(neu)
         >>> with brainstate.environ.context(dt=0.1 * u.ms):
         ...     neu(2. * u.mV).shape
         (4,)
