@@ -8,6 +8,7 @@ type-dispatch between the two classes and only construct closed jaxprs positiona
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -95,7 +96,7 @@ def inline_calls(closed: Any) -> Any:
     def rd(v):
         if is_literal(v):
             return v
-        while v in env:
+        while not is_literal(v) and v in env:
             v = env[v]
         return v
 
@@ -166,17 +167,23 @@ def eval_eqn(eqn: Any, invals: Sequence[Any]) -> list:
 
 
 def eqn_location(eqn: Any) -> str | None:
-    """``file:line (function)`` of the user's frame that created an equation, if known."""
+    """``file:line (function)`` of the user's frame that created an equation, if known.
+
+    Frames inside brainscale are excluded (see ``register_exclusion`` above); the path is
+    shortened to its last two parts so dumps do not depend on where the code lives.
+    """
     try:
-        frame = source_info_util.user_frame(eqn.source_info)
+        text = source_info_util.summarize(eqn.source_info)
     except Exception:  # noqa: BLE001 - source info is best effort
-        frame = None
-    if frame is None:
         return None
-    fname = frame.file_name
-    parts = fname.replace("\\", "/").split("/")
+    if not text or text.startswith("unknown"):
+        return None
+    m = re.match(r"^(.*?):(\d+)(?::\d+)?(?:\s+\((.*)\))?$", text.strip())
+    if not m:
+        return text
+    parts = m.group(1).replace("\\", "/").split("/")
     short = "/".join(parts[-2:])
-    return f"{short}:{frame.start_line} ({frame.function_name})"
+    return f"{short}:{m.group(2)}" + (f" ({m.group(3)})" if m.group(3) else "")
 
 
 def tree_flatten_with_keys(tree: Any):

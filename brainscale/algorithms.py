@@ -95,13 +95,16 @@ class ETraceAlgorithm(brainstate.nn.Module):
         Call it outside ``jit`` (it creates the trace states). Returns ``self``.
         """
         from .api import build_graph
+        from .backends import get_backend
+        from .passes import DEFAULT_PIPELINE, parse_pipeline
         t0 = time.perf_counter()
+        backend = get_backend(self.backend)
+        pipeline = parse_pipeline(self.pipeline if self.pipeline is not None else DEFAULT_PIPELINE)
+        pipeline += tuple(backend.pipeline())   # backend decisions are passes: they show in dumps
         graph, stages, log = build_graph(
-            self.model, *args, policy=self._policy, pipeline=self.pipeline,
+            self.model, *args, policy=self._policy, pipeline=pipeline,
             param_ratio=self.param_ratio, memory_budget_mb=self.memory_budget_mb,
             dim_overrides=self.dim_overrides, instruments=self.instruments, **kwargs)
-        from .backends import get_backend
-        backend = get_backend(self.backend)
         if any(t.dim == "io" for t in graph.traces) and self.decay is None:
             raise BrainscaleError(
                 f"{type(self).__name__} chose io-dim (ES-D-RTRL) traces for "
@@ -355,5 +358,10 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         return brainstate.transform.scan(body, zero, (xs, ys))
 
     if jit:
-        run = brainstate.transform.jit(run)
+        # one jitted driver per (learner, loss, params): later calls reuse the compiled loop
+        key = (id(loss_fn), tuple(params.keys()))
+        cache = learner.__dict__.setdefault("_online_cache", {})
+        if key not in cache:
+            cache[key] = brainstate.transform.jit(run)
+        run = cache[key]
     return run(inputs, targets)

@@ -44,7 +44,16 @@ def _import_file(path: Path, what: str):
         raise UsageError(f"{what} {str(path)!r} not found")
     if path.is_dir():
         raise UsageError(f"{what} {str(path)!r} is a directory, not a Python file")
-    mod_name = "_brainscale_opt_" + re.sub(r"\W", "_", str(path.resolve()))
+    # Import under the file's own name when free, so that ``--load my_passes.py`` and an
+    # ``import my_passes`` in the model file share one module (registering passes once).
+    mod_name = path.stem
+    existing = sys.modules.get(mod_name)
+    if existing is not None:
+        if Path(getattr(existing, "__file__", "") or "").resolve() == path.resolve():
+            return existing
+        mod_name = "_brainscale_opt_" + re.sub(r"\W", "_", str(path.resolve()))
+    elif not mod_name.isidentifier():
+        mod_name = "_brainscale_opt_" + re.sub(r"\W", "_", str(path.resolve()))
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"{what} {str(path)!r} cannot be imported (not a .py file?)")

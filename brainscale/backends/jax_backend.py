@@ -464,6 +464,25 @@ class _Emitter:
 
     def _backward(self, res, cts):
         theta_t, theta_p, args, hidden, others, traces_old, new_traces, xs = res
+        delta, d_zeta, g_t, g_p, g_a = self._learning_signals(theta_t, theta_p, args, hidden,
+                                                              others, cts)
+        # trace-based gradients
+        self._param_trace_grads(g_t, theta_t, new_traces, delta)
+        for ti, q, pi, c in self._io_signals(new_traces, delta):
+            grads = self._xy_to_dw_eqn(q, new_traces[ti], c, theta_t[pi])
+            for li, leaf in enumerate(grads):
+                g_t[pi][li] = g_t[pi][li] + leaf
+        self._direct_grads(g_t, theta_t, xs, d_zeta)
+        ct_args = tuple(ga if _is_float(a) else _zero_ct(a) for ga, a in zip(g_a, args))
+        return (tuple(tuple(x) for x in g_t), tuple(tuple(x) for x in g_p), ct_args,
+                tuple(_zero_ct(h) for h in hidden), tuple(_zero_ct(o) for o in others),
+                tuple(_zero_ct(t) for t in traces_old))
+
+    # The pieces of _backward, separate so that other backends (backends/pallas) can route
+    # single traces to their own kernels and reuse the learning signals.
+    def _learning_signals(self, theta_t, theta_p, args, hidden, others, cts):
+        """δ per hidden state, the ζ-signals of direct paths, and the VJP of Ω:
+        ``(delta, d_zeta, g_t (lists, mutable), g_p, g_a)``."""
         ct_outs, ct_hidden, ct_others, _ct_traces = cts
         g = self.g
         omega = self._omega(theta_t, theta_p, args, hidden, others)
@@ -477,9 +496,15 @@ class _Emitter:
                          for c, a in zip(keep_cts, self._keep_avals()))
         d_eta, d_zeta, g_t, g_p, g_a = vjp(keep_cts)
         delta = [de + (ch if _is_float(ch) else 0.) for de, ch in zip(d_eta, ct_hidden)]
-        g_t = [list(x) for x in g_t]
-        # trace-based gradients
+        return delta, d_zeta, [list(x) for x in g_t], g_p, g_a
+
+    def _param_trace_grads(self, g_t, theta_t, new_traces, delta, groups=None):
+        """Add ``Σ_g Σ_i yw_to_w(δ_i, ε_i)`` of the param-dim traces to ``g_t`` (in place);
+        ``groups`` restricts it to some ``(relation, group)`` keys of ``_param_groups()``."""
+        g = self.g
         for (rid, gid), idxs in self._param_groups().items():
+            if groups is not None and (rid, gid) not in groups:
+                continue
             rel = g.relation_by_id[rid]
             q = self.op_index[rel.op]
             pi = self.tparam_index[rel.param]
@@ -492,6 +517,11 @@ class _Emitter:
                                         self._batch_shape(g.group_by_id[gid]))
             for li, leaf in enumerate(jax.tree.leaves(grad)):
                 g_t[pi][li] = g_t[pi][li] + leaf.astype(g_t[pi][li].dtype)
+
+    def _io_signals(self, new_traces, delta):
+        """Per io-dim relation: ``(index of its ε_x, op index, param index, Σ ε_f ∘ δ)``."""
+        g = self.g
+        out = []
         for ti, ent in enumerate(self.L.traces):
             if ent[0] != "x":
                 continue
@@ -510,10 +540,12 @@ class _Emitter:
                     continue
                 ys = g.ops[q].type.shape
                 c = c.reshape(c.shape[len(c.shape) - len(ys):]) if c.shape != tuple(ys) else c
-                grads = self._xy_to_dw_eqn(q, new_traces[ti], c, theta_t[pi])
-                for li, leaf in enumerate(grads):
-                    g_t[pi][li] = g_t[pi][li] + leaf
-        # instantaneous terms of paths reaching the outputs without a hidden state
+                out.append((ti, q, pi, c))
+        return out
+
+    def _direct_grads(self, g_t, theta_t, xs, d_zeta):
+        """Instantaneous terms of paths reaching the outputs without a hidden state."""
+        g = self.g
         for r in g.relations:
             if not r.direct or self.dims.get(r.id) == "none":
                 continue
@@ -523,10 +555,6 @@ class _Emitter:
                                        theta_t[pi])
             for li, leaf in enumerate(grads):
                 g_t[pi][li] = g_t[pi][li] + leaf
-        ct_args = tuple(ga if _is_float(a) else _zero_ct(a) for ga, a in zip(g_a, args))
-        return (tuple(tuple(x) for x in g_t), tuple(tuple(x) for x in g_p), ct_args,
-                tuple(_zero_ct(h) for h in hidden), tuple(_zero_ct(o) for o in others),
-                tuple(_zero_ct(t) for t in traces_old))
 
     def _keep_avals(self):
         """Avals of the outputs Ω returns: the step's outputs, then other states' values."""

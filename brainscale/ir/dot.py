@@ -408,6 +408,14 @@ def render(dot_text: str, path: str | os.PathLike, fmt: str | None = None) -> Pa
               f"{dot_path} instead. To render it, "
               + RENDER_HINT.format(dot=dot_path, out=path), file=sys.stderr)
         return None
-    _, fn = found
-    path.write_bytes(fn(dot_text, fmt))
+    name, fn = found
+    from ..errors import BrainscaleError
+    try:
+        data = fn(dot_text, fmt)
+    except BrainscaleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. graphviz.ExecutableNotFound, CalledProcessError
+        raise BrainscaleError(f"rendering {path.name} with {name} failed: "
+                              f"{type(e).__name__}: {e}") from e
+    path.write_bytes(data)
     return path

@@ -50,8 +50,10 @@ class Graph:
 
     # -- functional updates ------------------------------------------------------------
     def replace(self, **kw) -> "Graph":
-        new = dataclasses.replace(self, **kw)
-        return self if new == self else new
+        """Functional update; returns ``self`` when every given field is unchanged."""
+        if all(getattr(self, k) is v for k, v in kw.items()):
+            return self
+        return dataclasses.replace(self, **kw)
 
     def with_stage(self, spec: str, provides: frozenset = frozenset()) -> "Graph":
         return dataclasses.replace(self, stages=self.stages + (spec,),

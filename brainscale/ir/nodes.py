@@ -25,9 +25,12 @@ _ID = {"G": re.compile(r"^G\d+$"), "R": re.compile(r"^R\d+$"), "T": re.compile(r
 
 
 def replace(node, **kw):
-    """``dataclasses.replace`` that returns ``node`` itself when nothing changed."""
-    new = dataclasses.replace(node, **kw)
-    return node if new == node else new
+    """``dataclasses.replace`` that returns ``node`` itself when nothing changed (fields
+    excluded from equality, such as ``loc``, count as changes too)."""
+    if all(getattr(node, k) is v or (getattr(node, k) == v and type(getattr(node, k)) is type(v))
+           for k, v in kw.items()):
+        return node
+    return dataclasses.replace(node, **kw)
 
 
 def _check_id(prefix: str, value: str):

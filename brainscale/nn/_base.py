@@ -21,7 +21,7 @@ import braintools
 import brainstate
 import numpy as np
 
-__all__ = ["Dynamics", "Neuron", "Synapse", "to_size", "get_activation"]
+__all__ = ["Dynamics", "Neuron", "Synapse", "to_size", "get_activation", "broadcast_like"]
 
 
 def to_size(size, what: str = "size") -> tuple:
@@ -58,6 +58,23 @@ def get_activation(activation) -> Callable:
     if not callable(activation):
         raise TypeError(f"activation must be a name or a callable, got {activation!r}")
     return activation
+
+
+def broadcast_like(a, like):
+    """``a`` broadcast to ``like``'s shape in one ``broadcast_in_dim``.
+
+    Combining a per-neuron vector (e.g. an ``ElemWiseOp`` output of shape ``(n,)``) with a
+    batched array ``(B, n)`` through ``*``/``+`` makes jax emit ``broadcast_in_dim`` to
+    ``(1, n)`` and an implicitly broadcasting binary op; brainscale 0.2.0's first dependency
+    rules rejected that on a path into a hidden state. The modules broadcast explicitly (one
+    full ``broadcast_in_dim``, whose trailing axes keep each neuron's identity) so they
+    compile with either rule set.
+    """
+    import brainunit as u
+    shape = tuple(u.math.shape(like))
+    if tuple(u.math.shape(a)) == shape:
+        return a
+    return u.math.broadcast_to(a, shape)
 
 
 def _label_start(label: str) -> str:

@@ -19,6 +19,7 @@ import braintools
 import brainstate
 import brainunit as u
 import jax
+import jax.numpy as jnp
 
 from ..concepts import ETraceState
 from ._base import Neuron
@@ -328,7 +329,10 @@ class Izhikevich(Neuron):
         last_v, last_u = self.V.value, self.u.value
         spk = self.get_spike(last_v)
         if self.spk_reset == "hard":
-            V = u.math.where(spk > 0., self.c, last_v)
+            # a full array for c: a scalar reaches the jitted ``where`` as a literal argument,
+            # which brainscale 0.2.0's first jaxpr inliner could not handle
+            c = self.c * jnp.ones(u.math.shape(last_v), u.math.get_dtype(u.get_mantissa(last_v)))
+            V = u.math.where(spk > 0., c, last_v)
         else:
             V = last_v - (last_v - self.c) * spk
         u_val = last_u + self.d * spk
@@ -338,6 +342,7 @@ class Izhikevich(Neuron):
                     + self.sum_current_inputs(x, v))
 
         V_new = self.sum_delta_inputs(brainstate.nn.exp_euler_step(dv, V))
-        u_new = brainstate.nn.exp_euler_step(lambda w: self.a * (self.b * V - w), u_val)
+        # as brainpy.state: the recovery variable sees the updated potential
+        u_new = brainstate.nn.exp_euler_step(lambda w: self.a * (self.b * V_new - w), u_val)
         self.V.value, self.u.value = V_new, u_new
         return self.get_spike(V_new)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ..concepts import ETraceParam
 from ..ops import ElemWiseOp
-from ._base import to_size
+from ._base import broadcast_like, to_size
 
 __all__ = ["ScaleShift", "LayerNorm", "RMSNorm"]
 
@@ -69,9 +69,9 @@ class ScaleShift(brainstate.nn.Module):
                 ElemWiseOp(_identity))
 
     def update(self, x):
-        y = x * self.scale.execute(None)
+        y = x * broadcast_like(self.scale.execute(None), x)
         if self.shift is not None:
-            y = y + self.shift.execute(None)
+            y = y + broadcast_like(self.shift.execute(None), y)
         return y
 
 

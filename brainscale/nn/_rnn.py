@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from ..concepts import ETraceParam, ETraceState
 from ..ops import ElemWiseOp
-from ._base import get_activation, to_size
+from ._base import broadcast_like, get_activation, to_size
 from ._linear import Linear
 
 __all__ = ["RNNCell", "ValinaRNNCell", "GRUCell", "MGUCell", "LSTMCell", "URLSTMCell",
@@ -281,7 +281,7 @@ class URLSTMCell(RNNCell):
     def update(self, x):
         h, c = self.h.value, self.c.value
         xh = _cat(x, h)
-        b = self.bias.execute(None)
+        b = broadcast_like(self.bias.execute(None), h)
         f_g = jax.nn.sigmoid(self.Wf(xh) + b)
         r_g = jax.nn.sigmoid(self.Wr(xh) - b)
         g = 2 * r_g * f_g + (1 - 2 * r_g) * f_g ** 2
@@ -376,10 +376,11 @@ class LRUCell(RNNCell):
             self.gamma_log = ETraceParam(gamma_log, ElemWiseOp(jnp.exp))
 
     def update(self, x):
-        lam = self.nu.execute(None)
+        old_h = self.h.value
+        lam = broadcast_like(self.nu.execute(None), old_h)
         inp = self.B(x)
         if self.gamma_log is not None:
-            inp = self.gamma_log.execute(None) * inp
-        h = lam * self.h.value + inp
+            inp = broadcast_like(self.gamma_log.execute(None), inp) * inp
+        h = lam * old_h + inp
         self.h.value = h
         return self.activation(h)

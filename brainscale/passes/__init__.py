@@ -15,3 +15,5 @@ from .fuse_traces import FuseTracesPass as FuseTracesPass
 
 #: the built-in pipeline after `lower`
 DEFAULT_PIPELINE = ("hidden-groups", "relations", "select-dims", "fuse-traces")
+
+from . import examples as examples  # noqa: E402  (registers the shipped example passes)

@@ -242,9 +242,11 @@ class Timing(Recorder):
 
 
 class DumpDir(Instrument):
-    """Writes ``{i:02d}-{pass}.ir`` (and ``.dot``) after each pass into ``path``.
+    """Writes ``{i:02d}-{stage}.ir`` (and ``.dot``, optionally ``.svg``) for the input graph
+    (``00-lower`` after the frontend) and after each pass into ``path``.
 
-    Refuses to overwrite files it did not write (files not ending in .ir/.dot/.svg).
+    Only files named ``NN-<stage>.ir|dot|svg`` are ever written; nothing else in the folder is
+    touched.
     """
 
     def __init__(self, path: str | os.PathLike, dot: bool = True, svg: bool = False):
@@ -253,17 +255,24 @@ class DumpDir(Instrument):
         self.svg = svg
         self.i = 0
 
-    def after(self, graph, p, seconds):
+    def _write(self, graph, stage: str):
         self.path.mkdir(parents=True, exist_ok=True)
-        stem = f"{self.i:02d}-{p.name}"
+        stem = f"{self.i:02d}-{stage.split('{')[0]}"
         self.i += 1
         (self.path / f"{stem}.ir").write_text(print_graph(graph))
         if self.dot:
-            from ..ir.dot import to_dot, render
+            from ..ir.dot import render, to_dot
             text = to_dot(graph)
             (self.path / f"{stem}.dot").write_text(text)
             if self.svg:
                 render(text, self.path / f"{stem}.svg")
+
+    def before(self, graph, p):
+        if self.i == 0:
+            self._write(graph, graph.stages[-1] if graph.stages else "input")
+
+    def after(self, graph, p, seconds):
+        self._write(graph, p.name)
 
 
 # -- the manager ----------------------------------------------------------------------------

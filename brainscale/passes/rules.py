@@ -97,7 +97,12 @@ def register_dependency_rule(*prims):
 
 
 def _suffix(small: tuple, big: tuple) -> bool:
-    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == tuple(small)
+    """``small`` broadcasts to ``big`` along leading axes only (size-1 leading axes of
+    ``small``, which lax inserts for rank promotion, count as missing)."""
+    small = tuple(small)
+    while small and small[0] == 1 and len(small) > 0:
+        small = small[1:]
+    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == small
 
 
 def elementwise_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
@@ -108,7 +113,7 @@ def elementwise_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
             parts.append(d)
             continue
         # a leading-axis broadcast keeps a neuron's identity for op outputs (batch axis)
-        if not d.hid and _suffix(tuple(s), tuple(out_shape)) and len(s) > 0:
+        if not d.hid and len(s) > 0 and _suffix(tuple(s), tuple(out_shape)):
             parts.append(d)
             continue
         parts.append(mix([d], ctx.index, f"broadcast in '{ctx.eqn.primitive.name}'"))

@@ -13,20 +13,12 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = ["Platform", "platform", "Tiles", "pow2_tile", "pad_axis", "compiler_params",
-           "SUPPORTED_STORAGE", "storage_dtype"]
+__all__ = ["Platform", "platform", "Tiles", "pow2_tile", "pad_axis", "round_up",
+           "compiler_params", "SUPPORTED_STORAGE"]
 
 #: trace storage dtypes the kernels accept (arithmetic is always float32)
 SUPPORTED_STORAGE = ("float32", "bfloat16")
-
-
-def storage_dtype(name) -> jnp.dtype:
-    name = np.dtype(name).name if not isinstance(name, str) else name
-    if name not in SUPPORTED_STORAGE:
-        raise ValueError(f"trace storage dtype must be one of {SUPPORTED_STORAGE}, got {name!r}")
-    return jnp.dtype(name)
 
 
 @dataclass(frozen=True)

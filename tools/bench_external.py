@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Side by side with the published ``brainscale`` 0.1.0 and ``braintrace`` 0.2.x packages.
+
+The tool creates a virtual environment for each published package itself (under
+``.bench_venvs/``, which git ignores), never imports them into this project's environment, and
+runs the same worker (``tools/bench_ext/worker.py``) in each one as a subprocess. All three
+build the same model (``tools/bench_models.py``, each library's own spelling of a trace
+parameter) from the same weights, initial state and inputs, exchanged through an ``.npz``
+file; gradients come back as ``.npz`` files. Compared, for each hidden size N:
+
+* time per step (median of repeats after a warm-up call; the same T in every library),
+* XLA temp memory at several T and the process peak RSS,
+* D-RTRL's time per trace element and per step, against the copy bandwidth,
+* ``compile_graph`` time (cold and warm) of 3-layer networks,
+* gradients: per parameter, cosine similarity and relative error against ours (same
+  algorithm) and against BPTT (same window).
+
+Environments:
+
+* ``brainscale010``: Python 3.11, ``brainscale==0.1.0``. Its gradient code calls
+  ``jax.core.get_aval`` and ``jax.tree_leaves``, removed from current jax; the worker maps
+  those two names onto ``jax.typeof`` / ``jax.tree.leaves`` before importing it (nothing
+  else is changed).
+* ``braintrace``: Python 3.12 (the package requires it), ``braintrace>=0.2,<0.3``.
+
+``--ext-jax same`` (default) pins both environments to this project's jax/jaxlib version
+so every library runs on the same XLA; ``--ext-jax native`` lets pip choose (braintrace then
+gets jax 0.12). Interpreters are found with ``$BENCH_PYTHON311`` / ``$BENCH_PYTHON312``,
+``--python311`` / ``--python312``, ``python3.X`` on PATH, or pyenv.
+
+Example::
+
+    python tools/bench_external.py --out benchmarks/results/cpu       # N = 128, 512, 1024
+    python tools/bench_external.py --setup-only                       # just build the venvs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import bench  # noqa: E402
+import bench_models as bm  # noqa: E402
+
+LIBS = {
+    "brainscale010": {"python": "3.11", "spec": ["brainscale==0.1.0"], "pkg": "brainscale",
+                      "label": "brainscale 0.1.0", "algos": {"io": "ES-D-RTRL (IODimVjp)",
+                                                             "param": "D-RTRL (ParamDimVjp)"}},
+    "braintrace": {"python": "3.12", "spec": ["braintrace>=0.2,<0.3"], "pkg": "braintrace",
+                   "label": "braintrace", "algos": {"io": "pp_prop", "param": "D_RTRL"}},
+}
+OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid"}
+
+
+# ---------------------------------------------------------------------------------------
+# interpreters and virtual environments
+# ---------------------------------------------------------------------------------------
+
+def _py_version(exe: str):
+    try:
+        out = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def find_python(ver: str, explicit: str | None = None) -> str:
+    """An interpreter of version ``ver`` ('3.11'): option, env var, PATH, then pyenv."""
+    cands = []
+    if explicit:
+        cands.append(explicit)
+    env = os.environ.get("BENCH_PYTHON" + ver.replace(".", ""))
+    if env:
+        cands.append(env)
+    if "%d.%d" % sys.version_info[:2] == ver:
+        cands.append(getattr(sys, "_base_executable", None) or sys.executable)
+    w = shutil.which(f"python{ver}")
+    if w:
+        cands.append(w)
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        try:
+            root = subprocess.run([pyenv, "root"], capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
+            found = sorted(glob.glob(os.path.join(root, "versions", f"{ver}*", "bin",
+                                                  f"python{ver}")), reverse=True)
+            cands.extend(found)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    for c in cands:
+        if c and _py_version(c) == ver:
+            return c
+    raise SystemExit(f"no Python {ver} found: pass --python{ver.replace('.', '')} or set "
+                     f"BENCH_PYTHON{ver.replace('.', '')}")
+
+
+def our_jax_version() -> str:
+    import importlib.metadata as md
+    return md.version("jax")
+
+
+def ensure_venv(lib: str, venv_root: Path, ext_jax: str, python: str | None = None,
+                log=print) -> str:
+    """Create (once) the venv of ``lib``; return its python executable."""
+    spec = list(LIBS[lib]["spec"])
+    tag = "jaxnative"
+    if ext_jax == "same":
+        jv = our_jax_version()
+        spec += [f"jax=={jv}", f"jaxlib=={jv}"]
+        tag = f"jax{jv}"
+    vdir = venv_root / f"{lib}-{tag}"
+    exe = vdir / "bin" / "python"
+    stamp = vdir / ".bench-installed"
+    want = " ".join(spec)
+    if stamp.exists() and stamp.read_text().splitlines()[0] == want and exe.exists():
+        return str(exe)
+    base = find_python(LIBS[lib]["python"], python)
+    log(f"[venv] creating {vdir.relative_to(ROOT) if vdir.is_relative_to(ROOT) else vdir} "
+        f"with Python {LIBS[lib]['python']}: pip install {want}")
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([base, "-m", "venv", str(vdir)], check=True)
+    t0 = time.perf_counter()
+    p = subprocess.run([str(exe), "-m", "pip", "install", "-q", *spec], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"pip install {want} failed in {vdir}:\n{p.stderr[-3000:]}")
+    freeze = subprocess.run([str(exe), "-m", "pip", "freeze"], capture_output=True,
+                            text=True).stdout
+    stamp.write_text(want + "\n" + freeze)
+    log(f"[venv] {lib}: installed in {time.perf_counter() - t0:.0f} s")
+    return str(exe)
+
+
+# ---------------------------------------------------------------------------------------
+# the comparison
+# ---------------------------------------------------------------------------------------
+
+def write_data(path: Path, model: str, N: int, B: int, T: int, seed: int):
+    import numpy as np
+    w = bm.make_weights(model, N, seed)
+    h = bm.make_hidden(model, N, B, seed)
+    xs, ys = bm.make_inputs(model, T, B, seed)
+    np.savez(path, xs=xs, ys=ys, **{f"w:{k}": v for k, v in w.items()},
+             **{f"h:{k}": v for k, v in h.items()})
+
+
+def t_for(algo, model, N, B, a):
+    if algo != "param":
+        return a.T
+    elems = bench.est_param_trace_elems(model, N, B)
+    # the slowest library sets the pace: ~50 ns per trace element per step (brainscale 0.1.0)
+    return bench.nice_T(a.call_s / (elems * 50e-9), min(a.T, 20), a.T)
+
+
+def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
+    import numpy as np
+    env = bench.worker_env("cpu")
+    wd = Path(bench.scratch_dir(a, "external"))
+    results, grads = [], []
+    model, B = a.model, a.B
+    t0 = time.perf_counter()
+    for N in a.N:
+        Ts = {algo: t_for(algo, model, N, B, a) for algo in ("io", "param")}
+        data = {}
+        for T in sorted(set(Ts.values()) | {a.T}):
+            p = wd / f"data_{model}_N{N}_B{B}_T{T}.npz"
+            write_data(p, model, N, B, T, a.seed)
+            data[T] = str(p)
+        jobs = []
+        for T in sorted(set(Ts.values()) | {a.T}):
+            jobs.append(("ours", "bptt", T))
+        for lib in ["ours"] + a.libs:
+            for algo in ("io", "param"):
+                jobs.append((lib, algo, Ts[algo]))
+        if N == min(a.N):
+            for lib in a.libs:   # identity check: BPTT must agree across libraries
+                jobs.append((lib, "bptt", a.T))
+        gpaths = {}
+        for lib, algo, T in jobs:
+            if bench.time_left(t0, a.budget_s) <= 0:
+                results.append({"config": {"lib": lib, "algo": algo, "N": N, "B": B, "T": T,
+                                           "model": model}, "ok": False,
+                                "skipped": "time budget spent"})
+                continue
+            gp = str(wd / f"grads_{lib}_{algo}_{model}_N{N}_T{T}.npz")
+            timed = not (algo == "bptt" and T != a.T)
+            cfg = {"lib": lib, "model": model, "algo": algo, "N": N, "B": B, "T": T,
+                   "seed": a.seed, "decay": a.decay, "repeats": a.repeats if timed else 0,
+                   "run": True, "data": data[T], "grads_out": gp,
+                   "mem_T": sorted(set(a.mem_T) | {T}) if timed else [],
+                   "bandwidth": algo == "param"}
+            r = bench.run_worker(cfg, python=pythons[lib], env=env, workdir=str(wd),
+                                 timeout=a.timeout)
+            r["timed"] = timed
+            results.append(r)
+            if r.get("ok"):
+                gpaths[(lib, algo, T)] = gp
+            label = "ours" if lib == "ours" else LIBS[lib]["label"]
+            msg = ((f"{r['ms_per_step']:.3f} ms/step" if r.get("ms_per_step") else "gradients")
+                   if r.get("ok") else f"FAILED {str(r.get('error'))[:300]}")
+            print(f"[{time.perf_counter() - t0:6.0f}s] N={N:<5d} T={T:<5d} {label:17s} "
+                  f"{OURS_LABEL[algo]:9s} {msg} (wall {r['wall_s']:.0f} s)", flush=True)
+            _save(out_dir, results, grads, meta)
+        # gradients
+        for (lib, algo, T), gp in gpaths.items():
+            if algo == "bptt" and lib == "ours":
+                continue
+            g = dict(np.load(gp))
+            row = {"N": N, "lib": lib, "algo": algo, "T": T}
+            ref_b = gpaths.get(("ours", "bptt", T))
+            ref_o = gpaths.get(("ours", algo, T))
+            if ref_b:
+                row["vs_bptt"] = bench.grad_metrics(g, dict(np.load(ref_b)))
+            if ref_o and lib != "ours":
+                row["vs_ours"] = bench.grad_metrics(g, dict(np.load(ref_o)))
+            grads.append(row)
+        _save(out_dir, results, grads, meta)
+    # compile_graph of 3-layer networks, every library
+    comp = []
+    if a.compile_layers:
+        for lib in ["ours"] + a.libs:
+            for cm in a.compile_models:
+                for algo in ("io", "param"):
+                    cfg = {"lib": lib, "model": cm, "algo": algo, "N": a.compile_N, "B": B,
+                           "T": 10, "layers": a.compile_layers, "seed": a.seed,
+                           "decay": a.decay, "run": False, "build_warm": True, "repeats": 0}
+                    r = bench.run_worker(cfg, python=pythons[lib], env=env, workdir=str(wd),
+                                         timeout=a.timeout)
+                    comp.append(r)
+                    print(f"[compile] {lib} {cm} x{a.compile_layers} {OURS_LABEL[algo]}: "
+                          + (f"{r.get('build_cold_s', 0):.2f} s cold, {r.get('build_s', 0):.2f} s warm"
+                             if r.get("ok") else f"FAILED {str(r.get('error'))[:200]}"),
+                          flush=True)
+    meta["wall_s"] = time.perf_counter() - t0
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    _save(out_dir, results, grads, meta, comp)
+    return {"results": results, "grads": grads, "compile": comp, "meta": meta}
+
+
+def _save(out_dir, results, grads, meta, comp=None):
+    p = out_dir / "external.json"
+    old = {}
+    if comp is None and p.exists():
+        try:
+            old = json.load(open(p))
+        except ValueError:
+            old = {}
+    with open(p, "w") as f:
+        json.dump({"meta": meta, "results": results, "grads": grads,
+                   "compile": comp if comp is not None else old.get("compile", [])},
+                  f, indent=1, default=str)
+
+
+# ---------------------------------------------------------------------------------------
+# markdown
+# ---------------------------------------------------------------------------------------
+
+def _r(results, lib, algo, N, timed=True):
+    for r in results:
+        c = r.get("config", {})
+        if c.get("lib") == lib and c.get("algo") == algo and c.get("N") == N and \
+                (r.get("timed", True) or not timed):
+            return r
+    return None
+
+
+def _ms(r):
+    return r["ms_per_step"] if (r and r.get("ok") and r.get("ms_per_step")) else None
+
+
+def _col(lib, algo):
+    return f"ours {OURS_LABEL[algo]}" if lib == "ours" else \
+        f"{LIBS[lib]['label']} {LIBS[lib]['algos'][algo]}"
+
+
+def markdown(d) -> str:
+    res, grads, comp, meta = d["results"], d["grads"], d.get("compile", []), d["meta"]
+    libs = meta.get("libs", list(LIBS))
+    Ns = sorted({r["config"]["N"] for r in res})
+    f = bench._fmt
+    out = [f"# Side by side: brainscale (this repo) vs published brainscale 0.1.0 and braintrace\n",
+           bench.meta_markdown(meta)]
+    for lib in libs:
+        v = meta.get("ext_versions", {}).get(lib)
+        if v:
+            out.append(f"- {LIBS[lib]['label']} environment: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    out.append(f"- model: {meta.get('model')} (tools/bench_models.py), B = {meta.get('B')}, "
+               f"{bm.N_IN} inputs, {bm.N_OUT} outputs, float32, identical weights/inputs in every "
+               f"library (exchanged as .npz)\n")
+    # time
+    cols = [("ours", "bptt"), ("ours", "io"), ("ours", "param")] + \
+           [(lib, algo) for lib in libs for algo in ("io", "param")]
+    out.append("## Time per step (ms)\n")
+    out.append("Median of repeats after a warm-up call, divided by T. T (in brackets) is the same "
+               "for every library at a given N and algorithm; D-RTRL runs fewer steps at large N "
+               "(its cost per step does not depend on T).\n")
+    rows = []
+    for N in Ns:
+        row = [N]
+        for lib, algo in cols:
+            r = _r(res, lib, algo, N)
+            ms = _ms(r)
+            row.append(f"{f(ms)} ({r['config']['T']})" if ms else
+                       ("skipped" if r and r.get("skipped") else "failed" if r else "–"))
+        rows.append(row)
+    out.append(bench.md_table(["N"] + ["BPTT" if a == "bptt" else _col(l, a) for l, a in cols],
+                              rows))
+    # speedups
+    out.append("\n**Speed-ups of ours** (other library's time / ours; > 1 means ours is faster), "
+               "and ours / BPTT:\n")
+    hdr = ["N", "ES-D-RTRL / BPTT"] + [f"vs {_col(l, 'io')}" for l in libs] + \
+          ["D-RTRL / BPTT"] + [f"vs {_col(l, 'param')}" for l in libs]
+    rows = []
+    for N in Ns:
+        b = _ms(_r(res, "ours", "bptt", N))
+        row = [N]
+        for algo in ("io", "param"):
+            o = _ms(_r(res, "ours", algo, N))
+            row.append(f(o / b, 2) if (o and b) else "–")
+            for lib in libs:
+                e = _ms(_r(res, lib, algo, N))
+                row.append(f(e / o, 2) if (o and e) else "–")
+        rows.append([row[0], row[1]] + row[2:2 + len(libs)] + [row[2 + len(libs)]] +
+                    row[3 + len(libs):])
+    out.append(bench.md_table(hdr, rows))
+    # memory
+    Ts = sorted({int(t) for r in res if r.get("ok") and r["config"]["algo"] == "bptt"
+                 and r.get("timed", True) for t in (r.get("memory_by_T") or {})})
+    out.append("\n## Memory\n")
+    out.append("XLA temp memory (MB, `memory_analysis().temp_size_in_bytes` of the whole T-step "
+               "gradient function) by T, and the peak RSS of the process that ran it (MB).\n")
+    rows = []
+    for N in Ns:
+        for lib, algo in cols:
+            r = _r(res, lib, algo, N)
+            if not r or not r.get("ok"):
+                continue
+            rows.append([N, "BPTT" if algo == "bptt" else _col(lib, algo)] +
+                        [f(bench.temp_mb(r, T)) for T in Ts] + [f(r.get("rss_peak_mb"))])
+    out.append(bench.md_table(["N", "algorithm"] + [f"temp T={T}" for T in Ts] + ["peak RSS"],
+                              rows))
+    # D-RTRL vs bandwidth
+    out.append("\n## D-RTRL against the copy bandwidth\n")
+    out.append("ns/elem = time per step / trace elements; bound = reading and writing the trace "
+               "once at the copy bandwidth measured in the same process; ratio = time / bound.\n")
+    rows = []
+    for N in Ns:
+        for lib in ["ours"] + libs:
+            dr = bench.drtrl_row(_r(res, lib, "param", N))
+            if dr:
+                e, ms, ns, bound, ratio, bw = dr
+                rows.append([N, _col(lib, "param"), f"{e:,}", f(ms), f(ns), f(bound),
+                             f(ratio, 2)])
+    out.append(bench.md_table(["N", "library", "trace elements", "ms/step", "ns/elem/step",
+                               "bound ms", "ratio"], rows))
+    # gradients
+    out.append("\n## Gradients\n")
+    out.append("Per parameter: **cosine** / relative error against BPTT of the same window (T "
+               "steps from the same state) and against ours with the same algorithm. "
+               "Rows `BPTT` check that every library builds the same model.\n")
+    rows = []
+    for g in grads:
+        name = "BPTT (" + (LIBS[g["lib"]]["label"] if g["lib"] != "ours" else "ours") + ")" \
+            if g["algo"] == "bptt" else _col(g["lib"], g["algo"])
+        for k in sorted((g.get("vs_bptt") or g.get("vs_ours") or {})):
+            vb = (g.get("vs_bptt") or {}).get(k)
+            vo = (g.get("vs_ours") or {}).get(k)
+            rows.append([g["N"], g["T"], name, k,
+                         f"**{vb['cos']:.4f}** / {vb['rel']:.3g} / {f(vb['norm_ratio'], 3)}" if vb else "–",
+                         f"**{vo['cos']:.5f}** / {vo['rel']:.3g}" if vo else "–"])
+    out.append(bench.md_table(["N", "T", "algorithm", "parameter",
+                               "vs BPTT: cos / rel / norm ratio", "vs ours: cos / rel"], rows))
+    # compile
+    if comp:
+        out.append("\n## compile_graph of 3-layer networks (s)\n")
+        out.append("Cold = first call in a fresh process; warm = a second call on an identical "
+                   "new network.\n")
+        rows = []
+        for r in comp:
+            c = r["config"]
+            rows.append([c["model"], c["layers"], c["N"], _col(c["lib"], c["algo"]),
+                         f(r.get("build_cold_s")) if r.get("ok") else "failed",
+                         f(r.get("build_s")) if r.get("ok") else str(r.get("error"))[:80]])
+        out.append(bench.md_table(["model", "layers", "N", "library / algorithm", "cold",
+                                   "warm"], rows))
+    bad = [r for r in res if not r.get("ok")]
+    if bad:
+        out.append("\n## Skipped or failed\n")
+        for r in bad:
+            c = r["config"]
+            out.append(f"- {c['lib']} {c['algo']} N={c['N']} T={c['T']}: "
+                       f"{r.get('skipped') or r.get('error')}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu"))
+    p.add_argument("--venvs", default=os.environ.get("BENCH_VENVS", str(ROOT / ".bench_venvs")),
+                   help="where the external virtual environments live (git-ignored)")
+    p.add_argument("--libs", type=bench._strs, default=list(LIBS))
+    p.add_argument("--ext-jax", choices=["same", "native"], default="same")
+    p.add_argument("--python311", default=None)
+    p.add_argument("--python312", default=None)
+    p.add_argument("--model", default="lif", choices=bm.MODELS)
+    p.add_argument("--N", type=bench._ints, default=[128, 512, 1024])
+    p.add_argument("--B", type=int, default=16)
+    p.add_argument("--T", type=int, default=1000)
+    p.add_argument("--mem-T", type=bench._ints, default=[100, 1000])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decay", type=float, default=0.99)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--call-s", type=float, default=25.0,
+                   help="target seconds of one D-RTRL call of the slowest library (picks T)")
+    p.add_argument("--compile-layers", type=int, default=3, help="0 skips the compile table")
+    p.add_argument("--compile-models", type=bench._strs, default=list(bm.MODELS))
+    p.add_argument("--compile-N", type=int, default=128)
+    p.add_argument("--budget-s", type=float, default=3600)
+    p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--setup-only", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rebuild external.md")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if a.report:
+        d = json.load(open(out_dir / "external.json"))
+        (out_dir / "external.md").write_text(markdown(d))
+        print((out_dir / "external.md").read_text())
+        return 0
+    venv_root = Path(a.venvs)
+    pythons = {"ours": sys.executable}
+    ext_versions = {}
+    for lib in a.libs:
+        pythons[lib] = ensure_venv(lib, venv_root, a.ext_jax,
+                                   a.python311 if LIBS[lib]["python"] == "3.11" else a.python312)
+        code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+                f"['{LIBS[lib]['pkg']}', 'jax', 'jaxlib', 'brainstate', 'braintools', 'brainunit']}}))")
+        o = subprocess.run([pythons[lib], "-c", code], capture_output=True, text=True,
+                           cwd=tempfile.gettempdir())
+        try:
+            ext_versions[lib] = json.loads(o.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            ext_versions[lib] = {"error": o.stderr[-300:]}
+        ext_versions[lib]["python"] = LIBS[lib]["python"]
+        print(f"[venv] {lib}: {ext_versions[lib]}", flush=True)
+    if a.setup_only:
+        return 0
+    import importlib.metadata as md
+    rel = os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/bench_external.py"
+    meta = {"command": "python " + " ".join([rel] + (sys.argv[1:] if argv is None else list(argv))),
+            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "device": bench.detect_device(env=bench.worker_env("cpu")),
+            "machine": bench.machine_info(), "libs": a.libs, "model": a.model, "B": a.B,
+            "ext_jax": a.ext_jax, "ext_versions": ext_versions,
+            "versions": {p: md.version(p) for p in ("brainscale", "jax", "brainstate")}}
+    d = run_compare(a, pythons, out_dir, meta)
+    text = markdown(d)
+    (out_dir / "external.md").write_text(text)
+    print(f"\nwrote {out_dir / 'external.md'} and external.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
