@@ -23,7 +23,7 @@ packages is ``tools/bench_external.py``.
 Examples::
 
     python tools/bench.py all --out benchmarks/results/cpu           # the committed CPU tables
-    python tools/bench.py sweep --quick --out /tmp/bench               # seconds
+    python tools/bench.py sweep --quick --out outputs/bench-quick               # seconds
     python tools/bench.py sweep --models lif --N 256,1024 --T 1000 --mem-T 100,1000
     python tools/bench.py all --out benchmarks/results/gpu-h100        # on a GPU machine
 """

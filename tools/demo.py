@@ -24,7 +24,7 @@ What it does
 Run::
 
     python tools/demo.py --out outputs/demo            # full run (a few minutes on 2 cores)
-    python tools/demo.py --out /tmp/demo --quick       # smoke test (seconds)
+    python tools/demo.py --out outputs/demo-quick --quick       # smoke test (seconds)
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ objects created in ``init_state(batch_size=None)`` and refilled in
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import braintools
 import brainstate

@@ -27,7 +27,7 @@ state_init, activation, name)``; ``in_size``/``out_size`` may be ints.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import braintools
 import brainstate
