@@ -69,11 +69,14 @@ def _loc(eqn) -> Loc | None:
 
 
 def _param_type(value: Any) -> TensorType | TreeType:
-    leaves = jax.tree_util.tree_flatten_with_path(value)[0]
+    import brainunit as u
+    is_q = lambda l: isinstance(l, u.Quantity)  # noqa: E731 - a Quantity is one leaf here
+    leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_q)[0]
     fields = []
     for path, leaf in leaves:
         key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        mant = np.asarray(leaf) if not hasattr(leaf, "shape") else leaf
+        mant = u.get_mantissa(leaf) if is_q(leaf) else leaf
+        mant = np.asarray(mant) if not hasattr(mant, "shape") else mant
         fields.append((key, TensorType(tuple(int(d) for d in np.shape(mant)),
                                        np.dtype(getattr(mant, "dtype", np.float32)).name,
                                        _unit_of(leaf))))

@@ -126,9 +126,11 @@ class SelectDimsPass(Pass):
             elif c["io_bytes"] is None:
                 dim, why = "param", "no op input"
             elif c["param_bytes"] <= self.param_ratio * c["io_bytes"]:
-                dim, why = "param", f"param {c['param_bytes']}B <= io {c['io_bytes']}B"
+                dim, why = "param", (f"param {c['param_bytes']}B <= io {c['io_bytes']}B "
+                                     f"(flops/step {c['param_flops']} vs {c['io_flops']})")
             else:
-                dim, why = "io", f"io {c['io_bytes']}B < param {c['param_bytes']}B"
+                dim, why = "io", (f"io {c['io_bytes']}B < param {c['param_bytes']}B "
+                                  f"(flops/step {c['io_flops']} vs {c['param_flops']})")
             if dim == "io" and op.x is None:
                 dim, why = "param", why + "; op has no input x, so param-dim"
             choices.append([rel, dim, why, c])
