@@ -130,7 +130,13 @@ class _Op:
         self.y_size = int(np.prod(self.y_shape, dtype=int))
 
     def apply(self, x_leaves, w_leaves):
-        return eval_eqn(self.eqn, list(x_leaves) + list(w_leaves))[0]
+        x_leaves = list(x_leaves)
+        if x_leaves and not jnp.issubdtype(self.x_vars[0].aval.dtype, jnp.inexact) and \
+                jnp.issubdtype(jnp.result_type(x_leaves[0]), jnp.inexact):
+            # a float ε_x for an op traced on boolean/integer input: the op's own math
+            w = jax.tree.unflatten(self.w_treedef, list(w_leaves))
+            return self.op.xw_to_y(x_leaves[0], w).astype(self.y_var.aval.dtype)
+        return eval_eqn(self.eqn, x_leaves + list(w_leaves))[0]
 
     @property
     def x_key(self):
@@ -245,6 +251,9 @@ class DenseOracle:
                 continue  # not applied to a trace param: evaluated as an ordinary equation
             self._ops.append(_Op(len(self._ops), pos, eqn, lookup_op(eqn.params["name"]),
                                  match[0], match[1]))
+            mant = jax.tree.map(lambda l: getattr(l, "mantissa", l), states[match[0]].value,
+                                is_leaf=lambda l: hasattr(l, "mantissa"))
+            self._ops[-1].w_treedef = jax.tree.structure(mant)
         self._op_at = {op.eqn_pos: op for op in self._ops}
         self.trace_param_idx = sorted({op.param_idx for op in self._ops})
         self.plain_param_idx = [si for si, st in enumerate(states)
@@ -480,7 +489,9 @@ class DenseOracle:
                 if op.x_key is None or op.x_key in new_eps_x:
                     continue
                 prev = self._eps_x.get(op.x_key)
-                cur = [jnp.asarray(x) for x in xs[op.index]]
+                cur = [jnp.asarray(x, dtype=jnp.result_type(float)) if not
+                       jnp.issubdtype(jnp.result_type(x), jnp.inexact) else jnp.asarray(x)
+                       for x in xs[op.index]]
                 new_eps_x[op.x_key] = cur if prev is None else [alpha * p + c for p, c in zip(prev, cur)]
 
         traces = {}

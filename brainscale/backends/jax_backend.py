@@ -170,7 +170,10 @@ class _Emitter:
             elif t.dim == "io":
                 x = t.attr("shared_x") or g.op_by_name[g.relation_by_id[t.relations[0]].op].x
                 xt = g.value_by_name[x].type
-                traces.append(("x", t.id, x, xt.shape, xt.dtype))
+                # a filtered input is real-valued even when x is boolean/integer spikes
+                xdt = xt.dtype if np.issubdtype(np.dtype(xt.dtype), np.inexact) else \
+                    g.op_by_name[g.relation_by_id[t.relations[0]].op].type.dtype
+                traces.append(("x", t.id, x, xt.shape, xdt))
                 for rid in t.relations:
                     rel = g.relation_by_id[rid]
                     for gid in rel.groups:
@@ -237,11 +240,21 @@ class _Emitter:
         return jax.tree.unflatten(self.w_treedef[pi], list(leaves))
 
     def _xy_to_dw_eqn(self, q, x, dy, w_leaves):
-        """VJP of the marker equation itself (the model's exact op) w.r.t. the param leaves."""
+        """VJP w.r.t. the param leaves of the marker equation itself (the model's exact op).
+
+        When the op's input is not floating point (e.g. boolean spikes), a float ``ε_x`` cannot
+        be fed to the traced equation; the op's own ``xy_to_dw`` is used instead.
+        """
         eqn = self.jaxpr.eqns[self.g.ops[q].eqn]
+        y_dtype = eqn.outvars[0].aval.dtype
+        if x is not None and not jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.inexact) \
+                and jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            pi = self.tparam_index[self.g.ops[q].param]
+            grads = self.ops[q].xy_to_dw(x, dy.astype(y_dtype), self._w_tree(pi, w_leaves))
+            return [g.astype(jnp.result_type(w)) for g, w in zip(jax.tree.leaves(grads), w_leaves)]
         xs = [x] if x is not None else []
         _, vjp = jax.vjp(lambda *w: C.eval_eqn(eqn, xs + list(w))[0], *w_leaves)
-        return list(vjp(dy.astype(jnp.result_type(C.eval_eqn(eqn, xs + list(w_leaves))[0]))))
+        return list(vjp(dy.astype(y_dtype)))
 
     # -- forward ------------------------------------------------------------------------
     def _forward(self, theta_t, theta_p, args, hidden, others, traces):

@@ -69,7 +69,10 @@ def _shapes(graph, rel, dim, c) -> tuple[TensorType, ...]:
                 else:
                     out.append(TensorType(b + leaf.shape + (k,), dt))
     elif dim == "io":
-        out.append(graph.value_by_name[op.x].type)
+        xt = graph.value_by_name[op.x].type
+        if not np.issubdtype(np.dtype(xt.dtype), np.inexact):   # ε_x of spikes is real-valued
+            xt = TensorType(xt.shape, dt)
+        out.append(xt)
         for gid in rel.groups:
             g = graph.group_by_id[gid]
             out.append(TensorType(tuple(g.varshape) + (g.num_state,), dt))
