@@ -264,13 +264,13 @@ class MatMulOp(ETraceOp):
             # Σ_j J[.., n, i, j] e[.., n, j], written per (i, j) so that the update stays one
             # element-wise fusion of the trace's own rank (k is small)
             Je = J.reshape(J.shape[:-3] + (1,) * lead + J.shape[-3:])
-            cols = []
-            for i in range(k):   # slices keep the trailing axis: no rank change, in-place friendly
-                acc = Je[..., i, 0:1] * e[..., 0:1]
-                for j in range(1, k):
-                    acc = acc + Je[..., i, j:j + 1] * e[..., j:j + 1]
-                cols.append(acc)
-            return cols[0] if k == 1 else jnp.concatenate(cols, axis=-1)
+            # Σ_j J[.., :, j] * e[.., j:j+1]: every term already has the trace's shape (i on the
+            # last axis), so the update is one element-wise fusion with no concatenation and
+            # can be written in place over the old trace
+            acc = Je[..., :, 0] * e[..., 0:1]
+            for j in range(1, k):
+                acc = acc + Je[..., :, j] * e[..., j:j + 1]
+            return acc
         if isinstance(eps, dict):
             out = {}
             for key, e in eps.items():
