@@ -576,10 +576,24 @@ def fidelity_markdown(rows) -> str:
 # files
 # ---------------------------------------------------------------------------------------
 
+def sanitize(text: str) -> str:
+    """No machine paths in committed results: the checkout becomes ``<repo>``, the temp dir
+    ``<tmp>``, the home directory ``~``."""
+    for path, tag in ((str(ROOT), "<repo>"), (tempfile.gettempdir(), "<tmp>"),
+                      (os.path.expanduser("~"), "~")):
+        if path and path not in ("/", "."):
+            text = text.replace(path, tag)
+    return text
+
+
+def dump_json(path: Path, obj):
+    with open(path, "w") as f:
+        f.write(sanitize(json.dumps(obj, indent=1, default=str)))
+
+
 def _save(out_dir: Path, kind: str, results, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{kind}.json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+    dump_json(out_dir / f"{kind}.json", {"meta": meta, "results": results})
 
 
 def _load(out_dir: Path, kind: str):
@@ -633,7 +647,7 @@ def write_report(out_dir: Path) -> str:
         parts.append("## Gradient fidelity against BPTT\n")
         parts.append(f"Command: `{meta_f.get('command')}` ({meta_f.get('date')})\n")
         parts.append(fidelity_markdown(fi) + "\n")
-    text = "\n".join(parts)
+    text = sanitize("\n".join(parts))
     with open(out_dir / "results.md", "w") as f:
         f.write(text)
     return text
