@@ -92,6 +92,18 @@ def machine_info() -> dict:
     return info
 
 
+def git_rev() -> str:
+    """``<short commit>`` of the checkout, ``+dirty`` when brainscale/ has local changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "brainscale"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+        return (rev or "?") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
 def worker_env(platform_: str | None = None) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # device peak = what is used
@@ -197,10 +209,10 @@ def plan_sweep(a, dev: dict) -> list:
                         "layers": 1, "seed": a.seed, "decay": a.decay, "repeats": repeats,
                         "run": True, "mem_T": sorted(set(a.mem_T) | {T}),
                         "bandwidth": algo == "param", "skip": skip,
-                        # LIF first (the targets), hybrid last (it equals ES-D-RTRL unless
-                        # select-dims picks param-dim somewhere)
-                        "_prio": (3 if algo == "hybrid" else 0 if model == "lif" else
-                                  1 if N <= 1024 else 2, prio, N)})
+                        # LIF first (the targets), the largest N of the others last; the
+                        # algorithms of one (model, N) run back to back, so that load from
+                        # other users of a shared machine hits them alike
+                        "_prio": (0 if model == "lif" else 1 if N <= 1024 else 2, prio, N)})
     jobs.sort(key=lambda j: j["_prio"])
     return jobs
 
@@ -610,7 +622,8 @@ def meta_markdown(meta) -> str:
     m = meta.get("machine", {})
     v = meta.get("versions", {})
     s = [f"- command: `{meta.get('command')}`",
-         f"- date: {meta.get('date')}",
+         f"- date: {meta.get('date')}" + (f"; brainscale at commit {meta['git']}"
+                                           if meta.get("git") else ""),
          f"- device: **{dev.get('platform', '?')}** ({dev.get('kind', '')}); "
          f"{m.get('cpu', '?')}, {m.get('cpus')} cores, {m.get('mem_gb')} GiB; {m.get('system')}",
          f"- load average at start / end: {m.get('loadavg_start')} / {meta.get('loadavg_end')}"]
@@ -631,6 +644,10 @@ def write_report(out_dir: Path) -> str:
     sw, meta = _load(out_dir, "sweep")
     co, meta_c = _load(out_dir, "compile")
     fi, meta_f = _load(out_dir, "fidelity")
+    for kind, (res_, meta_) in (("sweep", (sw, meta)), ("compile", (co, meta_c)),
+                                ("fidelity", (fi, meta_f))):
+        if res_ is not None:        # (re)write sanitized: no machine paths in the JSON
+            dump_json(out_dir / f"{kind}.json", {"meta": meta_, "results": res_})
     meta0 = meta or meta_c or meta_f or {}
     parts.append(f"# brainscale benchmark results ({meta0.get('device', {}).get('platform', '?')})\n")
     parts.append(meta_markdown(meta0) + "\n")
@@ -744,7 +761,7 @@ def main(argv=None):
     rel = os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/bench.py"
     meta = {"command": "python " + " ".join([rel] + (sys.argv[1:] if argv is None else list(argv))),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
-            "device": dev, "machine": machine_info(), "versions": versions}
+            "device": dev, "machine": machine_info(), "versions": versions, "git": git_rev()}
     if a.command in ("sweep", "all"):
         cmd_sweep(a, out_dir, dev, meta)
     if a.dry_run:

@@ -504,6 +504,7 @@ def main(argv=None):
             "device": bench.detect_device(env=bench.worker_env("cpu")),
             "machine": bench.machine_info(), "libs": a.libs, "model": a.model, "B": a.B,
             "ext_jax": a.ext_jax, "ext_versions": ext_versions, "rounds": a.rounds,
+            "git": bench.git_rev(),
             "versions": {p: md.version(p) for p in ("brainscale", "jax", "brainstate")}}
     d = run_compare(a, pythons, out_dir, meta)
     text = bench.sanitize(markdown(d))
