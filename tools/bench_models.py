@@ -137,10 +137,10 @@ class _Adapter:
     name = "?"
 
     def param(self, value: dict):
-        raise NotImplementedError
+        raise NotImplementedError(f"adapter {self.name!r} must define param(value)")
 
     def apply(self, p, x):
-        raise NotImplementedError
+        raise NotImplementedError(f"adapter {self.name!r} must define apply(p, x)")
 
     def hidden(self, value):
         import brainstate

@@ -143,7 +143,8 @@ class SynOut(brainstate.nn.Module):
         return self.update(self._conductance, *args, **kwargs)
 
     def update(self, conductance, potential=None):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement "
+                                  f"update(conductance, potential) -> current (see COBA, CUBA)")
 
 
 class CUBA(SynOut):
