@@ -123,6 +123,12 @@ class _Emitter:
             raise BackendError("the graph has io-dim traces but no decay α was given "
                                "(DiagIODimAlgorithm(model, decay_or_rank=...))")
         self.batch = int(g.attr("batch", 0) or 0)
+        # shared by every evaluation of the jaxpr (forward, Ω): marker equations and the
+        # variables holding new hidden values
+        self.op_of_eqn = {o.eqn: q for q, o in enumerate(g.ops)}
+        self.hid_of_var: dict = {}
+        for k, h in enumerate(g.hidden):
+            self.hid_of_var.setdefault(self.jaxpr.outvars[h.outvar], []).append(k)
         self._layout()
 
     def _op(self, o):
@@ -217,10 +223,7 @@ class _Emitter:
         def rd(v):
             return C.literal_value(v) if C.is_literal(v) else env[v]
 
-        op_of_eqn = {o.eqn: q for q, o in enumerate(self.g.ops)}
-        hid_of_var = {}
-        for k, h in enumerate(self.g.hidden):
-            hid_of_var.setdefault(jaxpr.outvars[h.outvar], []).append(k)
+        op_of_eqn, hid_of_var = self.op_of_eqn, self.hid_of_var
         for ei, eqn in enumerate(jaxpr.eqns):
             invals = [rd(v) for v in eqn.invars]
             q = op_of_eqn.get(ei)
@@ -443,10 +446,7 @@ class _Emitter:
                 env_m[v] = env_s[v] = c
             for v, x in zip(jaxpr.invars, ins):
                 env_m[v] = env_s[v] = x
-            op_of_eqn = {o.eqn: q for q, o in enumerate(g.ops)}
-            hid_of_var = {}
-            for k, h in enumerate(g.hidden):
-                hid_of_var.setdefault(jaxpr.outvars[h.outvar], []).append(k)
+            op_of_eqn, hid_of_var = self.op_of_eqn, self.hid_of_var
 
             def rd(env, v):
                 return C.literal_value(v) if C.is_literal(v) else env[v]
