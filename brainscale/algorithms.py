@@ -250,8 +250,15 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ents = list(zip(self._traces, self._step.layout.traces))
         for r in rels:
             for gid in r.groups:
-                leaves = [t.value for t, e in ents if e[0] == "param" and e[1] == r.id and e[2] == gid]
-                if leaves:
+                slots: dict = {}
+                for t, e in ents:
+                    if e[0] == "param" and e[1] == r.id and e[2] == gid:
+                        slots.setdefault(e[3], {})[e[4]] = t.value
+                if slots:
+                    # per leaf: one array ("all") or one per state, shown stacked (trailing k)
+                    leaves = [per["all"] if "all" in per else
+                              jnp.stack([per[si] for si in sorted(per)], axis=-1)
+                              for _, per in sorted(slots.items())]
                     p = self.graph.param_by_name[name]
                     from .backends.jax_backend import _mantissa_treedef
                     st = self.graph.info.states[p.state_index]

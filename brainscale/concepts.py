@@ -185,16 +185,18 @@ class ETraceOp:
     def drtrl_update(self, eps, J, df, x, w):
         """Fused compact D-RTRL update for all examples at once, or ``NotImplemented``.
 
-        ``eps`` is the param-shaped trace tree with leading batch axes (if any) and a
-        trailing ``k`` axis, ``J`` is ``(..., *S, k, k)``, ``df`` is ``(..., *S, k)``, ``x``
-        the op input. Must equal, per example and state ``i``,
-        ``Σ_j yw_to_w(J[..., i, j], eps[..., j]) + xy_to_dw(x, df[..., i], w)``. The default
-        returns ``NotImplemented`` and the backend maps the generic rule over the batch.
+        ``eps`` is a list of ``k`` parameter-shaped trace trees, one per state of the hidden
+        group (leading batch axes if any), ``J`` is ``(..., *S, k, k)``, ``df`` is
+        ``(..., *S, k)``, ``x`` the op input. Must return the list of new trees, equal per
+        example and state ``i`` to ``Σ_j yw_to_w(J[..., i, j], eps[j]) + xy_to_dw(x, df[..., i], w)``.
+        Keeping one array per state lets XLA update each in place. The default returns
+        ``NotImplemented`` and the backend maps the generic rule over the batch.
         """
         return NotImplemented
 
     def drtrl_grad(self, eps, delta, w):
-        """Fused ``Σ_batch Σ_i yw_to_w(delta[..., i], eps[..., i])``, or ``NotImplemented``."""
+        """Fused ``Σ_batch Σ_i yw_to_w(delta[..., i], eps[i])`` (``eps``: a list of ``k``
+        per-state trees, as in :meth:`drtrl_update`), or ``NotImplemented``."""
         return NotImplemented
 
     # -- printing ------------------------------------------------------------------------

@@ -256,54 +256,57 @@ class MatMulOp(ETraceOp):
         return vjp(jnp.ones_like(W_eff))[0]
 
     def drtrl_update(self, eps, J, df, x, w):
-        """ε_W[.., a, n, i] ← Σ_j J[.., n, i, j] ε_W[.., a, n, j] + x[.., a] c[a, n] df[.., n, i];
-        the bias trace likewise with ``x c = 1`` — one fused element-wise pass per leaf."""
+        """ε_i ← Σ_j J[.., n, i, j] ε_j + x[.., a] c[a, n] df[.., n, i] for every state ``i``
+        (``eps``: one parameter tree per state); the bias trace likewise with ``x c = 1``.
+
+        Each new ``ε_i`` is one element-wise fusion that reads every ``ε_j`` at the same index
+        it writes, so XLA updates the k trace arrays in place (no trace-sized copy)."""
         k = J.shape[-1]
 
-        def decay(e, lead):
-            # Σ_j J[.., n, i, j] e[.., n, j], written per (i, j) so that the update stays one
-            # element-wise fusion of the trace's own rank (k is small)
-            Je = J.reshape(J.shape[:-3] + (1,) * lead + J.shape[-3:])
-            # Σ_j J[.., :, j] * e[.., j:j+1]: every term already has the trace's shape (i on the
-            # last axis), so the update is one element-wise fusion with no concatenation and
-            # can be written in place over the old trace
-            acc = Je[..., :, 0] * e[..., 0:1]
+        def decay(es, i, lead):
+            # J[.., n, i, j] broadcast over the leading param axes of a leaf (``lead``)
+            Ji = J[..., i, :].reshape(J.shape[:-3] + (1,) * lead + (J.shape[-3], k))
+            acc = Ji[..., 0] * es[0]
             for j in range(1, k):
-                acc = acc + Je[..., :, j] * e[..., j:j + 1]
+                acc = acc + Ji[..., j] * es[j]
             return acc
-        if isinstance(eps, dict):
-            out = {}
-            for key, e in eps.items():
-                if key == "weight":
-                    c = self._chain(w["weight"])
-                    cur = x[..., :, None, None] * (c[:, :, None] * df[..., None, :, :])
-                    out[key] = decay(e, 1) + cur
-                else:
-                    out[key] = decay(e, 0) + df
-            return out
+
+        def leaf_rule(key, es, i):
+            if key == "weight":
+                cur = x[..., :, None] * (c * df[..., None, :, i])
+                return decay(es, i, 1) + cur
+            return decay(es, i, 0) + df[..., i]
+        if isinstance(eps[0], dict):
+            c = self._chain(w["weight"]) if "weight" in eps[0] else None
+            return [{key: leaf_rule(key, [e[key] for e in eps], i) for key in eps[0]}
+                    for i in range(k)]
         c = self._chain(w)
-        return decay(eps, 1) + x[..., :, None, None] * (c[:, :, None] * df[..., None, :, :])
+        return [leaf_rule("weight", list(eps), i) for i in range(k)]
 
     def drtrl_grad(self, eps, delta, w):
-        """g_W[a, n] = Σ_batch Σ_i δ[.., n, i] ε_W[.., a, n, i] (one fused reduction per leaf)."""
-        def contract(e, lead):
-            d = delta.reshape(delta.shape[:-2] + (1,) * lead + delta.shape[-2:])
-            k = e.shape[-1]
+        """g_W[a, n] = Σ_batch Σ_i δ[.., n, i] ε_i[.., a, n] (one fused reduction per leaf)."""
+        k = delta.shape[-1]
 
-            def over_k(dd, ee):
-                acc = dd[..., 0] * ee[..., 0]
-                for i in range(1, k):
-                    acc = acc + dd[..., i] * ee[..., i]
+        def contract(es, lead):
+            nb = es[0].ndim - 1 - lead          # leading batch axes
+
+            def over_k(b):
+                acc = None
+                for i in range(k):
+                    d = delta[..., i] if b is None else delta2[b, ..., i]
+                    e = es[i] if b is None else es2[i][b]
+                    t = d.reshape(d.shape[:-1] + (1,) * lead + d.shape[-1:]) * e
+                    acc = t if acc is None else acc + t
                 return acc
-            nb = e.ndim - 2 - lead          # leading batch axes
             if nb == 0:
-                return over_k(d, e)
-            d2 = d.reshape((-1,) + d.shape[nb:])
-            e2 = e.reshape((-1,) + e.shape[nb:])
-            return sum_leading(lambda b: over_k(d2[b], e2[b]), e2.shape[0])
-        if isinstance(eps, dict):
-            return {key: contract(e, 1 if key == "weight" else 0) for key, e in eps.items()}
-        return contract(eps, 1)
+                return over_k(None)
+            delta2 = delta.reshape((-1,) + delta.shape[nb:])
+            es2 = [e.reshape((-1,) + e.shape[nb:]) for e in es]
+            return sum_leading(over_k, es2[0].shape[0])
+        if isinstance(eps[0], dict):
+            return {key: contract([e[key] for e in eps], 1 if key == "weight" else 0)
+                    for key in eps[0]}
+        return contract(list(eps), 1)
 
     def _repr_fields(self):
         return {

@@ -17,22 +17,22 @@ def test_sum_leading_equals_sum(n):
 
 
 def _generic_update(op, eps, J, df, x, w):
+    """The definition, per example: ε_i ← Σ_j yw_to_w(J_ij, ε_j) + xy_to_dw(x, df_i)."""
     k = df.shape[-1]
-    cols = []
+    out = []
     for i in range(k):
         acc = op.xy_to_dw(x, df[..., i], w)
         for j in range(k):
-            acc = jax.tree.map(jnp.add, acc, ETraceOp.yw_to_w(op, J[..., i, j],
-                                                               jax.tree.map(lambda e: e[..., j], eps)))
-        cols.append(acc)
-    return jax.tree.map(lambda *c: jnp.stack(c, -1), *cols)
+            acc = jax.tree.map(jnp.add, acc, ETraceOp.yw_to_w(op, J[..., i, j], eps[j]))
+        out.append(acc)
+    return out
 
 
 def _generic_grad(op, eps, delta, w):
     k = delta.shape[-1]
     acc = None
     for i in range(k):
-        t = ETraceOp.yw_to_w(op, delta[..., i], jax.tree.map(lambda e: e[..., i], eps))
+        t = ETraceOp.yw_to_w(op, delta[..., i], eps[i])
         acc = t if acc is None else jax.tree.map(jnp.add, acc, t)
     return acc
 
@@ -49,8 +49,9 @@ def test_matmul_fused_rules_match_generic(batch, k, opt):
     op = MatMulOp(**kw)
     w = {"weight": jax.random.normal(keys[1], (n_in, n)), "bias": jax.random.normal(keys[2], (n,))}
     lead = (batch,) if batch else ()
-    eps = {"weight": jax.random.normal(keys[3], lead + (n_in, n, k)),
-           "bias": jax.random.normal(keys[4], lead + (n, k))}
+    ew = jax.random.normal(keys[3], (k,) + lead + (n_in, n))
+    eb = jax.random.normal(keys[4], (k,) + lead + (n,))
+    eps = [{"weight": ew[i], "bias": eb[i]} for i in range(k)]
     J = jax.random.normal(keys[5], lead + (n, k, k))
     df = jax.random.normal(keys[6], lead + (n, k))
     x = jax.random.normal(keys[7], lead + (n_in,))
@@ -59,8 +60,10 @@ def test_matmul_fused_rules_match_generic(batch, k, opt):
         ref = jax.vmap(lambda e, j, d, xx: _generic_update(op, e, j, d, xx, w))(eps, J, df, x)
     else:
         ref = _generic_update(op, eps, J, df, x, w)
-    for key in ("weight", "bias"):
-        np.testing.assert_allclose(fused[key], ref[key], rtol=1e-5, atol=1e-5)
+    assert isinstance(fused, list) and len(fused) == k
+    for i in range(k):
+        for key in ("weight", "bias"):
+            np.testing.assert_allclose(fused[i][key], ref[i][key], rtol=1e-5, atol=1e-5)
     delta = jax.random.normal(keys[0], lead + (n, k))
     g = op.drtrl_grad(eps, delta, w)
     if batch:

@@ -52,10 +52,12 @@ def matmul_rules(inp, mask=None):
     op = brainscale.MatMulOp(weight_mask=mask)
     I, O = inp["eps"].shape[-3], inp["eps"].shape[-2]
     w = {"weight": jnp.ones((I, O), jnp.float32)}
-    new = op.drtrl_update({"weight": inp["eps"].astype(jnp.float32)}, inp["J"], inp["df"],
-                          inp["x"], w)["weight"]
-    g = op.drtrl_grad({"weight": new}, inp["delta"], w)["weight"]
-    return new, g
+    eps = inp["eps"].astype(jnp.float32)                   # (.., I, O, k) -> k per-state trees
+    k = eps.shape[-1]
+    new = op.drtrl_update([{"weight": eps[..., i]} for i in range(k)], inp["J"], inp["df"],
+                          inp["x"], w)
+    g = op.drtrl_grad(new, inp["delta"], w)["weight"]
+    return jnp.stack([n["weight"] for n in new], axis=-1), g
 
 
 # ---------------------------------------------------------------------------------------

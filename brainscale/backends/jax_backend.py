@@ -170,9 +170,17 @@ class _Emitter:
                         bshape = self._batch_shape(grp)
                         yshape = tuple(grp.varshape[len(bshape):])
                         for li, leaf in enumerate(getattr(p.type, "leaves", (p.type,))):
-                            shape = bshape + ((yshape + (k,) + leaf.shape) if dense
-                                              else (leaf.shape + (k,)))
-                            traces.append(("param", rid, gid, li, shape, leaf.dtype))
+                            if dense:
+                                traces.append(("param", rid, gid, li, "all",
+                                               bshape + yshape + (k,) + leaf.shape, leaf.dtype))
+                            elif self._merged_states(rid, gid, li):
+                                traces.append(("param", rid, gid, li, "all",
+                                               bshape + leaf.shape + (k,), leaf.dtype))
+                            else:
+                                # one array per state: each is updated in place
+                                for si in range(k):
+                                    traces.append(("param", rid, gid, li, si,
+                                                   bshape + leaf.shape, leaf.dtype))
             elif t.dim == "io":
                 x = t.attr("shared_x") or g.op_by_name[g.relation_by_id[t.relations[0]].op].x
                 xt = g.value_by_name[x].type
@@ -189,6 +197,41 @@ class _Emitter:
         self.L = StepLayout(n_in, tuple(range(info.n_arg_leaves)), hidden_idx,
                             tuple(h.outvar for h in g.hidden), tparam_idx, pparam_idx, other_idx,
                             tuple(other_out), info.n_out_leaves, tuple(traces))
+        # (relation, group) -> {(leaf index, state index | "all"): trace index}
+        self.pslots: dict = {}
+        for ti, ent in enumerate(traces):
+            if ent[0] == "param":
+                self.pslots.setdefault((ent[1], ent[2]), {})[(ent[3], ent[4])] = ti
+
+    def _merged_states(self, rid, gid, li) -> bool:
+        """Whether a compact param-dim leaf keeps its k states in one array (trailing axis)
+        instead of one array per state (the default, updated in place by XLA)."""
+        return False
+
+    def _gather_param(self, key, pi, traces):
+        """The traces of a (relation, group): a parameter tree (dense layout, or every leaf
+        merged) or, for the compact layout, a list of k per-state parameter trees."""
+        slots = self.pslots[key]
+        n_leaves = len(self.L.tparam_idx[pi])
+        if all((li, "all") in slots for li in range(n_leaves)):
+            return self._w_tree(pi, [traces[slots[(li, "all")]] for li in range(n_leaves)])
+        k = 1 + max(si for (_, si) in slots if si != "all")
+        return [self._w_tree(pi, [traces[slots[(li, si)]] if (li, si) in slots
+                                  else traces[slots[(li, "all")]][..., si]
+                                  for li in range(n_leaves)]) for si in range(k)]
+
+    def _scatter_param(self, key, new, out, dtype_of):
+        """Write ``new`` (as returned by :meth:`_gather_param`'s layout) into ``out``."""
+        slots = self.pslots[key]
+        if isinstance(new, list):
+            for si, tree in enumerate(new):
+                for li, leaf in enumerate(jax.tree.leaves(tree)):
+                    ti = slots[(li, si)]
+                    out[ti] = leaf.astype(dtype_of[ti].dtype)
+        else:
+            for li, leaf in enumerate(jax.tree.leaves(new)):
+                ti = slots[(li, "all")]
+                out[ti] = leaf.astype(dtype_of[ti].dtype)
 
     def _batch_shape(self, grp) -> tuple:
         """Leading axes of a group's varshape that are batch axes (per-example traces)."""
@@ -374,14 +417,12 @@ class _Emitter:
             pi = self.tparam_index[rel.param]
             op, o = self.ops[q], g.ops[q]
             w = self._w_tree(pi, theta_t[pi])
-            eps = self._w_tree(pi, [traces[i] for i in idxs])
+            eps = self._gather_param((rid, gid), pi, traces)
             Jg, df = J[gid], DF[(q, gid)]
             x = sg(xs[q]) if o.n_x_leaves else None
-            dense = dict(o.attrs).get("layout") == "dense"
-            upd = self._drtrl_dense if dense else self._drtrl_compact
+            upd = self._drtrl_compact if isinstance(eps, list) else self._drtrl_dense
             new = upd(op, w, eps, Jg, df, x, self._batch_shape(g.group_by_id[gid]))
-            for i, leaf in zip(idxs, jax.tree.leaves(new)):
-                out[i] = leaf.astype(traces[i].dtype)
+            self._scatter_param((rid, gid), new, out, traces)
         return out
 
     def _param_groups(self) -> dict:
@@ -393,20 +434,21 @@ class _Emitter:
 
     @staticmethod
     def _drtrl_compact(op, w, eps, J, df, x, bshape):
-        """ε[·,i] ← Σ_j yw_to_w(J[:,i,j], ε[·,j]) + xy_to_dw(x, df[:,i]) (per example)."""
-        fused = op.drtrl_update(eps, J, df, x, w)
+        """ε_i ← Σ_j yw_to_w(J[:,i,j], ε_j) + xy_to_dw(x, df[:,i]) (per example); ``eps`` is
+        the list of k per-state parameter trees."""
+        fused = op.drtrl_update(list(eps), J, df, x, w)
         if fused is not NotImplemented:
-            return fused
+            return list(fused)
+
         def single(eps, J, df, x):
             k = df.shape[-1]
-            cols = []
+            out = []
             for i in range(k):
                 acc = op.xy_to_dw(x, df[..., i], w)
                 for j in range(k):
-                    acc = _tree_add(acc, op.yw_to_w(J[..., i, j],
-                                                    jax.tree.map(lambda e: e[..., j], eps)))
-                cols.append(acc)
-            return jax.tree.map(lambda *c: jnp.stack(c, axis=-1), *cols)
+                    acc = _tree_add(acc, op.yw_to_w(J[..., i, j], eps[j]))
+                out.append(acc)
+            return out
         if bshape:
             return jax.vmap(single)(eps, J, df, x)
         return single(eps, J, df, x)
@@ -521,12 +563,10 @@ class _Emitter:
             rel = g.relation_by_id[rid]
             q = self.op_index[rel.op]
             pi = self.tparam_index[rel.param]
-            o = g.ops[q]
-            dense = dict(o.attrs).get("layout") == "dense"
             dg = self._group_delta(gid, delta)
-            eps = self._w_tree(pi, [new_traces[i] for i in idxs])
+            eps = self._gather_param((rid, gid), pi, new_traces)
             w = self._w_tree(pi, theta_t[pi])
-            grad = self._contract_param(self.ops[q], w, eps, dg, dense,
+            grad = self._contract_param(self.ops[q], w, eps, dg, not isinstance(eps, list),
                                         self._batch_shape(g.group_by_id[gid]))
             for li, leaf in enumerate(jax.tree.leaves(grad)):
                 g_t[pi][li] = g_t[pi][li] + leaf.astype(g_t[pi][li].dtype)
@@ -582,7 +622,7 @@ class _Emitter:
     @staticmethod
     def _contract_param(op, w, eps, dg, dense, bshape):
         if not dense:
-            fused = op.drtrl_grad(eps, dg, w)
+            fused = op.drtrl_grad(list(eps), dg, w)
             if fused is not NotImplemented:
                 return fused
         if dense:
@@ -598,7 +638,7 @@ class _Emitter:
                 k = dg.shape[-1]
                 acc = None
                 for i in range(k):
-                    t = op.yw_to_w(dg[..., i], jax.tree.map(lambda e: e[..., i], eps))
+                    t = op.yw_to_w(dg[..., i], eps[i])
                     acc = t if acc is None else _tree_add(acc, t)
                 return acc
         if bshape:

@@ -62,11 +62,11 @@ class PallasEmitter(_Emitter):
 
     # -- layout: kernel traces, their storage dtype and launch groups ----------------------
     def _layout(self):
-        super()._layout()
         g = self.g
-        entries = list(self.L.traces)
         self.kernel: dict = {}
         self.launches: dict = {}
+        plan = []
+        self._kernel_weight = set()
         for t in g.traces:
             if t.attr("path") != "pallas":
                 continue
@@ -76,21 +76,29 @@ class PallasEmitter(_Emitter):
                                    f"handle it: {why}")
             storage = t.attr("storage", inst[0].dtype if inst else "float32")
             for i in inst:
-                rel = g.relation_by_id[i.rid]
-                q = self.op_index[rel.op]
-                pi = self.tparam_index[rel.param]
-                idxs = tuple(ti for ti, e in enumerate(entries)
-                             if e[0] == "param" and e[1] == i.rid and e[2] == i.gid)
-                li_w = _weight_leaf_index(self, pi)
-                w_idx = next(ti for ti in idxs if entries[ti][3] == li_w)
-                for ti in idxs:
-                    entries[ti] = entries[ti][:-1] + (jnp.dtype(storage).name,)
-                key = (i.B, i.I, i.O, i.k, storage)
-                ki = _KInfo(t.id, i.rid, i.gid, q, pi, idxs, w_idx, storage, key,
-                            not chain_is_one(self.ops[q]))
-                self.kernel[(i.rid, i.gid)] = ki
-                self.launches.setdefault(key, []).append((i.rid, i.gid))
+                pi = self.tparam_index[g.relation_by_id[i.rid].param]
+                self._kernel_weight.add((i.rid, i.gid, _weight_leaf_index(self, pi)))
+                plan.append((t, i, pi, storage))
+        # the kernel's weight trace keeps its k states in one (B, I, O, k) array; every
+        # other leaf (the bias) keeps the JAX layout, one array per state
+        super()._layout()
+        entries = list(self.L.traces)
+        for t, i, pi, storage in plan:
+            q = self.op_index[g.relation_by_id[i.rid].op]
+            slots = self.pslots[(i.rid, i.gid)]
+            idxs = tuple(sorted(slots.values()))
+            for ti in idxs:
+                entries[ti] = entries[ti][:-1] + (jnp.dtype(storage).name,)
+            key = (i.B, i.I, i.O, i.k, storage)
+            w_idx = slots[(_weight_leaf_index(self, pi), "all")]
+            ki = _KInfo(t.id, i.rid, i.gid, q, pi, idxs, w_idx, storage, key,
+                        not chain_is_one(self.ops[q]))
+            self.kernel[(i.rid, i.gid)] = ki
+            self.launches.setdefault(key, []).append((i.rid, i.gid))
         self.L.traces = tuple(entries)
+
+    def _merged_states(self, rid, gid, li) -> bool:
+        return (rid, gid, li) in self._kernel_weight
 
     def _tiles(self, storage: str) -> Tiles:
         return self.tiles_override or self.cost_model.tiles_for(storage)
@@ -102,25 +110,24 @@ class PallasEmitter(_Emitter):
         return res
 
     # -- the kernel launches -------------------------------------------------------------
-    def _bias_tree(self, ki, leaves):
-        """The parameter tree of ``leaves`` without its weight (None for a bare weight)."""
-        tree = self._w_tree(ki.pi, leaves)
-        if not isinstance(tree, dict):
-            return None
-        rest = {k: v for k, v in tree.items() if k != "weight"}
-        return rest or None
+    def _leaf_names(self, ki) -> dict | None:
+        """``{leaf name: leaf index}`` of a dict parameter, None for a bare weight."""
+        tree = self._w_tree(ki.pi, list(range(len(self.L.tparam_idx[ki.pi]))))
+        return {k: int(v) for k, v in tree.items()} if isinstance(tree, dict) else None
 
-    def _full_leaves(self, ki, weight_value, rest):
-        tree = dict(rest) if rest else {}
-        if isinstance(self._w_tree(ki.pi, [None] * len(ki.idxs)), dict):
-            tree["weight"] = weight_value
-            return jax.tree.leaves(tree, is_leaf=lambda v: v is None)
-        return [weight_value]
+    def _bias_tree(self, ki, traces):
+        """The per-state trees (a list of k) of the non-weight leaves, or None."""
+        names = self._leaf_names(ki)
+        if not names or len(names) == 1:
+            return None
+        slots = self.pslots[(ki.rid, ki.gid)]
+        return [{n: traces[slots[(li, si)]] for n, li in names.items() if n != "weight"}
+                for si in range(ki.key[3])]
 
     def _launch(self, theta_t, eps, J, DF, xs, delta, update: bool, grad_acc=None):
         """Run every launch group. ``eps`` holds the traces to read (old ones for an update,
-        new ones for a pure contraction). Returns ``{(rid, gid): (new leaves | None,
-        grad leaves | None)}`` covering weight (kernel) and bias (op's JAX rules)."""
+        new ones for a pure contraction). Returns ``{(rid, gid): ({trace index: new trace} |
+        None, grad leaves | None)}`` covering weight (kernel) and bias (op's JAX rules)."""
         res = {}
         grad = delta is not None
         for key, members in self.launches.items():
@@ -146,22 +153,27 @@ class PallasEmitter(_Emitter):
                 ki = self.kernel[mk]
                 op = self.ops[ki.q]
                 w = self._w_tree(ki.pi, theta_t[ki.pi])
-                rest = self._bias_tree(ki, [eps[i] for i in ki.idxs])
-                new_leaves = grad_leaves = None
+                names = self._leaf_names(ki) or {"weight": 0}
+                slots = self.pslots[mk]
+                rest = self._bias_tree(ki, eps)
+                new_map = grad_leaves = None
                 if update:
-                    new_rest = None
+                    new_map = {ki.w_idx: e_new}
                     if rest is not None:
                         x = sg(xs[ki.q])
-                        new_rest = op.drtrl_update(rest, J[ki.gid], DF[(ki.q, ki.gid)], x, w)
-                        new_rest = {k: v.astype(eps[ki.w_idx].dtype) for k, v in new_rest.items()}
-                    new_leaves = self._full_leaves(ki, e_new, new_rest)
-                    rest = new_rest
+                        rest = op.drtrl_update(rest, J[ki.gid], DF[(ki.q, ki.gid)], x, w)
+                        for si, tree in enumerate(rest):
+                            for n, v in tree.items():
+                                ti = slots[(names[n], si)]
+                                new_map[ti] = v.astype(eps[ti].dtype)
                 if grad:
-                    g_rest = None
+                    grad_leaves = [None] * len(names)
+                    grad_leaves[names["weight"]] = g_w
                     if rest is not None:
-                        g_rest = op.drtrl_grad(rest, self._group_delta(ki.gid, delta), w)
-                    grad_leaves = self._full_leaves(ki, g_w, g_rest)
-                res[mk] = (new_leaves, grad_leaves)
+                        for n, v in op.drtrl_grad(rest, self._group_delta(ki.gid, delta),
+                                                  w).items():
+                            grad_leaves[names[n]] = v
+                res[mk] = (new_map, grad_leaves)
         return res
 
     # -- forward / backward hooks ----------------------------------------------------------
@@ -174,8 +186,8 @@ class PallasEmitter(_Emitter):
             self._skip_kernel = False
         if self._defer or not self.kernel:
             return out
-        for mk, (leaves, _) in self._launch(theta_t, traces, J, DF, xs, None, True).items():
-            for ti, leaf in zip(self.kernel[mk].idxs, leaves):
+        for mk, (new_map, _) in self._launch(theta_t, traces, J, DF, xs, None, True).items():
+            for ti, leaf in new_map.items():
                 out[ti] = leaf.astype(traces[ti].dtype)
         return out
 
@@ -222,7 +234,7 @@ class PallasEmitter(_Emitter):
 
 
 def _weight_leaf_index(em, pi) -> int:
-    tree = em._w_tree(pi, list(range(len(em.L.tparam_idx[pi]))))
+    tree = em._w_tree(pi, list(range(em.w_treedef[pi].num_leaves)))
     if isinstance(tree, dict):
         return int(tree["weight"])
     return 0

@@ -99,9 +99,9 @@ def _online_step(em: PallasEmitter, theta_t, theta_p, args, hidden, others, trac
         res = em._launch(theta_t, traces, J, DF, xs, delta, True, grad_acc=grad_acc)
         for mk in sorted(res, key=lambda m: m not in grad_acc):   # replacements first
             ki = em.kernel[mk]
-            leaves, gleaves = res[mk]
+            new_map, gleaves = res[mk]
             li_w = _weight_leaf_index(em, ki.pi)
-            for ti, leaf in zip(ki.idxs, leaves):
+            for ti, leaf in new_map.items():
                 new_traces[ti] = leaf.astype(traces[ti].dtype)
             for li, gl in enumerate(gleaves):
                 cur = new_t[ki.pi][li]
