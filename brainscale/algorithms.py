@@ -330,7 +330,7 @@ class DiagHybridDimAlgorithm(ETraceAlgorithm):
 
 
 def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callable,
-                     params=None, jit: bool = True):
+                     params=None, jit: bool = True, chunk: int = 1):
     """Run a sequence through ``learner`` and sum the online gradients over time.
 
     Args:
@@ -339,13 +339,26 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         targets: array with a leading time axis, passed to ``loss_fn(out_t, target_t)``.
         loss_fn: per-step loss returning a scalar.
         params: dict of ParamStates to differentiate (default: all of the model's).
+        chunk: K > 1 sums the ES-D-RTRL (io-dim) gradients of dense ops over windows of K
+            steps with one (K·B)-row matrix product instead of K rank-B updates of the
+            ``n_in × n_out`` gradient (same sum up to float rounding; faster when the
+            gradient is large). The loop then owns the step (no ``brainstate`` grad); the
+            per-step traces, states and losses are the same. Only for summed gradients:
+            to apply an update every step, use 1.
 
     Returns:
         ``(grads, losses)``: grads summed over time (same keys as ``params``) and the
         per-step losses ``(T,)``. Memory does not depend on ``T``: the loop is a scan whose
-        body takes the gradient of one step only.
+        body takes the gradient of one step only (with ``chunk``, K steps of ``ε_x`` and
+        ``ε_f∘δ`` are kept).
     """
     learner._require()
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if chunk != 1:
+        from .backends.pallas.driver import drive_online
+        return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
+                            es_impl="xla", jit=jit)
     if params is None:
         params = learner.model.states(brainstate.ParamState)
 

@@ -61,7 +61,8 @@ LIBS = {
     "braintrace": {"python": "3.12", "spec": ["braintrace>=0.2,<0.3"], "pkg": "braintrace",
                    "label": "braintrace", "algos": {"io": "pp_prop", "param": "D_RTRL"}},
 }
-OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid"}
+OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid",
+              "io_chunk": "ES-D-RTRL chunk"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +176,10 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
     model, B = a.model, a.B
     t0 = time.perf_counter()
     for N in a.N:
-        Ts = {algo: t_for(algo, model, N, B, a) for algo in ("io", "param")}
+        algos = [al for al in ("io", "param") if al in a.algos]
+        Ts = {algo: t_for(algo, model, N, B, a) for algo in algos}
+        if "io" in algos and a.chunk > 1:
+            Ts["io_chunk"] = Ts["io"]
         data = {}
         for T in sorted(set(Ts.values()) | {a.T}):
             p = wd / f"data_{model}_N{N}_B{B}_T{T}.npz"
@@ -185,7 +189,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
         for T in sorted(set(Ts.values()) | {a.T}):
             jobs.append(("ours", "bptt", T))
         for lib in ["ours"] + a.libs:
-            for algo in ("io", "param"):
+            for algo in algos + (["io_chunk"] if lib == "ours" and "io_chunk" in Ts else []):
                 jobs.append((lib, algo, Ts[algo]))
         if N == min(a.N):
             for lib in a.libs:   # identity check: BPTT must agree across libraries
@@ -208,6 +212,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
                    "seed": a.seed, "decay": a.decay, "repeats": a.repeats if timed else 0,
                    "run": True, "data": data[T], "grads_out": gp if rnd == 0 else None,
                    "mem_T": sorted(set(a.mem_T) | {T}) if (timed and rnd == 0) else [],
+                   "chunk": a.chunk,
                    "bandwidth": algo == "param"}
             r = bench.run_worker(cfg, python=pythons[lib], env=env, workdir=str(wd),
                                  timeout=a.timeout)
@@ -229,10 +234,10 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             g = dict(np.load(gp))
             row = {"N": N, "lib": lib, "algo": algo, "T": T}
             ref_b = gpaths.get(("ours", "bptt", T))
-            ref_o = gpaths.get(("ours", algo, T))
+            ref_o = gpaths.get(("ours", "io" if algo == "io_chunk" else algo, T))
             if ref_b:
                 row["vs_bptt"] = bench.grad_metrics(g, dict(np.load(ref_b)))
-            if ref_o and lib != "ours":
+            if ref_o and (lib != "ours" or algo == "io_chunk"):
                 row["vs_ours"] = bench.grad_metrics(g, dict(np.load(ref_o)))
             grads.append(row)
         _save(out_dir, results, grads, meta)
@@ -241,7 +246,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
     if a.compile_layers:
         for lib in ["ours"] + a.libs:
             for cm in a.compile_models:
-                for algo in ("io", "param"):
+                for algo in [al for al in ("io", "param") if al in a.algos]:
                     cfg = {"lib": lib, "model": cm, "algo": algo, "N": a.compile_N, "B": B,
                            "T": 10, "layers": a.compile_layers, "seed": a.seed,
                            "decay": a.decay, "run": False, "build_warm": True, "repeats": 0}
@@ -293,7 +298,9 @@ def _ms(r):
     return r["ms_per_step"] if (r and r.get("ok") and r.get("ms_per_step")) else None
 
 
-def _col(lib, algo):
+def _col(lib, algo, chunk=None):
+    if lib == "ours" and algo == "io_chunk" and chunk:
+        return f"ours ES-D-RTRL chunk={chunk}"
     return f"ours {OURS_LABEL[algo]}" if lib == "ours" else \
         f"{LIBS[lib]['label']} {LIBS[lib]['algos'][algo]}"
 
@@ -313,8 +320,13 @@ def markdown(d) -> str:
                f"{bm.N_IN} inputs, {bm.N_OUT} outputs, float32, identical weights/inputs in every "
                f"library (exchanged as .npz)\n")
     # time
-    cols = [("ours", "bptt"), ("ours", "io"), ("ours", "param")] + \
-           [(lib, algo) for lib in libs for algo in ("io", "param")]
+    algos = [al for al in ("io", "param")
+             if any(r["config"]["algo"] == al for r in res)]
+    chunked = [r for r in res if r["config"]["algo"] == "io_chunk"]
+    chunk = chunked[0]["config"].get("chunk") if chunked else None
+    cols = [("ours", "bptt")] + [("ours", al) for al in algos] + \
+           ([("ours", "io_chunk")] if chunked else []) + \
+           [(lib, algo) for lib in libs for algo in algos]
     out.append("## Time per step (ms)\n")
     out.append("Median of repeats after a warm-up call, divided by T; with several rounds "
                f"({meta.get('rounds', 1)} here, each a fresh process, interleaved across "
@@ -330,25 +342,34 @@ def markdown(d) -> str:
             row.append(f"{f(ms)} ({r['config']['T']})" if ms else
                        ("skipped" if r and r.get("skipped") else "failed" if r else "–"))
         rows.append(row)
-    out.append(bench.md_table(["N"] + ["BPTT" if a == "bptt" else _col(l, a) for l, a in cols],
-                              rows))
+    out.append(bench.md_table(["N"] + ["BPTT" if a == "bptt" else _col(l, a, chunk)
+                                       for l, a in cols], rows))
+    if chunked:
+        out.append(f"\n`ES-D-RTRL chunk={chunk}`: the same ES-D-RTRL gradients summed with "
+                   f"`online_gradients(..., chunk={chunk})` (one (K·B)-row product per window "
+                   f"instead of a rank-B update of the gradient every step; same sum up to "
+                   f"float rounding, see the gradients table). The per-step column is what an "
+                   f"update applied every step costs.\n")
     # speedups
     out.append("\n**Speed-ups of ours** (other library's time / ours; > 1 means ours is faster), "
                "and ours / BPTT:\n")
-    hdr = ["N", "ES-D-RTRL / BPTT"] + [f"vs {_col(l, 'io')}" for l in libs] + \
-          ["D-RTRL / BPTT"] + [f"vs {_col(l, 'param')}" for l in libs]
+    ours_cols = [("io", "io")] + ([("io_chunk", "io")] if chunked else []) + [("param", "param")]
+    ours_cols = [(o, e) for o, e in ours_cols if e in algos]
+    hdr = ["N"]
+    for o, e in ours_cols:
+        name = _col("ours", o, chunk)[5:]
+        hdr += [f"{name} / BPTT"] + [f"{name} vs {_col(l, e)}" for l in libs]
     rows = []
     for N in Ns:
         b = _ms(_r(res, "ours", "bptt", N, fastest=True))
         row = [N]
-        for algo in ("io", "param"):
-            o = _ms(_r(res, "ours", algo, N, fastest=True))
+        for o_algo, e_algo in ours_cols:
+            o = _ms(_r(res, "ours", o_algo, N, fastest=True))
             row.append(f(o / b, 2) if (o and b) else "–")
             for lib in libs:
-                e = _ms(_r(res, lib, algo, N, fastest=True))
+                e = _ms(_r(res, lib, e_algo, N, fastest=True))
                 row.append(f(e / o, 2) if (o and e) else "–")
-        rows.append([row[0], row[1]] + row[2:2 + len(libs)] + [row[2 + len(libs)]] +
-                    row[3 + len(libs):])
+        rows.append(row)
     out.append(bench.md_table(hdr, rows))
     # memory
     Ts = sorted({int(t) for r in res if r.get("ok") and r["config"]["algo"] == "bptt"
@@ -362,7 +383,7 @@ def markdown(d) -> str:
             r = _r(res, lib, algo, N)
             if not r or not r.get("ok"):
                 continue
-            rows.append([N, "BPTT" if algo == "bptt" else _col(lib, algo)] +
+            rows.append([N, "BPTT" if algo == "bptt" else _col(lib, algo, chunk)] +
                         [f(bench.temp_mb(r, T)) for T in Ts] + [f(r.get("rss_peak_mb"))])
     out.append(bench.md_table(["N", "algorithm"] + [f"temp T={T}" for T in Ts] + ["peak RSS"],
                               rows))
@@ -388,7 +409,7 @@ def markdown(d) -> str:
     rows = []
     for g in grads:
         name = "BPTT (" + (LIBS[g["lib"]]["label"] if g["lib"] != "ours" else "ours") + ")" \
-            if g["algo"] == "bptt" else _col(g["lib"], g["algo"])
+            if g["algo"] == "bptt" else _col(g["lib"], g["algo"], chunk)
         for k in sorted((g.get("vs_bptt") or g.get("vs_ours") or {})):
             vb = (g.get("vs_bptt") or {}).get(k)
             vo = (g.get("vs_ours") or {}).get(k)
@@ -419,7 +440,7 @@ def markdown(d) -> str:
                 rs = [r for r in res if r["config"]["lib"] == lib and r["config"]["algo"] == algo
                       and r["config"]["N"] == N and r.get("timed", True)]
                 if rs:
-                    rows.append([N, "BPTT" if algo == "bptt" else _col(lib, algo)] +
+                    rows.append([N, "BPTT" if algo == "bptt" else _col(lib, algo, chunk)] +
                                 [", ".join(f(_ms(r)) for r in rs)])
         out.append(bench.md_table(["N", "algorithm", "rounds"], rows))
     bad = [r for r in res if not r.get("ok")]
@@ -447,6 +468,10 @@ def parse_args(argv=None):
     p.add_argument("--python311", default=None)
     p.add_argument("--python312", default=None)
     p.add_argument("--model", default="lif", choices=bm.MODELS)
+    p.add_argument("--algos", type=bench._strs, default=["io", "param"],
+                   help="online algorithms to compare (io = ES-D-RTRL, param = D-RTRL)")
+    p.add_argument("--chunk", type=int, default=16,
+                   help="also time ours ES-D-RTRL with online_gradients(chunk=K); 1 = no")
     p.add_argument("--N", type=bench._ints, default=[128, 512, 1024])
     p.add_argument("--B", type=int, default=16)
     p.add_argument("--T", type=int, default=1000)

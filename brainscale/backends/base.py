@@ -42,6 +42,7 @@ class CompiledStep:
     trace_names: tuple               # one name per trace array (for etrace_xs / etrace_dfs)
     layout: Any = None               # backend-specific description of the arrays
     notes: tuple = field(default_factory=tuple)
+    emitter: Any = None              # the object that emitted ``fn`` (step-owning drivers)
 
     def __call__(self, *a, **k):
         return self.fn(*a, **k)

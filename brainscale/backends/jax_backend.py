@@ -672,4 +672,4 @@ class _Emitter:
 
         names = tuple(":".join(str(p) for p in ent[:-2]) for ent in self.L.traces)
         notes = tuple(f"{n}: {tuple(ent[-2])}" for n, ent in zip(names, self.L.traces))
-        return CompiledStep(self.g, "jax", fn, init_traces, names, self.L, notes)
+        return CompiledStep(self.g, "jax", fn, init_traces, names, self.L, notes, emitter=self)

@@ -8,8 +8,9 @@ Usage: ``python tools/bench_ext/worker.py CONFIG.json`` (written by ``tools/benc
 braintrace 0.2.x). It only needs brainstate, braintools, jax, numpy and the library being
 measured; the model code comes from ``tools/bench_models.py``.
 
-Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid'), N, B, T, layers, seed,
-decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
+Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk':
+ES-D-RTRL summed with ``online_gradients(chunk=...)``), chunk (default 16), N, B, T, layers,
+seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
 copy bandwidth), ``build_warm`` (time ``compile_graph`` cold and warm), ``data`` (optional
 .npz with ``w:*`` weights, ``h:*`` initial hidden values, ``xs``, ``ys``), ``grads_out``
@@ -127,7 +128,7 @@ def _learner(lib, algo, net, decay, x0):
     import brainstate
     if lib == "ours":
         import brainscale as L
-        if algo == "io":
+        if algo in ("io", "io_chunk"):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
         elif algo == "param":
             lr = L.DiagParamDimAlgorithm(net)
@@ -264,8 +265,12 @@ def run(cfg: dict) -> dict:
     elif lib == "ours":
         import brainscale
 
+        # io_chunk: ES-D-RTRL with the gradient summed over windows of `chunk` steps
+        chunk = int(cfg.get("chunk", 16)) if algo == "io_chunk" else 1
+
         def fn(xs, ys):
-            g, ls = brainscale.online_gradients(learner, xs, ys, loss_fn, params=params, jit=False)
+            g, ls = brainscale.online_gradients(learner, xs, ys, loss_fn, params=params,
+                                                jit=False, chunk=chunk)
             return g, ls.sum()
     else:
         def fn(xs, ys):

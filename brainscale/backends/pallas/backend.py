@@ -229,7 +229,6 @@ class PallasEmitter(_Emitter):
         step = super().build()
         step.backend = "pallas"
         step.notes = tuple(step.notes) + self.notes()
-        step.emitter = self
         return step
 
 

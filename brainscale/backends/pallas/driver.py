@@ -19,14 +19,15 @@ from __future__ import annotations
 import brainstate
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...errors import BrainscaleError
-from ..jax_backend import _is_float
+from ..jax_backend import _Emitter, _is_float
 from .backend import PallasEmitter, _weight_leaf_index
 from .es_chunked import es_accumulate
 from .select import _matmul_ok, chain_is_one
 
-__all__ = ["fused_online_gradients"]
+__all__ = ["fused_online_gradients", "drive_online"]
 
 
 def _io_plan(em):
@@ -49,13 +50,16 @@ def _online_step(em: PallasEmitter, theta_t, theta_p, args, hidden, others, trac
                  loss_fn, acc, collect_io: bool):
     """One step: returns (new_hidden, new_others, new_traces, new_acc, loss, io pairs)."""
     info = em.info
-    em._defer = True
+    kernel = getattr(em, "kernel", None) or {}
+    if kernel:
+        em._defer = True        # the forward leaves kernel traces to the one-pass launch
     try:
-        (outs, new_hidden, new_others, new_traces), _ = em._forward(
+        (outs, new_hidden, new_others, new_traces), xs = em._forward(
             theta_t, theta_p, args, hidden, others, traces)
-        J, DF, xs = em._stash
+        J, DF = em._stash[:2] if kernel else (None, None)
     finally:
-        em._defer = False
+        if kernel:
+            em._defer = False
     new_traces = list(new_traces)
     outs = list(outs)
     fl = [i for i, o in enumerate(outs) if _is_float(o)]
@@ -74,7 +78,7 @@ def _online_step(em: PallasEmitter, theta_t, theta_p, args, hidden, others, trac
     ct_others = tuple(jnp.zeros_like(o) if _is_float(o) else jnp.zeros(()) for o in new_others)
     delta, d_zeta, g_t, g_p, _ = em._learning_signals(theta_t, theta_p, args, hidden, others,
                                                       (tuple(ct_outs), ct_hidden, ct_others, None))
-    jax_keys = {k for k in em._param_groups() if k not in em.kernel}
+    jax_keys = {k for k in em._param_groups() if k not in kernel}
     em._param_trace_grads(g_t, theta_t, new_traces, delta, groups=jax_keys)
     io_pairs = []
     for (ti, q, pi, c_sig), (ti2, q2, pi2, chunkable) in zip(em._io_signals(new_traces, delta),
@@ -89,7 +93,7 @@ def _online_step(em: PallasEmitter, theta_t, theta_p, args, hidden, others, trac
     new_t = [[a + g.astype(a.dtype) for a, g in zip(at, gt)] for at, gt in zip(acc_t, g_t)]
     new_p = tuple(tuple(a + g.astype(a.dtype) for a, g in zip(ap, gp))
                   for ap, gp in zip(acc_p, g_p))
-    if em.kernel:
+    if kernel:
         claimed, grad_acc = set(), {}
         for mk, ki in em.kernel.items():
             slot = (ki.pi, _weight_leaf_index(em, ki.pi))
@@ -131,15 +135,29 @@ def fused_online_gradients(learner, inputs, targets, loss_fn, params=None, chunk
         learner's traces are advanced to the end of the sequence.
     """
     learner._require()
-    step = learner._step
-    em = getattr(step, "emitter", None)
+    em = getattr(learner._step, "emitter", None)
     if not isinstance(em, PallasEmitter):
         raise BrainscaleError("fused_online_gradients needs a learner compiled with "
                               "backend='pallas' (or a PallasBackend instance)")
-    if int(chunk) < 1:
+    return drive_online(learner, inputs, targets, loss_fn, params, chunk,
+                        es_impl or em.cost_model.es_impl, jit)
+
+
+def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
+                 es_impl: str = "xla", jit: bool = True):
+    """The step-owning online loop behind :func:`fused_online_gradients` and
+    ``brainscale.online_gradients(..., chunk=K)``: works with the JAX backend's emitter
+    (chunked ES-D-RTRL gradients, plain XLA) and the Pallas one (plus the one-pass kernel)."""
+    learner._require()
+    em = getattr(learner._step, "emitter", None)
+    if not isinstance(em, _Emitter):
+        raise BrainscaleError(f"the learner's backend ({learner._step.backend!r}) has no "
+                              f"step-owning driver; use backend='jax' or 'pallas'")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or int(chunk) < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if es_impl not in ("xla", "pallas"):
+        raise ValueError(f"es_impl must be 'xla' or 'pallas', got {es_impl!r}")
     chunk = int(chunk)
-    es_impl = es_impl or em.cost_model.es_impl
     if params is None:
         params = learner.model.states(brainstate.ParamState)
     info, L, g = em.info, em.L, em.g
@@ -188,7 +206,7 @@ def fused_online_gradients(learner, inputs, targets, loss_fn, params=None, chunk
             chain = None if chain_is_one(op) else op._chain(weight)
             li_w = _weight_leaf_index(em, pi)
             acc_t[pi][li_w] = es_accumulate(X, S, acc_t[pi][li_w], chain, impl=es_impl,
-                                            interpret=em.interpret)
+                                            interpret=getattr(em, "interpret", True))
             if isinstance(w, dict) and "bias" in w:
                 li_b = int(em._w_tree(pi, list(range(len(th_t[pi]))))["bias"])
                 acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
