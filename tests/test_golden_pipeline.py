@@ -176,3 +176,17 @@ def test_replace_returns_self_when_unchanged():
     g, _, _ = _build("lif_delta", 0)
     assert g.replace(name=g.name) is g
     assert g.replace(name="other") != g
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_op_eqn_indices_point_at_their_marker_equations(name):
+    """The golden files compare ``eqn=N`` loosely (jaxpr positions differ across brainstate
+    versions); here every op's index must name its own trace-op marker equation."""
+    from brainscale import _compat as C
+    from brainscale.concepts import MARKER_PREFIX
+    graph, _, _ = _build(name, 0)
+    eqns = C.open_jaxpr(graph.info.jaxpr).eqns
+    assert graph.ops
+    for o in graph.ops:
+        eqn = eqns[o.eqn]
+        assert str(eqn.params.get("name", "")) == f"{MARKER_PREFIX}{o.op_id}", (o.name, eqn)
