@@ -225,9 +225,13 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
         n, r = divmod(T, chunk)
         parts = []
         if n:
-            head = jax.tree.map(lambda a: a[:n * chunk].reshape((n, chunk) + a.shape[1:]),
-                                (xs, ys))
-            carry, ls = jax.lax.scan(lambda c, v: window(c, v, th_t, th_p), carry, head)
+            # windows are sliced inside the loop: reshaping the (T, ...) inputs into
+            # (n, K, ...) would make XLA copy them (temp memory growing with T)
+            def win(c, i):
+                v = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk),
+                                 (xs, ys))
+                return window(c, v, th_t, th_p)
+            carry, ls = jax.lax.scan(win, carry, jnp.arange(n))
             parts.append(ls.reshape(-1))
         if r:
             tail = jax.tree.map(lambda a: a[n * chunk:], (xs, ys))
