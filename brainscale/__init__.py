@@ -15,7 +15,8 @@ from .errors import (BrainscaleError as BrainscaleError, IRVerificationError as 
                      PassError as PassError, PipelineError as PipelineError,
                      UnsupportedModelError as UnsupportedModelError,
                      UnsupportedPrimitiveError as UnsupportedPrimitiveError,
-                     BackendError as BackendError, NotCompiledError as NotCompiledError)
+                     BackendError as BackendError, NotCompiledError as NotCompiledError,
+                     NoTemporalCreditWarning as NoTemporalCreditWarning)
 from .frontend import lower as lower
 from .ir import Graph as Graph, print_graph as print_graph, PrintSettings as PrintSettings, verify as verify
 from .passes import (Pass as Pass, PassManager as PassManager, PassContext as PassContext,

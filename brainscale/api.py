@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import BrainscaleError
+from .errors import BrainscaleError, NoTemporalCreditWarning
 from .frontend import lower
 from .passes import DEFAULT_PIPELINE, PassContext, PassManager, Recorder
 from .passes.select_dims import SelectDimsPass
@@ -47,11 +48,46 @@ def build_graph(model, *args, policy: str = "auto", pipeline=None, param_ratio: 
     ctx = PassContext(algorithm=policy, options={"dim_overrides": dict(dim_overrides or {})})
     pm = PassManager(passes, instruments=(rec,) + tuple(instruments))
     graph = pm.run(g0, ctx)
+    _warn_no_temporal_credit(graph)
     stages = [("lower", g0)] + rec.stages
     log = [("lower", f"{len(g0.hidden)} hidden state(s), {len(g0.params)} param(s), "
                      f"{len(g0.ops)} trace op(s) in {t_lower * 1e3:.1f} ms")] + list(ctx.log)
     log += [(name, f"{sec * 1e3:.2f} ms") for name, sec in rec.times]
     return graph, stages, log
+
+
+def _warn_no_temporal_credit(graph):
+    """Warn about weights feeding weights: they reach hidden states, yet get dim 'none'."""
+    lost = []
+    for t in graph.traces:
+        if t.dim != "none" or not str(t.attr("reason", "")).startswith("output reaches hidden"):
+            continue
+        for rid in t.relations:
+            rel = graph.relation_by_id[rid]
+            via = dict(rel.attrs).get("via_ops")
+            if via and dict(graph.param_by_name[rel.param].attrs).get("is_etrace", True):
+                lost.append(f"%{rel.param} (its output {rel.op} feeds {', '.join(via)})")
+    if lost:
+        warnings.warn(
+            f"{len(lost)} trace parameter(s) reach hidden states only through the input of "
+            f"another trace op and get their instantaneous gradient only, without temporal "
+            f"credit: {'; '.join(lost)}. The diagonal traces cannot follow a path through "
+            f"another weight (docs/design.md, 'Trace dim none'). Restructure the model if these need "
+            f"temporal credit (e.g. a GRU with the reset gate applied after the recurrent "
+            f"matmul, r*(U·h), as brainscale.nn.GRUCell does by default), or mark them "
+            f"is_etrace=False to state the intent and silence this warning.",
+            NoTemporalCreditWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first caller outside this package."""
+    import os
+    import sys
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
+        f, level = f.f_back, level + 1
+    return level
 
 
 @dataclass

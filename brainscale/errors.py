@@ -14,6 +14,7 @@ __all__ = [
     "UnsupportedPrimitiveError",
     "BackendError",
     "NotCompiledError",
+    "NoTemporalCreditWarning",
 ]
 
 
@@ -47,3 +48,9 @@ class BackendError(BrainscaleError):
 
 class NotCompiledError(BrainscaleError):
     """An algorithm was used before ``compile_graph`` was called."""
+
+
+class NoTemporalCreditWarning(UserWarning):
+    """A trace parameter whose op output reaches hidden states only through the input of
+    another trace op (a weight feeding a weight, e.g. a GRU reset gate inside ``U·(r⊙h)``)
+    gets its exact instantaneous gradient but no temporal credit (trace dim ``none``)."""

@@ -65,7 +65,16 @@ class RelationsPass(Pass):
                         f"op output {o.name} of %{o.param} has shape {list(ys)} but reaches the "
                         f"hidden group {gid} of shape {list(vs)} element-wise; an op's output "
                         f"must have the neuron shape of the states it drives")
-            rels.append(Relation(f"R{q}", o.param, o.name, gids, q in dep.out_direct))
+            attrs = ()
+            if not gids:
+                # a weight feeding a weight (GRU reset gate inside U·(r⊙h)): the output
+                # reaches hidden states only through the input of other trace ops
+                via = tuple(o2.name for q2, o2 in enumerate(graph.ops)
+                            if q2 != q and reach[q2] and ("y", q) in dep.op_x[o2.name].src)
+                if via:
+                    attrs = (("via_ops", via),)
+            rels.append(Relation(f"R{q}", o.param, o.name, gids, q in dep.out_direct,
+                                 attrs=attrs))
         values = tuple(replace(v, deps=self._deps(graph, dep, v)) for v in graph.values)
         ctx.note(self.name, f"{len(rels)} relation(s)")
         return graph.replace(relations=tuple(rels), values=values)

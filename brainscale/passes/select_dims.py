@@ -112,8 +112,12 @@ class SelectDimsPass(Pass):
             pa = dict(par.attrs)
             op = graph.op_by_name[rel.op]
             if not rel.groups:
-                dim, why = "none", ("output reaches hidden states only through other trace "
-                                    "ops, or none: instantaneous gradient")
+                via = dict(rel.attrs).get("via_ops")
+                dim, why = "none", (
+                    f"output reaches hidden states only through the input of trace op(s) "
+                    f"{', '.join(via)}: instantaneous gradient only, no temporal credit"
+                    if via else "output reaches no hidden state: its instantaneous gradient "
+                                "is exact")
             elif not pa.get("is_etrace", True):
                 dim, why = "none", "is_etrace=False: instantaneous gradient"
             elif rel.param in over:
