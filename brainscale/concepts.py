@@ -181,6 +181,12 @@ class ETraceOp:
         _, vjp = jax.vjp(lambda ww: self.xw_to_y(x, ww), w)
         return vjp(dy)[0]
 
+    def compact_layout_error(self, w) -> str | None:
+        """Why the compact param-dim layout would be inexact for the parameter value ``w``
+        (the frontend then uses the exact per-output-neuron layout), or None. Checked once
+        when the step is lowered; the default trusts :attr:`param_trace`."""
+        return None
+
     # -- optional fused param-dim rules (backends use them when an op provides them) ----
     def drtrl_update(self, eps, J, df, x, w):
         """Fused compact D-RTRL update for all examples at once, or ``NotImplemented``.

@@ -234,9 +234,15 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
         y_aval = eqn.outvars[0].aval
         kind = op.kind if op.kind in ("dense", "conv", "sparse", "elemwise", "lora", "function") \
             else "custom"
+        layout_attrs = dict(layout=op.param_trace)
+        if op.param_trace == "compact":
+            why = op.compact_layout_error(st.value)
+            if why:
+                # exact per-output-neuron trace instead of a compact one that drops terms
+                layout_attrs = dict(layout="dense", layout_reason=why)
         ops.append(Op(f"%y{len(ops)}", kind, type(op).__name__, op.op_id, x_name, paths[owner[0]],
                       TensorType.from_aval(y_aval), ei, len(x_vars), batched,
-                      attrs(layout=op.param_trace), _loc(eqn)))
+                      attrs(**layout_attrs), _loc(eqn)))
 
     # -- params ---------------------------------------------------------------------------
     params = []

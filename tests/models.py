@@ -26,6 +26,7 @@ and, for the exactness tests (not in :data:`MODELS`):
 
 * ``single_layer_2state``: input → MatMulOp → a smooth 2-state neuron, no recurrence.
 * ``masked_rec``: a recurrent LIF whose MatMulOp has a weight mask.
+* ``normed_rec``: the same with a weight_fn that is not element-wise (``3 W / ||W||``).
 * ``hybrid_mix``: a big dense input weight, a small sparse recurrent weight and an
   element-wise time constant in one layer (select-dims should mix param-dim and io-dim).
 * ``gru_plain_in``: a plain ``ParamState`` input projection feeding a GRU layer.
@@ -42,7 +43,8 @@ import numpy as np
 import brainscale
 
 __all__ = ["MODELS", "make", "lif_delta", "alif", "gru3", "gru_rh", "conv_snn", "sparse_rec",
-           "elemwise_tau", "lora", "single_layer_2state", "masked_rec", "hybrid_mix",
+           "elemwise_tau", "lora", "single_layer_2state", "masked_rec", "normed_rec",
+           "softmax_tau", "hybrid_mix",
            "gru_plain_in"]
 
 
@@ -346,11 +348,11 @@ class ElemWiseTauNet(brainstate.nn.Module):
         return tanh(V)
     """
 
-    def __init__(self, n_in=3, n=5, batch=0, seed=0):
+    def __init__(self, n_in=3, n=5, batch=0, seed=0, fn=jax.nn.sigmoid):
         super().__init__()
         rng = np.random.RandomState(seed)
         self.theta = brainscale.ETraceParam(_f32(rng.randn(n) * 0.5 + 1.5),
-                                            brainscale.ElemWiseOp(jax.nn.sigmoid))
+                                            brainscale.ElemWiseOp(fn))
         self.w = _mm(rng, n_in, n, scale=1.5)
         self.V = brainscale.ETraceState(_f32(rng.randn(*_shape(batch, n)) * 0.5))
 
@@ -363,6 +365,17 @@ class ElemWiseTauNet(brainstate.nn.Module):
 def elemwise_tau(batch=0, seed=0):
     rng = np.random.RandomState(seed + 1000)
     return ElemWiseTauNet(batch=batch, seed=seed), _input(rng, batch, 3)
+
+
+def _softmax_decay(theta):
+    return 0.95 * jax.nn.softmax(theta) + 0.02
+
+
+def softmax_tau(batch=0, seed=0):
+    """:class:`ElemWiseTauNet` whose ElemWiseOp fn is not element-wise (a softmax over the
+    neurons): the op must get the per-neuron layout."""
+    rng = np.random.RandomState(seed + 1000)
+    return ElemWiseTauNet(batch=batch, seed=seed, fn=_softmax_decay), _input(rng, batch, 3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,13 +457,13 @@ def single_layer_2state(batch=0, seed=0, w_scale=3.0, spiking=False):
 class MaskedRecNet(brainstate.nn.Module):
     """A recurrent LIF layer with a masked MatMulOp (and ``weight_fn=abs``)."""
 
-    def __init__(self, n_in=3, n=5, batch=0, seed=0):
+    def __init__(self, n_in=3, n=5, batch=0, seed=0, weight_fn=jnp.abs):
         super().__init__()
         rng = np.random.RandomState(seed)
         self.mask = (rng.rand(n_in + n, n) < 0.6).astype(np.float32)
         self.syn = brainscale.ETraceParam(
             {"weight": _f32(rng.randn(n_in + n, n)), "bias": _f32(rng.randn(n) * 0.1)},
-            brainscale.MatMulOp(weight_mask=jnp.asarray(self.mask), weight_fn=jnp.abs))
+            brainscale.MatMulOp(weight_mask=jnp.asarray(self.mask), weight_fn=weight_fn))
         self.V = brainscale.ETraceState(_f32(rng.rand(*_shape(batch, n)) * 0.8))
         self.spk_fun = braintools.surrogate.Sigmoid()
 
@@ -464,6 +477,18 @@ class MaskedRecNet(brainstate.nn.Module):
 def masked_rec(batch=0, seed=0):
     rng = np.random.RandomState(seed + 1000)
     return MaskedRecNet(batch=batch, seed=seed), _input(rng, batch, 3)
+
+
+def _frobenius_normalised(w):
+    return 3.0 * w / jnp.sqrt(jnp.sum(w * w))
+
+
+def normed_rec(batch=0, seed=0):
+    """:class:`MaskedRecNet` with a weight_fn that is not element-wise (``3 W / ||W||``): the
+    compact layout would drop cross terms, so the op must get the per-neuron layout."""
+    rng = np.random.RandomState(seed + 1000)
+    return MaskedRecNet(batch=batch, seed=seed, weight_fn=_frobenius_normalised), \
+        _input(rng, batch, 3)
 
 
 class HybridMixNet(brainstate.nn.Module):
@@ -523,6 +548,7 @@ MODELS = {
 def make(name: str, batch: int = 0, seed: int = 0):
     """``MODELS[name](batch, seed)`` (also the exactness-only models by name)."""
     extra = {"single_layer_2state": single_layer_2state, "masked_rec": masked_rec,
+             "normed_rec": normed_rec, "softmax_tau": softmax_tau,
              "hybrid_mix": hybrid_mix, "gru_plain_in": gru_plain_in}
     return {**MODELS, **extra}[name](batch=batch, seed=seed)
 

@@ -240,6 +240,36 @@ def test_masked_matmul_matches_oracle(algo, batch):
     assert op.kind == "dense"
 
 
+@pytest.mark.parametrize("batch", [0, 2])
+@pytest.mark.parametrize("algo", ["param", "io"])
+def test_non_elementwise_weight_fn_gets_the_exact_layout(algo, batch):
+    """weight_fn = 3 W / ||W|| mixes weight entries: the frontend detects it on the actual
+    weight and gives the op the per-output-neuron layout, and every step matches the oracle
+    (the compact layout would silently drop the cross terms)."""
+    learner, n = run_case("normed_rec", algo, batch, T=8)
+    assert n > 0
+    (op,) = learner.graph.ops
+    attrs = dict(op.attrs)
+    assert attrs["layout"] == "dense" and "not element-wise" in attrs["layout_reason"]
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_non_elementwise_elemwise_fn_gets_the_exact_layout(batch):
+    """ElemWiseOp(fn) with fn = a softmax over neurons: per-neuron layout, oracle-exact."""
+    learner, n = run_case("softmax_tau", "param", batch, T=8)
+    assert n > 0
+    layouts = {o.op_class: dict(o.attrs)["layout"] for o in learner.graph.ops}
+    assert layouts == {"ElemWiseOp": "dense", "MatMulOp": "compact"}
+
+
+def test_elementwise_weight_fns_keep_the_compact_layout():
+    for name in ("masked_rec", "lif_delta", "sparse_rec", "elemwise_tau"):
+        m, x0 = models.make(name)
+        g = brainscale.DiagParamDimAlgorithm(m).compile_graph(x0).graph
+        assert all(dict(o.attrs)["layout"] == "compact" and "layout_reason" not in dict(o.attrs)
+                   for o in g.ops if o.kind in ("dense", "sparse", "elemwise")), name
+
+
 def test_sparse_batched_drtrl_matches_oracle():
     learner, n = run_case("sparse_rec", "param", 2, T=6)
     assert n > 0
