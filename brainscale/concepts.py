@@ -217,21 +217,33 @@ class ETraceOp:
         return f"{type(self).__name__}(\n{body}\n)"
 
 
-def sum_leading(term: Callable, n: int, unroll_max: int = 64):
+def sum_leading(term: Callable, n: int, group: int = 8):
     """``Σ_{b<n} term(b)`` without materialising the stacked terms.
 
     XLA on CPU reduces over an outer axis of a large array an order of magnitude slower than
     it streams an element-wise sum, and a ``term(b)`` that broadcasts (e.g. ``δ[b] * ε[b]``)
-    would otherwise be written out in full first. Small ``n`` is unrolled into one fused
-    element-wise pass; larger ``n`` runs a ``fori_loop`` accumulating in place.
+    would otherwise be written out in full first. Up to ``group`` terms are unrolled into
+    one fused element-wise pass. Larger ``n`` runs a ``fori_loop`` over groups of ``group``
+    unrolled terms accumulating in place: one fusion reading all ``n`` terms would read from
+    ``n`` (times the arrays per term) far-apart memory streams at once, which measured 2-3x
+    slower at n = 64 on CPU (D-RTRL gradient contraction, ALIF N = 512: 134 -> 40 ms/step).
     """
-    if n <= unroll_max:
-        acc = term(0)
-        for b in range(1, n):
-            acc = jax.tree.map(jnp.add, acc, term(b))
+    group = max(1, int(group))
+
+    def block(start: int, count: int, acc):
+        for j in range(count):
+            t = term(start + j)
+            acc = t if acc is None else jax.tree.map(jnp.add, acc, t)
         return acc
-    first = term(0)
-    return jax.lax.fori_loop(1, n, lambda b, acc: jax.tree.map(jnp.add, acc, term(b)), first)
+    if n <= group:
+        return block(0, n, None)
+    n_groups, rest = divmod(n, group)
+    acc = block(0, group, None)
+    if n_groups > 1:
+        acc = jax.lax.fori_loop(1, n_groups, lambda g, a: block(g * group, group, a), acc)
+    if rest:
+        acc = block(n_groups * group, rest, acc)
+    return acc
 
 
 def _indent(s: str, n: int = 2) -> str:

@@ -8,10 +8,11 @@ from brainscale.concepts import ETraceOp, sum_leading
 from brainscale.ops import MatMulOp
 
 
-@pytest.mark.parametrize("n", [1, 3, 100])
-def test_sum_leading_equals_sum(n):
+@pytest.mark.parametrize("n,group", [(1, 8), (3, 8), (8, 8), (9, 8), (16, 8), (100, 8),
+                                     (7, 3), (5, 1)])
+def test_sum_leading_equals_sum(n, group):
     x = jax.random.normal(jax.random.PRNGKey(n), (n, 5, 4))
-    tree = sum_leading(lambda b: {"a": x[b], "b": 2 * x[b, 0]}, n)
+    tree = sum_leading(lambda b: {"a": x[b], "b": 2 * x[b, 0]}, n, group=group)
     np.testing.assert_allclose(tree["a"], x.sum(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tree["b"], 2 * x[:, 0].sum(0), rtol=1e-5, atol=1e-5)
 
@@ -37,7 +38,7 @@ def _generic_grad(op, eps, delta, w):
     return acc
 
 
-@pytest.mark.parametrize("batch", [0, 3])
+@pytest.mark.parametrize("batch", [0, 3, 10])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("opt", ["plain", "mask", "fn", "both"])
 def test_matmul_fused_rules_match_generic(batch, k, opt):
