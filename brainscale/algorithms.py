@@ -353,10 +353,8 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         ``ε_f∘δ`` are kept).
     """
     learner._require()
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    if chunk != 1:
-        from .backends.pallas.driver import drive_online
+    from .backends.pallas.driver import check_chunk, drive_online
+    if check_chunk(chunk) != 1:
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             es_impl="xla", jit=jit)
     if params is None:

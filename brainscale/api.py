@@ -1,6 +1,8 @@
 """Programmatic compile API: ``brainscale.compile(model, *example_inputs, ...)``."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ def _warn_no_temporal_credit(graph):
     """Warn about weights feeding weights: they reach hidden states, yet get dim 'none'."""
     lost = []
     for t in graph.traces:
-        if t.dim != "none" or not str(t.attr("reason", "")).startswith("output reaches hidden"):
+        if t.dim != "none":       # via_ops exists only on relations that reach no group
             continue
         for rid in t.relations:
             rel = graph.relation_by_id[rid]
@@ -81,8 +83,6 @@ def _warn_no_temporal_credit(graph):
 
 def _user_stacklevel() -> int:
     """``warnings.warn`` stacklevel of the first caller outside this package."""
-    import os
-    import sys
     pkg = os.path.dirname(os.path.abspath(__file__))
     f, level = sys._getframe(1), 1
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):

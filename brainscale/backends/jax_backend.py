@@ -220,18 +220,19 @@ class _Emitter:
                                   else traces[slots[(li, "all")]][..., si]
                                   for li in range(n_leaves)]) for si in range(k)]
 
-    def _scatter_param(self, key, new, out, dtype_of):
-        """Write ``new`` (as returned by :meth:`_gather_param`'s layout) into ``out``."""
+    def _scatter_param(self, key, new, out, like):
+        """Write ``new`` (in :meth:`_gather_param`'s layout) into ``out``, in the dtypes of
+        the arrays ``like`` (the old traces)."""
         slots = self.pslots[key]
         if isinstance(new, list):
             for si, tree in enumerate(new):
                 for li, leaf in enumerate(jax.tree.leaves(tree)):
                     ti = slots[(li, si)]
-                    out[ti] = leaf.astype(dtype_of[ti].dtype)
+                    out[ti] = leaf.astype(like[ti].dtype)
         else:
             for li, leaf in enumerate(jax.tree.leaves(new)):
                 ti = slots[(li, "all")]
-                out[ti] = leaf.astype(dtype_of[ti].dtype)
+                out[ti] = leaf.astype(like[ti].dtype)
 
     def _batch_shape(self, grp) -> tuple:
         """Leading axes of a group's varshape that are batch axes (per-example traces)."""
@@ -411,7 +412,7 @@ class _Emitter:
                 decayed = jnp.einsum("...ij,...j->...i", Jg, traces[ti])
                 out[ti] = (alpha * decayed + (1 - alpha) * df).astype(traces[ti].dtype)
         # param-dim traces: update all leaves of a (relation, group) together
-        for (rid, gid), idxs in self._param_groups().items():
+        for rid, gid in self._param_groups():
             rel = g.relation_by_id[rid]
             q = self.op_index[rel.op]
             pi = self.tparam_index[rel.param]
@@ -426,11 +427,8 @@ class _Emitter:
         return out
 
     def _param_groups(self) -> dict:
-        res: dict = {}
-        for ti, ent in enumerate(self.L.traces):
-            if ent[0] == "param":
-                res.setdefault((ent[1], ent[2]), []).append(ti)
-        return res
+        """``{(relation, group): [trace indices]}`` of the param-dim traces."""
+        return {key: sorted(slots.values()) for key, slots in self.pslots.items()}
 
     @staticmethod
     def _drtrl_compact(op, w, eps, J, df, x, bshape):
@@ -557,7 +555,7 @@ class _Emitter:
         """Add ``Σ_g Σ_i yw_to_w(δ_i, ε_i)`` of the param-dim traces to ``g_t`` (in place);
         ``groups`` restricts it to some ``(relation, group)`` keys of ``_param_groups()``."""
         g = self.g
-        for (rid, gid), idxs in self._param_groups().items():
+        for rid, gid in self._param_groups():
             if groups is not None and (rid, gid) not in groups:
                 continue
             rel = g.relation_by_id[rid]

@@ -30,6 +30,13 @@ from .select import _matmul_ok, chain_is_one
 __all__ = ["fused_online_gradients", "drive_online"]
 
 
+def check_chunk(chunk) -> int:
+    """The window length K as an int, or a clear error."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    return int(chunk)
+
+
 def _io_plan(em):
     """Static description of the io-dim relations: (ti, q, pi, chunkable)."""
     res = []
@@ -153,11 +160,9 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
     if not isinstance(em, _Emitter):
         raise BrainscaleError(f"the learner's backend ({learner._step.backend!r}) has no "
                               f"step-owning driver; use backend='jax' or 'pallas'")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or int(chunk) < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = check_chunk(chunk)
     if es_impl not in ("xla", "pallas"):
         raise ValueError(f"es_impl must be 'xla' or 'pallas', got {es_impl!r}")
-    chunk = int(chunk)
     if params is None:
         params = learner.model.states(brainstate.ParamState)
     info, L, g = em.info, em.L, em.g
