@@ -20,6 +20,7 @@ from .errors import (BrainscaleError as BrainscaleError, IRVerificationError as 
 from .frontend import lower as lower
 from .ir import Graph as Graph, print_graph as print_graph, PrintSettings as PrintSettings, verify as verify
 from .passes import (Pass as Pass, PassManager as PassManager, PassContext as PassContext,
+                     PassRecord as PassRecord,
                      register_pass as register_pass, function_pass as function_pass,
                      register_dependency_rule as register_dependency_rule,
                      DEFAULT_PIPELINE as DEFAULT_PIPELINE, DumpDir as DumpDir,
@@ -28,7 +29,8 @@ from .algorithms import (ETraceAlgorithm as ETraceAlgorithm, DiagIODimAlgorithm 
                          DiagParamDimAlgorithm as DiagParamDimAlgorithm,
                          DiagHybridDimAlgorithm as DiagHybridDimAlgorithm,
                          online_gradients as online_gradients, decay_from as decay_from)
-from .api import compile as compile, Compiled as Compiled
+from .compiled import Compiled as Compiled
+from .api import compile as compile
 
 # brainscale.nn is imported lazily (it pulls in neuron models)
 def __getattr__(name):

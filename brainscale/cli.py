@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                "--svg --report")
     p.add_argument("model", metavar="MODEL", nargs="?",
                    help="path/to/file.py:factory; factory() returns (model, example_inputs)")
-    p.add_argument("--algorithm", choices=("io", "param", "hybrid"), default="hybrid",
+    p.add_argument("--algorithm", choices=("io", "param", "hybrid"), default=None,
                    help="io = ES-D-RTRL, param = D-RTRL, hybrid = chosen per parameter "
-                        "(default: %(default)s)")
+                        "(default: the policy of the pipeline's select-dims, else hybrid)")
     p.add_argument("--decay", type=_decay, default=None, metavar="ALPHA",
                    help="decay of io-dim traces in (0, 1), or an integer rank "
                         "(needed when io-dim traces are chosen)")
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     else DEFAULT_PIPELINE)
         except PipelineError as e:
             raise UsageError(f"bad --pipeline: {e}") from None
-        names = {"lower"} | {p.name for p in passes} | {p.spec() for p in passes}
+        names = {"lower", "layout-traces"} | {p.name for p in passes} | {p.spec() for p in passes}
         for n in args.print_after or ():
             if n not in names:
                 raise UsageError(f"--print-after {n!r} names no stage of the pipeline; stages: "
@@ -295,10 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import brainscale
     try:
         compiled = brainscale.compile(model, *inputs, algorithm=args.algorithm,
-                                      decay_or_rank=args.decay, pipeline=passes,
+                                      decay_or_rank=args.decay,
+                                      pipeline=passes if args.pipeline is not None else None,
                                       instruments=[dumper])
     except PipelineError as e:
-        return _err(str(e), 2)
+        msg = str(e)
+        if "no decay alpha" in msg:
+            msg = msg.replace("pass decay_or_rank=...", "pass decay_or_rank=... (--decay ALPHA)")
+        return _err(msg, 2)
     except BrainscaleError as e:
         msg = str(e)
         if "decay_or_rank" in msg:

@@ -14,6 +14,7 @@ The result is the ``lower`` stage; analyses are passes.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable
 
 import brainstate
@@ -169,6 +170,7 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
 
     # -- ops ------------------------------------------------------------------------------
     ops, values = [], []
+    op_objects: dict[str, Any] = {}
     value_of_var: dict[Any, str] = {}
     etrace_states: set[int] = set()
     for ei, eqn in enumerate(jaxpr.eqns):
@@ -234,15 +236,17 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
         y_aval = eqn.outvars[0].aval
         kind = op.kind if op.kind in ("dense", "conv", "sparse", "elemwise", "lora", "function") \
             else "custom"
-        layout_attrs = dict(layout=op.param_trace)
+        layout, why = op.param_trace, None
         if op.param_trace == "compact":
             why = op.compact_layout_error(st.value)
             if why:
                 # exact per-output-neuron trace instead of a compact one that drops terms
-                layout_attrs = dict(layout="dense", layout_reason=why)
-        ops.append(Op(f"%y{len(ops)}", kind, type(op).__name__, op.op_id, x_name, paths[owner[0]],
-                      TensorType.from_aval(y_aval), ei, len(x_vars), batched,
-                      attrs(**layout_attrs), _loc(eqn)))
+                layout = "dense"
+        op_name = f"%y{len(ops)}"
+        op_objects[op_name] = op
+        ops.append(Op(op_name, kind, type(op).__name__, x_name, paths[owner[0]],
+                      TensorType.from_aval(y_aval), ei, len(x_vars), batched, layout, why,
+                      loc=_loc(eqn)))
 
     # -- params ---------------------------------------------------------------------------
     params = []
@@ -271,8 +275,8 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
             f"some trace ops receive batched inputs and some do not ({', '.join(bad)} unbatched); "
             f"give every layer the same batch axis")
 
-    info = StepInfo(closed, states, tuple(paths), tuple(treedefs), n_arg, args_treedef,
-                    out_treedef, n_out, tuple(out_slices), tuple(in_slices))
+    info = StepInfo(closed, MappingProxyType(op_objects), states, tuple(paths), tuple(treedefs),
+                    n_arg, args_treedef, out_treedef, n_out, tuple(out_slices), tuple(in_slices))
     g = Graph(name=name, inputs=inputs, hidden=tuple(hidden), params=tuple(params),
-              values=tuple(values), ops=tuple(ops), attrs=attrs(batch=batch), info=info)
+              values=tuple(values), ops=tuple(ops), batch=int(batch), info=info)
     return g.with_stage("lower", frozenset({"lowered"}))

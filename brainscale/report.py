@@ -11,18 +11,14 @@ the same data as text.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .ir.dot import human_bytes
+from ._fmt import human_bytes
 
-__all__ = ["CompileReport", "HiddenInfo", "GroupInfo", "ParamInfo", "TraceInfo", "DimChoice",
-           "PassTime", "report_dict", "build_report", "compile_report"]
-
-_MS = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*ms\s*$")
-_LOWER_MS = re.compile(r"in ([0-9]+(?:\.[0-9]+)?) ms")
+__all__ = ["CompileReport", "HiddenInfo", "GroupInfo", "ParamInfo", "TraceInfo", "ArrayInfo",
+           "DimChoice", "PassTime", "report_dict", "build_report", "compile_report"]
 
 
 class _Model(BaseModel):
@@ -54,6 +50,16 @@ class ParamInfo(_Model):
     attrs: dict[str, Any] = {}
 
 
+class ArrayInfo(_Model):
+    """One array a trace keeps (what the compiled step allocates)."""
+    id: str
+    role: str = Field(description="'eps' | 'eps_x' | 'eps_f'")
+    what: str = Field(description="e.g. 'eps(R0 -> G0, leaf=weight, state=%V)'")
+    type: str = Field(description="logical type, e.g. 'f32[16,64]'")
+    storage: str = Field(description="dtype the array is stored in")
+    bytes: int
+
+
 class TraceInfo(_Model):
     """One eligibility trace kept by the compiled step."""
     id: str
@@ -61,7 +67,11 @@ class TraceInfo(_Model):
     relations: list[str]
     params: list[str]
     layout: Optional[str] = None
+    decay: Optional[float] = Field(None, description="alpha of an io-dim trace")
+    decay_rank: Optional[int] = None
+    path: str = Field("jax", description="backend rule variant")
     shapes: list[str]
+    arrays: list[ArrayInfo] = []
     bytes: int
     bytes_human: str
     reason: Optional[str] = None
@@ -111,28 +121,16 @@ def _jsonable(v):
     return str(v)
 
 
-def _pass_times(log) -> list[PassTime]:
-    out = []
-    for entry in log or ():
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-            continue
-        stage, msg = entry
-        msg = str(msg)
-        m = _MS.match(msg)
-        if m:
-            out.append(PassTime(stage=str(stage), ms=float(m.group(1))))
-        elif stage == "lower":
-            m = _LOWER_MS.search(msg)
-            if m:
-                out.append(PassTime(stage="lower", ms=float(m.group(1))))
-    return out
+def _pass_times(records) -> list[PassTime]:
+    return [PassTime(stage=str(r.spec), ms=float(r.seconds) * 1e3) for r in records or ()]
 
 
 def _unpack(compiled):
-    """``(graph, log, compile_seconds, algorithm)`` from a Compiled, an algorithm or a Graph."""
+    """``(graph, records, compile_seconds, algorithm)`` from a Compiled, an algorithm or a
+    Graph."""
     from .ir import Graph
     if isinstance(compiled, Graph):
-        return compiled, [], None, None
+        return compiled, (), None, None
     graph = getattr(compiled, "graph", None)
     if graph is None:
         raise TypeError(f"compile_report needs a brainscale.Compiled, a compiled algorithm or a "
@@ -144,13 +142,14 @@ def _unpack(compiled):
     else:
         algo = None
     secs = getattr(compiled, "compile_seconds", None)
-    return graph, list(getattr(compiled, "log", []) or []), secs, algo
+    return graph, tuple(getattr(compiled, "records", ()) or ()), secs, algo
 
 
 def build_report(compiled) -> CompileReport:
     """The validated :class:`CompileReport` of a compiled model (see :func:`report_dict`)."""
     from .passes.select_dims import relation_costs
-    graph, log, secs, algo = _unpack(compiled)
+    from .ir.printer import array_body
+    graph, records, secs, algo = _unpack(compiled)
     hidden = [HiddenInfo(name=h.name, type=str(h.type),
                          group=(graph.group_of(h.name).id if graph.group_of(h.name) else None))
               for h in graph.hidden]
@@ -167,14 +166,16 @@ def build_report(compiled) -> CompileReport:
             r = graph.relation_by_id.get(rid)
             if r is not None and r.param not in pnames:
                 pnames.append(r.param)
-        b = t.attr("bytes")
-        b = int(b) if b is not None else sum(s.nbytes for s in t.shapes)
-        layout = t.attr("layout") if t.dim == "param" else ("eps_x + eps_f" if t.dim == "io" else None)
+        b = int(t.nbytes)
+        layout = t.layout if t.dim == "param" else ("eps_x + eps_f" if t.dim == "io" else None)
+        arrays = [ArrayInfo(id=a.id, role=a.role, what=array_body(graph, a), type=str(a.type),
+                            storage=a.storage, bytes=int(a.nbytes)) for a in t.arrays]
         traces.append(TraceInfo(
-            id=t.id, dim=t.dim, relations=list(t.relations), params=pnames,
-            layout=None if layout is None else str(layout), shapes=[str(s) for s in t.shapes],
+            id=t.id, dim=t.dim, relations=list(t.relations), params=pnames, layout=layout,
+            decay=None if t.decay is None else float(t.decay), decay_rank=t.decay_rank,
+            path=t.path, shapes=[str(s) for s in t.shapes], arrays=arrays,
             bytes=b, bytes_human=human_bytes(b), reason=t.attr("reason"),
-            attrs={k: _jsonable(v) for k, v in t.attrs if k not in ("bytes", "reason", "layout")}))
+            attrs={k: _jsonable(v) for k, v in t.attrs if k != "reason"}))
     choices = []
     for r in graph.relations:
         t = trace_of.get(r.id)
@@ -192,7 +193,7 @@ def build_report(compiled) -> CompileReport:
         graph=graph.name, algorithm=algo, stages=list(graph.stages), hidden=hidden,
         groups=groups, params=params, traces=traces, trace_bytes_total=total,
         trace_bytes_total_human=human_bytes(total), dim_choices=choices,
-        pass_times=_pass_times(log), compile_seconds=secs)
+        pass_times=_pass_times(records), compile_seconds=secs)
 
 
 def report_dict(compiled) -> dict:
@@ -240,8 +241,10 @@ def compile_report(compiled) -> str:
     out += _table([["name", "kind", "type", "elements"]] + rows)
     out += ["", f"traces ({len(rep.traces)}):"]
     rows = [[t.id, t.dim, ",".join(t.relations), ",".join(t.params), t.layout or "-",
-             t.bytes_human] for t in rep.traces]
-    out += _table([["id", "dim", "relations", "params", "layout", "bytes"]] + rows)
+             "-" if t.decay is None else f"{t.decay:.6g}", str(len(t.arrays)), t.bytes_human]
+            for t in rep.traces]
+    out += _table([["id", "dim", "relations", "params", "layout", "alpha", "arrays", "bytes"]]
+                  + rows)
     exact = f" ({rep.trace_bytes_total} B)" if rep.trace_bytes_total >= 1024 else ""
     out.append(f"  total: {rep.trace_bytes_total_human}{exact}")
     out += ["", "dimension choices:"]

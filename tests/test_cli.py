@@ -19,7 +19,7 @@ from brainscale.report import CompileReport
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "examples" / "cli_model.py") + ":make"
-STAGES = ["lower", "hidden-groups", "relations", "select-dims", "fuse-traces"]
+STAGES = ["lower", "hidden-groups", "relations", "select-dims", "fuse-traces", "layout-traces"]
 
 
 def run(capsys, *argv):
@@ -32,8 +32,10 @@ def test_default_prints_final_ir(capsys):
     code, out, err = run(capsys, MODEL, "--decay", "0.9")
     assert code == 0, err
     assert out.startswith("// brainscale-ir v1  graph=TwoLayerSNN.update\n"
-                          "// stages: lower, hidden-groups, relations, select-dims, fuse-traces\n")
+                          "// stages: lower, hidden-groups, relations, select-dims{decay=0.9}, "
+                          "fuse-traces, layout-traces\n")
     assert "trace T0 = io(R0)" in out and "trace T2 = param(R2)" in out
+    assert "alpha=0.9" in out and "array T2.0 = eps(R2 -> G1, leaf=weight" in out
 
 
 def test_print_after(capsys):
@@ -41,11 +43,11 @@ def test_print_after(capsys):
                          "--print-after", "lower")
     assert code == 0, err
     headers = [ln for ln in out.splitlines() if ln.startswith("// ----- after")]
-    assert headers == ["// ----- after lower -----", "// ----- after select-dims -----"]
-    lower, select = out.split("// ----- after select-dims -----")
+    assert headers == ["// ----- after lower -----", "// ----- after select-dims{decay=0.9} -----"]
+    lower, select = out.split("// ----- after select-dims{decay=0.9} -----")
     assert "// stages: lower\n" in lower and "group G0" not in lower
-    assert "// stages: lower, hidden-groups, relations, select-dims\n" in select
-    assert "shared_x" not in select          # fuse-traces has not run yet
+    assert "// stages: lower, hidden-groups, relations, select-dims{decay=0.9}\n" in select
+    assert "array " not in select            # layout-traces has not run yet
 
 
 def test_print_after_all_and_pipeline_spec(capsys):
@@ -55,9 +57,10 @@ def test_print_after_all_and_pipeline_spec(capsys):
     headers = [ln for ln in out.splitlines() if ln.startswith("// ----- after")]
     assert headers == ["// ----- after lower -----", "// ----- after hidden-groups -----",
                        "// ----- after relations -----",
-                       "// ----- after select-dims{policy=io} -----",
-                       "// ----- after fuse-traces -----"]
-    final = out.rsplit("// ----- after fuse-traces -----", 1)[1]
+                       "// ----- after select-dims{policy=io,decay=0.9} -----",
+                       "// ----- after fuse-traces -----",
+                       "// ----- after layout-traces -----"]
+    final = out.rsplit("// ----- after layout-traces -----", 1)[1]
     assert "trace T2 = io(R2)" in final and "policy=io (ES-D-RTRL)" in final
 
 
@@ -78,9 +81,9 @@ def test_out_dir(capsys, tmp_path):
     assert names == expected
     assert (out_dir / "00-lower.ir").read_text().startswith("// brainscale-ir v1")
     assert "// stages: lower\n" in (out_dir / "00-lower.ir").read_text()
-    assert 'subgraph "cluster_G0"' in (out_dir / "04-fuse-traces.dot").read_text()
+    assert 'subgraph "cluster_G0"' in (out_dir / "05-layout-traces.dot").read_text()
     if svg:
-        assert "<svg" in (out_dir / "04-fuse-traces.svg").read_text()
+        assert "<svg" in (out_dir / "05-layout-traces.svg").read_text()
     assert f"wrote {len(STAGES) * (3 if svg else 2)} file(s)" in err
 
 
@@ -100,7 +103,8 @@ def test_report_and_json(capsys, tmp_path):
     assert rep.trace_bytes_total == 800
     assert [t.dim for t in rep.traces] == ["io", "io", "param"]
     assert [c.reason for c in rep.dim_choices][2].startswith("param 128B <= io 132B")
-    assert [p.stage for p in rep.pass_times] == STAGES
+    assert [p.stage.split("{")[0] for p in rep.pass_times] == STAGES
+    assert [a.id for a in rep.traces[2].arrays] == ["T2.0"] and rep.traces[0].decay == 0.9
 
 
 def test_json_to_stdout(capsys):
@@ -157,11 +161,11 @@ def test_usage_errors_exit_2(capsys, argv, message):
     assert "Traceback" not in err
 
 
-def test_compiler_rejection_exits_1(capsys):
+def test_missing_decay_is_a_usage_error(capsys):
     # hybrid picks io-dim traces for the recurrent layer, which need a decay
     code, out, err = run(capsys, MODEL)
-    assert code == 1
-    assert "no decay was given" in err and "--decay ALPHA" in err
+    assert code == 2
+    assert "has no decay alpha" in err and "--decay ALPHA" in err
 
 
 def test_wrapper_script_subprocess():

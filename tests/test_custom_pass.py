@@ -67,7 +67,7 @@ def run_grads(model, c, steps=3):
 
 
 def trace_table(graph):
-    return [(t.dim, t.relations, t.shapes, t.attr("bytes")) for t in graph.traces]
+    return [(t.dim, t.relations, t.shapes, t.nbytes) for t in graph.traces]
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -86,12 +86,12 @@ def test_force_param_small_splits_a_fused_trace():
     # w_out (6x2 = 12 elements) leaves the shared eps_x trace; w_rec keeps it
     assert [(t.id, t.dim, t.relations) for t in g.traces] == [
         ("T0", "io", ("R0",)), ("T1", "io", ("R1",)), ("T2", "param", ("R2",))]
-    assert g.traces[1].attr("shared_x") == base.graph.traces[1].attr("shared_x")
+    assert g.traces[1].shared_x == base.graph.traces[1].shared_x
     assert g.traces[2].attr("reason") == "force-param-small: |theta|=12 <= 12"
     # shapes and bytes: exactly what select-dims/fuse-traces give when asked for param-dim
     _, ref = compile_shared(dim_overrides={"w_out": "param"})
     assert trace_table(g) == trace_table(ref.graph)
-    assert g.traces[2].attr("bytes") == relation_costs(g, g.relation_by_id["R2"])["param_bytes"]
+    assert g.traces[2].nbytes == relation_costs(g, g.relation_by_id["R2"])["param_bytes"]
     brainscale.verify(g)
     # the compiled step runs, gradients are finite and equal those of the same IR
     grads = run_grads(model, c)
@@ -130,7 +130,7 @@ def test_drop_frozen_gives_the_instantaneous_gradient():
     model, c = compile_shared([*DEFAULT_PIPELINE, "drop-frozen{params=[w_out]}"], algorithm="hybrid")
     g = c.graph
     t = next(t for t in g.traces if "R2" in t.relations)
-    assert (t.dim, t.shapes, t.attr("bytes")) == ("none", (), 0)
+    assert (t.dim, t.shapes, t.nbytes) == ("none", (), 0)
     assert t.attr("reason") == "drop-frozen: instantaneous gradient only"
     assert all("R2" not in t2.relations for t2 in g.traces if t2 is not t)   # split off
     # reference: the plain model's one-step gradient with the previous state held fixed
@@ -161,7 +161,7 @@ def test_drop_frozen_unknown_parameter():
         "drop-frozen names unknown trace parameter(s) 'w_nope'; trace parameters: "
         "w_in, w_out, w_rec\n"
         "while running pass 'drop-frozen' (ran before it: lower, hidden-groups, relations, "
-        "select-dims, fuse-traces)")
+        "select-dims{decay=0.9}, fuse-traces, layout-traces)")
 
 
 def test_example_specs_round_trip_and_order_check():
@@ -190,21 +190,22 @@ def test_duplicate_registration_is_an_error():
 @brainscale.function_pass("test-count-trace-bytes", requires={"trace-dims"})
 def count_trace_bytes(graph, ctx):
     """Note the total trace bytes; change nothing."""
-    ctx.note("test-count-trace-bytes", f"{sum(t.attr('bytes', 0) for t in graph.traces)} B")
+    ctx.note("test-count-trace-bytes", f"{sum(t.nbytes for t in graph.traces)} B")
     return graph
 
 
 def test_function_pass_by_name_with_dumps(tmp_path):
     dump = brainscale.DumpDir(tmp_path)
-    _, c = compile_shared("hidden-groups,relations,select-dims,fuse-traces,test-count-trace-bytes",
-                          instruments=[dump])
+    _, c = compile_shared("hidden-groups,relations,select-dims,fuse-traces,layout-traces,"
+                          "test-count-trace-bytes", instruments=[dump])
     assert c.graph.stages[-1] == "test-count-trace-bytes"
-    assert ("test-count-trace-bytes", f"{sum(t.attr('bytes') for t in c.graph.traces)} B") in c.log
+    assert ("test-count-trace-bytes", f"{sum(t.nbytes for t in c.graph.traces)} B") in c.log
     assert any(name == "test-count-trace-bytes" and msg.endswith(" ms") for name, msg in c.log)
     written = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ir")
     assert written[-1].endswith("-test-count-trace-bytes.ir")
     text = (tmp_path / written[-1]).read_text()
-    assert text.splitlines()[1].endswith("fuse-traces, test-count-trace-bytes")
+    assert text.splitlines()[1].endswith("fuse-traces, layout-traces, test-count-trace-bytes")
+    assert sum(t.nbytes for t in c.graph.traces) > 0
 
 
 # -- broken passes ----------------------------------------------------------------------------
@@ -225,8 +226,8 @@ def test_broken_relation_is_caught_by_the_verifier():
         compile_shared([*DEFAULT_PIPELINE, break_relation()], algorithm="hybrid")
     lines = str(info.value).splitlines()
     assert lines[0] == ("pass 'test-break-relation' failed (ran before it: lower, hidden-groups, "
-                        "relations, select-dims, fuse-traces): invalid IR: relation R0 names "
-                        "unknown group 'G7'")
+                        "relations, select-dims{decay=0.9}, fuse-traces, layout-traces): invalid "
+                        "IR: relation R0 names unknown group 'G7'")
     assert any(ln.startswith(">") and "rel R0 = %w_in -> %y0 -> G7" in ln for ln in lines[1:])
     assert isinstance(info.value.__cause__, IRVerificationError)
 
@@ -237,5 +238,6 @@ def test_broken_trace_is_caught_by_the_verifier():
                        algorithm="hybrid")
     lines = str(info.value).splitlines()
     assert lines[0] == ("pass 'test-break-trace' failed (ran before it: lower, hidden-groups, "
-                        "relations, select-dims): invalid IR: trace T0 names unknown relation 'R9'")
+                        "relations, select-dims{decay=0.9}): invalid IR: trace T0 names unknown "
+                        "relation 'R9'")
     assert any(ln.startswith(">") and "trace T0 = io(R9)" in ln for ln in lines[1:])

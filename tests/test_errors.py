@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import brainscale
-from brainscale.api import build_graph
+from helpers import build_graph
 
 import models
 

@@ -203,10 +203,6 @@ def test_gru_every_param_gets_gradient(name, algo, capsys):
     a_all = np.concatenate([_flat(grads[k]) for k in sorted(ref)])
     b_all = np.concatenate([_flat(ref[k]) for k in sorted(ref)])
     total = _cosine(a_all, b_all)
-    with capsys.disabled():
-        print(f"\n[{name} {algo}] online vs BPTT over T={T}: total cos={total:+.4f}")
-        for ln in lines:
-            print("   " + ln)
     # the diagonal approximation still points the same way as BPTT on these small models
     # (measured: param 0.66-0.95, io 0.50-0.59; io magnitudes carry the (1-α) factor)
     assert total > 0.3
@@ -249,8 +245,7 @@ def test_non_elementwise_weight_fn_gets_the_exact_layout(algo, batch):
     learner, n = run_case("normed_rec", algo, batch, T=8)
     assert n > 0
     (op,) = learner.graph.ops
-    attrs = dict(op.attrs)
-    assert attrs["layout"] == "dense" and "not element-wise" in attrs["layout_reason"]
+    assert op.layout == "dense" and "not element-wise" in op.layout_reason
 
 
 @pytest.mark.parametrize("batch", [0, 2])
@@ -258,7 +253,7 @@ def test_non_elementwise_elemwise_fn_gets_the_exact_layout(batch):
     """ElemWiseOp(fn) with fn = a softmax over neurons: per-neuron layout, oracle-exact."""
     learner, n = run_case("softmax_tau", "param", batch, T=8)
     assert n > 0
-    layouts = {o.op_class: dict(o.attrs)["layout"] for o in learner.graph.ops}
+    layouts = {o.op_class: o.layout for o in learner.graph.ops}
     assert layouts == {"ElemWiseOp": "dense", "MatMulOp": "compact"}
 
 
@@ -266,7 +261,7 @@ def test_elementwise_weight_fns_keep_the_compact_layout():
     for name in ("masked_rec", "lif_delta", "sparse_rec", "elemwise_tau"):
         m, x0 = models.make(name)
         g = brainscale.DiagParamDimAlgorithm(m).compile_graph(x0).graph
-        assert all(dict(o.attrs)["layout"] == "compact" and "layout_reason" not in dict(o.attrs)
+        assert all(o.layout == "compact" and o.layout_reason is None
                    for o in g.ops if o.kind in ("dense", "sparse", "elemwise")), name
 
 

@@ -95,9 +95,6 @@ def test_online_temp_memory_independent_of_T(name, algo, batch, capsys):
         sizes[T], how = _temp_bytes(online, *_specs(T, x0, out_shape))
     bptt = _bptt_fn(models.make(name, batch)[0])
     ref = {T: _temp_bytes(bptt, *_specs(T, x0, out_shape))[0] for T in (100, 10_000)}
-    with capsys.disabled():
-        print(f"\n[{name} {algo} B={batch}] temp bytes ({how}): online T=100 {sizes[100]} B, "
-              f"T=10000 {sizes[10_000]} B; BPTT T=100 {ref[100]} B, T=10000 {ref[10_000]} B")
     assert sizes[100] == sizes[10_000]
     if how == "memory_analysis":
         # BPTT stores the whole history: its temporaries grow about linearly in T

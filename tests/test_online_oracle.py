@@ -100,7 +100,7 @@ def dense_from_param_trace(learner, param_state, rid, gid, tree, offsets, N):
     rel = g.relation_by_id[rid]
     op_node = g.op_by_name[rel.op]
     grp = g.group_by_id[gid]
-    layout = dict(op_node.attrs)["layout"]
+    layout = op_node.layout
     w_leaves = [_np(l) for l in jax.tree.leaves(param_state.value)]
     sizes = [l.size for l in w_leaves]
     E = np.zeros((N, sum(sizes)), np.float64)

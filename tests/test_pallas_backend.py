@@ -17,14 +17,16 @@ import pytest
 
 import brainscale
 import models
+from helpers import build_graph
 from brainscale.backends import JaxBackend, get_backend
 from brainscale.backends.pallas import (PallasBackend, PallasSelectPass, Tiles,
                                         fused_online_gradients)
 from brainscale.backends.pallas import _common
-from brainscale.backends.pallas import backend as pallas_backend_mod
+from brainscale.backends.pallas import rules as pallas_backend_mod
 from brainscale.passes import PASS_REGISTRY, parse_pipeline
 
 ON_GPU = _common.platform().kind == "gpu"
+KPATH = "pallas" if ON_GPU else "pallas-interpret"     # the kernel path on this machine
 TINY = Tiles(2, 4, 8)       # several programs per grid even on the tiny test models
 
 
@@ -165,14 +167,16 @@ def test_mixed_model_launch_groups_fallback_and_gradients(monkeypatch):
     comp = brainscale.compile(net_p, x0, algorithm="param", backend=kernels())
     lj = brainscale.DiagParamDimAlgorithm(net_j).compile_graph(x0)
     g = comp.step.graph
-    paths = {t.id: (t.attr("path"), t.attr("path_reason"), t.attr("launch")) for t in g.traces}
-    dense = [tid for tid, (p, _, _) in paths.items() if p == "pallas"]
+    paths = {t.id: (t.path, t.attr("path_reason"), t.attr("launch")) for t in g.traces}
+    dense = [tid for tid, (p, _, _) in paths.items() if p == KPATH]
     assert len(dense) == 2 and paths[dense[0]][2] == paths[dense[1]][2] == "L0"
     (sparse,) = [v for v in paths.values() if v[0] == "jax"]
     assert sparse[1].startswith("unsupported: op kind 'sparse'")
     assert "pallas-select" in g.stages[-1]
     assert comp.learner._step.backend == "pallas"
-    assert comp.learner._step.emitter.kernel and "launch L0 (x2)" in comp.step.as_text()
+    rules = {type(e.rule).__name__: [t.id for t in e.traces] for e in comp.step.program.plan}
+    assert sorted(rules[next(r for r in rules if r.startswith("Pallas"))]) == sorted(dense)
+    assert "launch L0 (x2)" in comp.step.as_text()
     xs, ys = sequence(x0, 5, seed=1)
     for a, b in zip(per_step_grads(lj, xs, ys), per_step_grads(comp.learner, xs, ys)):
         compare(b, a)
@@ -188,48 +192,48 @@ def test_bf16_trace_storage_learner(capsys):
     lb = brainscale.DiagParamDimAlgorithm(
         net_b, backend=kernels(trace_dtype="bfloat16")).compile_graph(x0)
     assert {str(t.value.dtype) for t in lb._traces} == {"bfloat16"}
-    assert all(t.attr("storage") == "bfloat16" for t in lb._step.graph.traces)
+    assert all(a.storage == "bfloat16" for t in lb._step.graph.traces for a in t.arrays)
     xs, ys = sequence(x0, T)
     gf, _ = brainscale.online_gradients(lf, xs, ys, loss_fn)
     gb, _ = brainscale.online_gradients(lb, xs, ys, loss_fn)
     a = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(gf)])
     b = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(gb)])
     cos = float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-    with capsys.disabled():
-        print(f"\n[bf16 learner, {T} steps] gradient rel err {rel(b, a):.2e}, cosine {cos:.6f}")
     assert cos > 0.999 and rel(b, a) < 2e-2
 
 
 def test_selection_model_reasons(tmp_path):
     """The pass alone, as on a GPU (interpret=False): size threshold, padding, overrides."""
     net, x0 = models.make("lif_delta", batch=2)   # weight trace (2, 8, 5, 1)
-    graph, _, _ = brainscale.api.build_graph(net, x0, policy="param")
+    graph, _, _ = build_graph(net, x0, policy="param")
+    assert "trace-arrays" in graph.facts
     run = lambda **kw: brainscale.PassManager((PallasSelectPass(**kw),)).run(graph)  # noqa: E731
     t = run(interpret=False).traces[0]
-    assert t.attr("path") == "jax" and "no power-of-two tile" in t.attr("path_reason")
+    assert t.path == "jax" and "no power-of-two tile" in t.attr("path_reason")
     if not ON_GPU:      # without a GPU, 'auto' sends every supported trace to the interpreter
         t = run().traces[0]
-        assert t.attr("path") == "pallas" and "interpret mode" in t.attr("path_reason")
+        assert t.path == KPATH and "interpret mode" in t.attr("path_reason")
     net2 = TwoPathNet(n=16)
-    g2, _, _ = brainscale.api.build_graph(net2, jnp.zeros((2, 16)), policy="param")
+    g2, _, _ = build_graph(net2, jnp.zeros((2, 16)), policy="param")
     run2 = lambda **kw: brainscale.PassManager((PallasSelectPass(**kw),)).run(g2)  # noqa: E731
     small = [t for t in run2(interpret=False).traces if t.attr("path_reason", "").startswith("trace")]
-    assert small and all(t.attr("path") == "jax" and "XLA is as fast" in t.attr("path_reason")
+    assert small and all(t.path == "jax" and "XLA is as fast" in t.attr("path_reason")
                          and "builtin" in t.attr("path_reason") for t in small)
-    big = [t for t in run2(interpret=False, min_bytes=0).traces if t.attr("path") == "pallas"]
+    big = [t for t in run2(interpret=False, min_bytes=0).traces if t.path == "pallas"]
     assert len(big) == 2 and all(">=" in t.attr("path_reason") for t in big)
     cm = tmp_path / "pallas_test.json"
     cm.write_text(json.dumps({"device": "TestGPU", "jax": jax.__version__,
                               "selection": {"learner_min_bytes": 1000, "fused_min_bytes": None},
                               "tiles": {"float32": {"bb": 1, "bi": 8, "bo": 16}}}))
     g3 = run2(interpret=False, cost_model=str(cm))
-    assert [t.attr("path") for t in g3.traces].count("pallas") == 2
+    assert [t.path for t in g3.traces].count("pallas") == 2
     assert "measured: pallas_test.json (TestGPU" in g3.traces[0].attr("path_reason")
     g4 = run2(interpret=False, cost_model=str(cm), scheme="fused")
-    assert [t.attr("path") for t in g4.traces].count("pallas") == 0
-    assert all(t.attr("path") == "jax" for t in run2(select="none").traces)
+    assert [t.path for t in g4.traces].count("pallas") == 0
+    assert all(t.path == "jax" for t in run2(select="none").traces)
     g5 = run2(trace_dtype="bfloat16")
-    assert [t.attr("storage") for t in g5.traces if t.attr("path") == "pallas"] == ["bfloat16"] * 2
+    assert [{a.storage for a in t.arrays} for t in g5.traces if t.path == KPATH] == \
+        [{"bfloat16"}] * 2
     assert g5.attr("pallas_mode") == ("gpu" if ON_GPU else "interpret")
     assert dict(PallasBackend().unsupported(g2))  # the sparse trace is reported
 
@@ -258,7 +262,7 @@ def test_driver_chunked_es_equals_online_gradients(es_impl):
     net_p, _ = models.make("lif_delta", batch=2)
     lj = brainscale.DiagIODimAlgorithm(net_j, 0.9).compile_graph(x0)
     lp = brainscale.DiagIODimAlgorithm(net_p, 0.9, backend="pallas").compile_graph(x0)
-    assert all(t.attr("path") == "jax" and t.attr("path_reason").startswith("io-dim")
+    assert all(t.path == "jax" and t.attr("path_reason").startswith("io-dim")
                for t in lp._step.graph.traces)
     xs, ys = sequence(x0, T, seed=3)
     gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)

@@ -145,9 +145,6 @@ def test_bf16_storage_f32_math(capsys):
     e3, g3 = drtrl_reference(inp["eps"].astype(jnp.float32), inp["J"], inp["df"], inp["x"],
                              inp["delta"])
     err_ref, err_f32, g_err = rel(e1, e2), rel(e1, e3), rel(g1, g3)
-    with capsys.disabled():
-        print(f"\n[bf16 storage] trace vs bf16 reference {err_ref:.2e}, vs f32 {err_f32:.2e}; "
-              f"gradient (f32 acc) vs f32 {g_err:.2e}")
     assert err_ref < BF16_TOL and err_f32 < BF16_TOL, seed
     assert g_err < F32_TOL, seed        # the gradient is contracted before the bf16 rounding
 
@@ -240,8 +237,6 @@ def test_gpu_drtrl_compiled(B, I, O, k, storage, capsys):
     e2, g2 = drtrl_reference(inp["eps"], inp["J"], inp["df"], inp["x"], inp["delta"], inp["c"],
                              inp["grad_acc"])
     tol = F32_TOL if storage == "float32" else BF16_TOL
-    with capsys.disabled():
-        print(f"\n[gpu {storage} {B}x{I}x{O}x{k}] trace {rel(e1, e2):.2e} grad {rel(g1, g2):.2e}")
     assert rel(e1, e2) < tol and rel(g1, g2) < F32_TOL * 10, seed
     e3 = jax.jit(drtrl_update)(inp["eps"], inp["J"], inp["df"], inp["x"], inp["c"])
     g3 = jax.jit(drtrl_grad)(e3, inp["delta"], inp["grad_acc"])

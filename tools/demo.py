@@ -218,7 +218,7 @@ def trace_memory(learner, batch_size: int) -> dict:
     (D-RTRL) trace per example: batch x |theta| x itemsize.
     """
     nbytes = lambda a: int(np.prod(np.shape(a))) * jnp.result_type(a).itemsize  # noqa: E731
-    planned = sum(int(t.attr("bytes", 0) or 0) for t in learner.graph.traces)
+    planned = sum(t.nbytes for t in learner.graph.traces)
     allocated = sum(nbytes(t.value) for t in learner._traces)
     theta = sum(nbytes(leaf) for p in learner.model.states(brainscale.ETraceParam).values()
                 for leaf in jax.tree.leaves(p.value))

@@ -293,7 +293,7 @@ def bench_e2e(models, N, B, T, reps):
                     runner = learner_runner(learner, bm.loss_fn)
                     fn = lambda: runner(xs, ys)  # noqa: E731
                 t = time_calls(fn, reps) / T
-                paths = [f"{t_.id}:{t_.attr('path')}" for t_ in learner._step.graph.traces] \
+                paths = [f"{t_.id}:{t_.path}" for t_ in learner._step.graph.traces] \
                     if backend != "jax" else []
                 return t, paths
             out, err = safe(run)

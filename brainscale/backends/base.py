@@ -1,4 +1,4 @@
-"""Backend interface: turn a fully compiled Graph into a runnable step."""
+"""Backend interface: turn a fully compiled Graph into a runnable, immutable step."""
 from __future__ import annotations
 
 import abc
@@ -27,25 +27,33 @@ def get_backend(name_or_backend, **options) -> "Backend":
     return cls(**options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompiledStep:
     """The emitted step.
 
     ``fn(theta_trace, theta_plain, args, hidden, others, traces) ->
     (outs, new_hidden, new_others, new_traces)`` is jitted and has a custom VJP whose
-    backward returns online gradients for the parameters and the inputs.
+    backward returns online gradients for the parameters and the inputs. ``traces`` holds
+    one array per :class:`~brainscale.ir.TraceArray` of ``graph`` (``binding.arrays``).
+    ``program`` holds the pieces step-owning drivers reuse (linearizer, signals, rule plan).
     """
     graph: Any
     backend: str
     fn: Callable
-    init_traces: Callable            # () -> list of zero trace arrays
-    trace_names: tuple               # one name per trace array (for etrace_xs / etrace_dfs)
-    layout: Any = None               # backend-specific description of the arrays
-    notes: tuple = field(default_factory=tuple)
-    emitter: Any = None              # the object that emitted ``fn`` (step-owning drivers)
+    binding: Any
+    program: Any = field(repr=False)
+    notes: tuple = ()
 
     def __call__(self, *a, **k):
         return self.fn(*a, **k)
+
+    def init_traces(self) -> tuple:
+        """Zero trace arrays (the graph's arrays, in their storage dtypes)."""
+        return self.binding.init_traces()
+
+    @property
+    def arrays(self) -> tuple:
+        return self.binding.arrays
 
     def as_text(self) -> str:
         from ..ir.printer import print_graph
@@ -55,15 +63,18 @@ class CompiledStep:
 
 
 class Backend(abc.ABC):
-    """A backend never changes the IR; backend-specific rewrites are passes (``pipeline``)."""
+    """A backend never changes the IR: backend-specific decisions are passes it adds to
+    the pipeline (``pipeline()``), and ``emit`` reads only the graph."""
     name: ClassVar[str] = ""
 
     def pipeline(self) -> tuple:
+        """Passes appended to the compile pipeline (after ``layout-traces``)."""
         return ()
 
     def unsupported(self, graph) -> tuple:
+        """``((trace id, reason), ...)`` of traces this backend runs on a fallback path."""
         return ()
 
     @abc.abstractmethod
-    def emit(self, graph, decay: float | None = None) -> CompiledStep:
-        """Emit the step for ``graph`` (``decay`` = α of io-dim traces)."""
+    def emit(self, graph) -> CompiledStep:
+        """Emit the step for ``graph`` (everything it needs is in the IR)."""

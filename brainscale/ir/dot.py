@@ -33,7 +33,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .printer import PrintSettings, _fmt_val
+from .._fmt import human_bytes
+from .printer import PrintSettings, _fmt_val, array_body, trace_fields
 from .types import TreeType
 
 __all__ = ["to_dot", "render", "find_renderer", "human_bytes", "RENDER_HINT"]
@@ -63,7 +64,7 @@ RENDER_HINT = ("install Graphviz (https://graphviz.org/download/, then `dot -Tsv
 # defaults not worth repeating on every parameter node
 _DEFAULT_PARAM_ATTRS = {("grad", "adaptive"), ("is_etrace", True)}
 # trace attrs that get their own line (the rest are listed as k=v)
-_TRACE_OWN_ATTRS = ("bytes", "reason", "layout")
+_TRACE_OWN_ATTRS = ("bytes", "reason", "layout", "alpha")
 
 
 # -- text helpers ---------------------------------------------------------------------------
@@ -119,18 +120,6 @@ def _attrs(**kw) -> str:
     return "[" + ", ".join(f"{k}={v}" for k, v in kw.items() if v is not None) + "]"
 
 
-def human_bytes(n: int | float) -> str:
-    """``60 B``, ``1.5 KiB``, ``12.0 MiB``: binary units, one decimal above bytes."""
-    n = float(n)
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024.0
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def _short_loc(loc) -> str | None:
     """``loc`` text shortened to the last two path parts (fx ``_shorten_file_name``)."""
     if loc is None:
@@ -150,17 +139,10 @@ def _type_lines(t) -> list[str]:
 
 def _trace_layout(t) -> str:
     if t.dim == "param":
-        return str(t.attr("layout", "compact"))
+        return str(t.layout)
     if t.dim == "io":
         return "eps_x + eps_f"
     return "-"
-
-
-def _trace_bytes(t) -> int:
-    b = t.attr("bytes")
-    if b is None:
-        b = sum(s.nbytes for s in t.shapes)
-    return int(b)
 
 
 # -- the drawing ---------------------------------------------------------------------------
@@ -254,12 +236,15 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
     rel_by_id = graph.relation_by_id
     for t in graph.traces:
         lines = [f"{t.id} = {t.dim}({', '.join(t.relations)})",
-                 f"dim={t.dim}  layout={_trace_layout(t)}",
-                 f"bytes={human_bytes(_trace_bytes(t))}"]
-        if s.print_types and t.shapes:
-            lines.append("[" + ", ".join(str(x) for x in t.shapes) + "]")
+                 f"dim={t.dim}  layout={_trace_layout(t)}"
+                 + (f"  alpha={_fmt_val(float(t.decay))}" if t.decay is not None else ""),
+                 f"bytes={human_bytes(t.nbytes)}"]
+        if s.print_types:
+            for a in t.arrays:
+                st = f" as {a.storage}" if a.storage != a.type.dtype else ""
+                lines.append(f"{a.id} {array_body(graph, a)}: {a.type}{st}")
         if s.print_attrs:
-            for k, v in t.attrs:
+            for k, v in trace_fields(t):
                 if k not in _TRACE_OWN_ATTRS:
                     lines.append(f"{k}={_fmt_val(v)}")
             reason = t.attr("reason")

@@ -14,13 +14,14 @@ __all__ = ["Graph", "StepInfo"]
 
 @dataclass(frozen=True, eq=False)
 class StepInfo:
-    """What the backend needs besides the IR: the traced jaxpr and the live states.
+    """What the backend needs besides the IR: the traced jaxpr, the op objects, the states.
 
     Not part of the IR's structural equality (two graphs of the same model compare equal
     whatever objects the tracer produced).
     """
     jaxpr: Any                     # closed jaxpr of one step, trace-op calls inlined
-    states: tuple                  # brainstate states in jaxpr order
+    ops: Any                       # Mapping op name ('%y0') -> ETraceOp object
+    states: tuple                  # brainstate states in jaxpr order (references)
     state_paths: tuple             # their names (paths) in the same order
     state_treedefs: tuple          # pytree structure of each state's value
     n_arg_leaves: int              # jaxpr invars [0, n) are the step's argument leaves
@@ -43,9 +44,10 @@ class Graph:
     groups: tuple[HiddenGroup, ...] = ()
     relations: tuple[Relation, ...] = ()
     traces: tuple[Trace, ...] = ()
+    batch: int = 0                     # leading batch size of the batched ops (0: unbatched)
     stages: tuple[str, ...] = ()
     facts: frozenset = frozenset()     # facts established by passes ('groups', ...)
-    attrs: FrozenAttrs = ()
+    attrs: FrozenAttrs = ()            # notes only (backends read typed fields)
     info: StepInfo | None = field(default=None, compare=False, repr=False)
 
     # -- functional updates ------------------------------------------------------------
@@ -87,6 +89,20 @@ class Graph:
     @cached_property
     def trace_by_id(self) -> dict[str, Trace]:
         return {t.id: t for t in self.traces}
+
+    @cached_property
+    def trace_of_relation(self) -> dict[str, Trace]:
+        return {rid: t for t in self.traces for rid in t.relations}
+
+    @cached_property
+    def array_by_id(self) -> dict:
+        return {a.id: a for t in self.traces for a in t.arrays}
+
+    def op_object(self, op_name: str):
+        """The :class:`~brainscale.ETraceOp` applied by the op ``op_name`` (from the traced step)."""
+        if self.info is None:
+            raise ValueError("the graph carries no traced step (StepInfo)")
+        return self.info.ops[op_name]
 
     def group_of(self, hidden_name: str) -> HiddenGroup | None:
         for g in self.groups:
@@ -130,6 +146,9 @@ class Graph:
             g.add_node(t.id, kind="trace", dim=t.dim)
             for rid in t.relations:
                 g.add_edge(rid, t.id)
+            for a in t.arrays:
+                g.add_node(a.id, kind="array", role=a.role, type=str(a.stored_type))
+                g.add_edge(t.id, a.id)
         return g
 
     def __str__(self) -> str:

@@ -12,12 +12,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .types import FrozenAttrs, Loc, TensorType, TreeType
 
 __all__ = ["Input", "HiddenState", "Param", "Value", "Op", "HiddenGroup", "Relation",
-           "Trace", "replace", "TRACE_DIMS", "OP_KINDS", "PARAM_KINDS"]
+           "Trace", "TraceArray", "replace", "TRACE_DIMS", "OP_KINDS", "PARAM_KINDS",
+           "PARAM_LAYOUTS", "ARRAY_ROLES"]
 
 TRACE_DIMS = ("param", "io", "none")
+PARAM_LAYOUTS = ("compact", "dense")
+ARRAY_ROLES = ("eps", "eps_x", "eps_f")
 OP_KINDS = ("dense", "conv", "sparse", "elemwise", "lora", "function", "custom")
 PARAM_KINDS = ("etrace", "plain")
 
@@ -83,23 +88,33 @@ class Value:
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One application ``%y = kind(%x, %param)`` of an :class:`~brainscale.ETraceOp`."""
+    """One application ``%y = kind(%x, %param)`` of an :class:`~brainscale.ETraceOp`.
+
+    ``layout`` is the param-dim (D-RTRL) trace layout that is exact for this op: ``'compact'``
+    (a parameter-shaped trace per hidden-state component, legal only when proven for every
+    weight value) or ``'dense'`` (the exact per-output-neuron trace, always legal);
+    ``layout_reason`` says why an op that could be compact is not. The op object itself
+    travels in :attr:`StepInfo.ops` under :attr:`name`.
+    """
     name: str                   # '%y0', ... in jaxpr equation order
     kind: str                   # one of OP_KINDS
     op_class: str               # the ETraceOp subclass name
-    op_id: int                  # registry id of the op object (see concepts.lookup_op)
     x: str | None               # name of the input Value (None for element-wise ops)
     param: str                  # name of the Param
     type: TensorType            # type of y
     eqn: int                    # index of the marker equation in the (inlined) jaxpr
     n_x_leaves: int             # number of jaxpr inputs of the marker eqn that belong to x
     batched: bool               # x carries a leading batch axis
-    attrs: FrozenAttrs = ()
+    layout: str = "compact"     # the exact param-dim layout: 'compact' | 'dense'
+    layout_reason: str | None = None
+    attrs: FrozenAttrs = ()     # notes only
     loc: Loc | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.kind not in OP_KINDS:
             raise ValueError(f"Op kind must be one of {OP_KINDS}, got {self.kind!r}")
+        if self.layout not in PARAM_LAYOUTS:
+            raise ValueError(f"Op layout must be one of {PARAM_LAYOUTS}, got {self.layout!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,19 +148,68 @@ class Relation:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceArray:
+    """One array an eligibility trace keeps: what the compiled step allocates and updates.
+
+    * ``role='eps'`` (param-dim, D-RTRL): the trace of one parameter leaf for one
+      (relation, group); ``state`` is the index of the group's state it belongs to, or None
+      when the group's ``k`` states are stacked (compact: trailing axis; dense: the axis after
+      the neuron axes);
+    * ``role='eps_x'`` (io-dim, ES-D-RTRL): the low-pass filtered op input ``value``;
+    * ``role='eps_f'`` (io-dim): the output trace of one (relation, group), its ``k`` states on
+      the trailing axis.
+
+    ``type`` is the logical type (the math dtype); ``storage`` the dtype the array is kept in.
+    """
+    id: str                     # '<trace id>.<n>', e.g. 'T0.1'
+    role: str                   # 'eps' | 'eps_x' | 'eps_f'
+    type: TensorType
+    storage: str                # numpy dtype name of the stored array
+    relation: str | None = None
+    group: str | None = None
+    leaf: int | None = None     # index into the parameter's leaves (role 'eps')
+    state: int | None = None    # index into the group's states; None: all k stacked
+    value: str | None = None    # the op input (role 'eps_x')
+
+    def __post_init__(self):
+        if self.role not in ARRAY_ROLES:
+            raise ValueError(f"TraceArray role must be one of {ARRAY_ROLES}, got {self.role!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.type.size * np.dtype(self.storage).itemsize
+
+    @property
+    def stored_type(self) -> TensorType:
+        """The type of the allocated array (``type`` with the storage dtype)."""
+        return TensorType(self.type.shape, self.storage, self.type.unit)
+
+
+@dataclass(frozen=True, slots=True)
 class Trace:
     """An eligibility trace kept by the compiled step.
 
     ``dim='param'``: D-RTRL, one trace per (relation, group) in param space
-    (``layout='compact'`` a param-shaped tree × k, ``'dense'`` per output neuron);
-    ``dim='io'``: ES-D-RTRL, factorised into ``ε_x`` (shared per op input) and ``ε_f``;
+    (``layout='compact'`` parameter-shaped, ``'dense'`` per output neuron);
+    ``dim='io'``: ES-D-RTRL, factorised into ``ε_x`` of the op input ``shared_x`` (shared by
+    every relation of the trace) and ``ε_f``, both with the decay ``decay`` (α; ``decay_rank``
+    when α came from a rank r, α = (r-1)/(r+1));
     ``dim='none'``: the parameter gets only its instantaneous gradient.
+
+    Every field but ``attrs`` is read by the backends. ``arrays`` is filled by the
+    ``layout-traces`` pass (or a backend's variant); shapes and bytes derive from it.
+    ``path`` names the backend rule variant that runs the trace (``'jax'``, ``'pallas'``, ...).
     """
     id: str                         # 'T0', ...
     dim: str                        # 'param' | 'io' | 'none'
     relations: tuple[str, ...]      # more than one: fused
-    shapes: tuple[TensorType, ...]  # the arrays the trace keeps (per relation & group)
-    attrs: FrozenAttrs = ()         # cost, reason, layout, shared x, ...
+    layout: str | None = None       # param-dim: 'compact' | 'dense'
+    shared_x: str | None = None     # io-dim: the op input value whose eps_x the trace keeps
+    decay: float | None = None      # io-dim: alpha
+    decay_rank: int | None = None   # io-dim: the rank alpha came from, if any
+    path: str = "jax"               # backend rule variant
+    arrays: tuple[TraceArray, ...] = ()
+    attrs: FrozenAttrs = ()         # notes: reason, costs, ...
 
     def __post_init__(self):
         _check_id("T", self.id)
@@ -154,3 +218,13 @@ class Trace:
 
     def attr(self, key: str, default: Any = None) -> Any:
         return dict(self.attrs).get(key, default)
+
+    @property
+    def shapes(self) -> tuple[TensorType, ...]:
+        """The stored types of the arrays (empty before ``layout-traces``)."""
+        return tuple(a.stored_type for a in self.arrays)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (0 before ``layout-traces`` and for dim 'none')."""
+        return sum(a.nbytes for a in self.arrays)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from .types import Loc
+from .types import Loc, short_dtype
 
-__all__ = ["PrintSettings", "print_graph", "fmt_attrs", "PP_RULES"]
+__all__ = ["PrintSettings", "print_graph", "fmt_attrs", "PP_RULES", "trace_fields", "array_body"]
 
 
 class PrintSettings(NamedTuple):
@@ -57,14 +57,16 @@ def _value_line(v, s):
 
 def _op_line(o, s):
     x = o.x if o.x is not None else "-"
-    a = (("class", o.op_class), ("eqn", o.eqn))
+    a = (("class", o.op_class), ("eqn", o.eqn), ("layout", o.layout))
+    if o.layout_reason:
+        a += (("layout_reason", o.layout_reason),)
     if o.batched:
         a += (("batched", True),)
     a = tuple(sorted(a + tuple(o.attrs)))
     return _line(f"{o.name} = {o.kind}({x}, %{o.param}) : {o.type}", a, o.loc, s)
 
 
-#: per-node-kind printing rules (extend to print custom node kinds)
+#: per-node-kind printing rules (extend to print custom node kinds); filled below
 PP_RULES: dict[str, Callable] = {"value": _value_line, "op": _op_line}
 
 
@@ -75,8 +77,9 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
              "// stages: " + (", ".join(graph.stages) if graph.stages else "(none)")]
     sig = ", ".join(f"%{i.name}: {i.type}" for i in graph.inputs)
     head = f"graph @{graph.name}({sig})"
-    if s.print_attrs and graph.attrs:
-        head += " " + fmt_attrs(graph.attrs)
+    gattrs = tuple(sorted(dict(graph.attrs, batch=graph.batch).items()))
+    if s.print_attrs and gattrs:
+        head += " " + fmt_attrs(gattrs)
     lines.append(head + " {")
     for h in graph.hidden:
         lines.append(_line(f"hidden %{h.name} : {h.type}", (), None, s))
@@ -103,9 +106,72 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
         lines.append(_line(f"rel {r.id} = %{r.param} -> {r.op} -> {tgt}", a, None, s))
     if graph.traces:
         lines.append("")
+    laid_out = "trace-arrays" in graph.facts
     for t in graph.traces:
-        shapes = ", ".join(str(x) for x in t.shapes)
-        lines.append(_line(f"trace {t.id} = {t.dim}({', '.join(t.relations)}) : [{shapes}]",
-                           t.attrs, None, s))
+        lines.append(PP_RULES["trace"](graph, t, s, laid_out))
+        for a in t.arrays:
+            lines.append(PP_RULES["array"](graph, t, a, s))
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def trace_fields(t, laid_out: bool = False) -> tuple:
+    """The typed fields of a trace (and its derived bytes), in a fixed order, then its note
+    attributes sorted by key: what the trace line prints."""
+    typed = []
+    if t.layout is not None:
+        typed.append(("layout", t.layout))
+    if t.decay is not None:
+        typed.append(("alpha", float(t.decay)))
+    if t.decay_rank is not None:
+        typed.append(("rank", int(t.decay_rank)))
+    if t.shared_x is not None:
+        typed.append(("shared_x", t.shared_x))
+    if t.path != "jax":
+        typed.append(("path", t.path))
+    if t.arrays or laid_out:
+        typed.append(("bytes", t.nbytes))
+    return tuple(typed) + tuple(sorted(t.attrs))
+
+
+def _trace_line(graph, t, s, laid_out=False):
+    return _line(f"trace {t.id} = {t.dim}({', '.join(t.relations)})", trace_fields(t, laid_out),
+                 None, s)
+
+
+def _state_names(graph, a) -> str:
+    g = graph.group_by_id.get(a.group)
+    if g is None:
+        return "?"
+    if a.state is not None:
+        return f"state=%{g.states[a.state]}" if 0 <= a.state < len(g.states) else f"state={a.state}"
+    return "states=[" + ",".join(f"%{n}" for n in g.states) + "]"
+
+
+def array_body(graph, a) -> str:
+    """``eps(R0 -> G0, leaf=weight, state=%V)``-style description of a trace array."""
+    if a.role == "eps_x":
+        return f"eps_x({a.value})"
+    parts = [f"{a.relation} -> {a.group}"]
+    if a.role == "eps" and a.leaf is not None:
+        rel = graph.relation_by_id.get(a.relation)
+        p = graph.param_by_name.get(rel.param) if rel is not None else None
+        fields = getattr(getattr(p, "type", None), "fields", None)
+        if fields is not None and 0 <= a.leaf < len(fields):
+            parts.append(f"leaf={fields[a.leaf][0]}")
+        elif fields is not None:
+            parts.append(f"leaf={a.leaf}")
+    parts.append(_state_names(graph, a))
+    return f"{a.role}({', '.join(parts)})"
+
+
+def _array_line(graph, t, a, s):
+    extra = (("storage", short_dtype(a.storage)),) if a.storage != a.type.dtype else ()
+    body = f"  array {a.id} = {array_body(graph, a)}"
+    if s.print_types:
+        body += f" : {a.type}"
+    return _line(body, extra, None, s)
+
+
+PP_RULES["trace"] = _trace_line
+PP_RULES["array"] = _array_line

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from ..errors import IRVerificationError
+from .layout import check_trace_arrays
+from .nodes import PARAM_LAYOUTS
 from .printer import print_graph
 
 __all__ = ["verify"]
@@ -43,6 +45,9 @@ def verify(graph) -> None:
                   o.name)
         if o.x is not None and o.x not in graph.value_by_name:
             _fail(graph, f"op {o.name} reads unknown value {o.x!r}", o.name)
+        if graph.info is not None and o.name not in graph.info.ops:
+            _fail(graph, f"op {o.name} has no op object in the traced step (StepInfo.ops); "
+                         f"ops must keep the names the frontend gave them", o.name)
     for v in graph.values:
         for d in v.deps:
             if d not in names:
@@ -80,22 +85,92 @@ def verify(graph) -> None:
                              f"shape {list(vs)} of {gid}", f"rel {r.id}")
     covered: dict[str, str] = {}
     for t in graph.traces:
-        if not t.relations:
-            _fail(graph, f"trace {t.id} has no relation", f"trace {t.id}")
-        for rid in t.relations:
-            if rid not in graph.relation_by_id:
-                _fail(graph, f"trace {t.id} names unknown relation {rid!r}", f"trace {t.id}")
-            if rid in covered:
-                _fail(graph, f"relation {rid} is traced by both {covered[rid]} and {t.id}",
-                      f"trace {t.id}")
-            covered[rid] = t.id
-        if t.dim == "io":
-            for rid in t.relations:
-                op = graph.op_by_name[graph.relation_by_id[rid].op]
-                if op.x is None:
-                    _fail(graph, f"trace {t.id} is io-dim but op {op.name} has no input x "
-                                 f"(element-wise ops need a param-dim trace)", f"trace {t.id}")
+        _verify_trace(graph, t, covered)
     if "trace-dims" in graph.facts:
         for r in graph.relations:
             if r.id not in covered:
                 _fail(graph, f"relation {r.id} has no trace after select-dims", f"rel {r.id}")
+    if "trace-arrays" in graph.facts:
+        for t in graph.traces:
+            if t.dim != "none" and not t.arrays:
+                _fail(graph, f"trace {t.id} has no arrays after layout-traces: lay it out with "
+                             f"brainscale.passes.layout_trace(graph, trace) (or rerun "
+                             f"'layout-traces' after the pass that built it)", f"trace {t.id} =")
+
+
+#: trace note keys that would read like (and print over) a typed field
+_TYPED_KEYS = ("layout", "shared_x", "alpha", "decay", "rank", "decay_rank", "path", "bytes",
+               "arrays", "storage")
+
+
+def _verify_trace(graph, t, covered) -> None:
+    here = f"trace {t.id} ="
+    for k, _ in t.attrs:
+        if k in _TYPED_KEYS:
+            _fail(graph, f"trace {t.id} has a note attribute {k!r}, which shadows the typed "
+                         f"field the backends read; set the Trace field instead "
+                         f"(dataclasses.replace(trace, ...), then layout_trace)", here)
+    if not t.relations:
+        _fail(graph, f"trace {t.id} has no relation", here)
+    for rid in t.relations:
+        if rid not in graph.relation_by_id:
+            _fail(graph, f"trace {t.id} names unknown relation {rid!r}", here)
+        if rid in covered:
+            _fail(graph, f"relation {rid} is traced by both {covered[rid]} and {t.id}", here)
+        covered[rid] = t.id
+    rels = [graph.relation_by_id[rid] for rid in t.relations]
+    ops = [graph.op_by_name[r.op] for r in rels]
+    if t.dim != "none":
+        for r in rels:
+            if not r.groups:
+                _fail(graph, f"trace {t.id} is {t.dim}-dim but relation {r.id} reaches no hidden "
+                             f"group, so there is nothing to trace: give it dim none", here)
+    if t.dim == "param":
+        if t.layout not in PARAM_LAYOUTS:
+            _fail(graph, f"trace {t.id} is param-dim with layout={t.layout!r}; it must be one "
+                         f"of {', '.join(PARAM_LAYOUTS)}", here)
+        if t.layout == "compact":
+            for o in ops:
+                if o.layout != "compact":
+                    why = f" ({o.layout_reason})" if o.layout_reason else ""
+                    _fail(graph, f"trace {t.id} asks for layout=compact, but op {o.name} "
+                                 f"({o.op_class}) is exact only with the dense per-output-"
+                                 f"neuron layout{why}; use layout=dense for {t.id}", here)
+        if t.shared_x is not None or t.decay is not None or t.decay_rank is not None:
+            _fail(graph, f"trace {t.id} is param-dim but sets io-dim fields (shared_x / decay)",
+                  here)
+    elif t.dim == "io":
+        for o in ops:
+            if o.x is None:
+                _fail(graph, f"trace {t.id} is io-dim but op {o.name} has no input x "
+                             f"(element-wise ops need a param-dim trace)", here)
+        if t.shared_x is None:
+            _fail(graph, f"trace {t.id} is io-dim but has no shared_x (the op input whose "
+                         f"eps_x it keeps)", here)
+        for o in ops:
+            if o.x != t.shared_x:
+                _fail(graph, f"trace {t.id} shares eps_x of {t.shared_x}, but op {o.name} reads "
+                             f"{o.x}; io-dim relations of one trace must read the same input",
+                      here)
+        if t.decay is None or not 0.0 < float(t.decay) < 1.0:
+            _fail(graph, f"trace {t.id} is io-dim and needs a decay alpha in (0, 1), got "
+                         f"{t.decay!r}: select-dims{{decay=...}} (or decay_or_rank=... of the "
+                         f"algorithm) sets it", here)
+        if t.decay_rank is not None:
+            r = int(t.decay_rank)
+            if r <= 0 or abs((r - 1) / (r + 1) - float(t.decay)) > 1e-12:
+                _fail(graph, f"trace {t.id} has decay={t.decay} but decay_rank={t.decay_rank}, "
+                             f"which gives alpha=(r-1)/(r+1)={(r - 1) / (r + 1) if r > 0 else '?'}",
+                      here)
+        if t.layout is not None:
+            _fail(graph, f"trace {t.id} is io-dim but has layout={t.layout!r} (param-dim only)",
+                  here)
+    else:
+        if t.layout is not None or t.shared_x is not None or t.decay is not None:
+            _fail(graph, f"trace {t.id} has dim none but sets layout / shared_x / decay", here)
+    if t.arrays or "trace-arrays" in graph.facts:
+        why = check_trace_arrays(graph, t)
+        if why:
+            _fail(graph, f"trace {t.id} ({t.dim}{', layout=' + t.layout if t.layout else ''}): "
+                         f"{why}. Recompute its arrays with brainscale.passes.layout_trace(graph, "
+                         f"trace) after changing it", here)

@@ -21,23 +21,41 @@ from ..errors import BrainscaleError, PassError, PipelineError
 from ..ir import Graph, verify
 from ..ir.printer import print_graph
 
-__all__ = ["Pass", "FunctionPass", "PassContext", "PassManager", "register_pass",
-           "function_pass", "PASS_REGISTRY", "parse_pipeline", "Instrument", "PrintAfterAll",
-           "PrintAfter", "DumpDir", "Timing", "Recorder"]
+__all__ = ["Pass", "FunctionPass", "PassContext", "PassRecord", "PassManager",
+           "register_pass", "function_pass", "PASS_REGISTRY", "parse_pipeline", "Instrument",
+           "PrintAfterAll", "PrintAfter", "DumpDir", "Timing", "Recorder"]
 
 #: name -> Pass class (filled by @register_pass and @function_pass)
 PASS_REGISTRY: dict[str, type] = {}
 
 
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: its name, the spec it ran with, its time and its notes."""
+    name: str
+    spec: str
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+
 @dataclass
 class PassContext:
-    """Mutable per-compilation context handed to every pass (options, log)."""
-    algorithm: str = "hybrid"             # 'param' | 'io' | 'hybrid'
-    options: dict = field(default_factory=dict)
-    log: list = field(default_factory=list)   # (pass name, message) pairs
+    """The log of one compilation: a :class:`PassRecord` per pass that ran.
+
+    Passes add notes with :meth:`note`; the :class:`PassManager` turns them into the
+    running pass's record. Everything a pass decides goes into the IR, not here.
+    """
+    records: list = field(default_factory=list)     # PassRecord, in the order passes ran
+    _pending: list = field(default_factory=list, repr=False)
 
     def note(self, pass_name: str, msg: str):
-        self.log.append((pass_name, msg))
+        """Record a note of the running pass (shown in the compile log and the report)."""
+        self._pending.append((pass_name, str(msg)))
+
+    @property
+    def log(self) -> list:
+        """``[(pass name, note), ...]`` over all records."""
+        return [(r.name, n) for r in self.records for n in r.notes]
 
 
 @dataclass(frozen=True)
@@ -280,15 +298,20 @@ def _verify_default() -> bool:
     return os.environ.get("BRAINSCALE_VERIFY", "1") not in ("0", "false", "")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassManager:
-    """Runs a pipeline: static order check, then per pass run → verify → stage → instruments."""
+    """Runs a pipeline: static order check, then per pass run → verify → stage → instruments.
+
+    ``passes`` may be a spec string or a list of names / Pass instances / classes; it is
+    parsed once into Pass instances.
+    """
     passes: tuple = ()
     verify: bool | None = None
     instruments: tuple = ()
 
     def __post_init__(self):
-        self.passes = parse_pipeline(self.passes)
+        object.__setattr__(self, "passes", parse_pipeline(self.passes))
+        object.__setattr__(self, "instruments", tuple(self.instruments))
 
     def check_order(self, facts: frozenset) -> None:
         have = set(facts)
@@ -311,6 +334,7 @@ class PassManager:
         for p in self.passes:
             for ins in self.instruments:
                 ins.before(graph, p)
+            ctx._pending.clear()
             t0 = time.perf_counter()
             try:
                 new = p.run(graph, ctx)
@@ -332,6 +356,9 @@ class PassManager:
                 raise PassError(f"pass {p.name!r} failed (ran before it: "
                                 f"{', '.join(done) or 'nothing'}): {type(e).__name__}: {e}") from e
             dt = time.perf_counter() - t0
+            notes = tuple(m for _, m in ctx._pending)
+            ctx._pending.clear()
+            ctx.records.append(PassRecord(p.name, p.spec(), dt, notes))
             new = new.with_stage(p.spec(), frozenset(p.provides))
             graph = new
             done.append(p.spec())

@@ -1,8 +1,8 @@
 """Two example passes shipped to show how user passes look (``docs/custom_passes.md``).
 
 Both run after ``select-dims`` (they require the ``trace-dims`` fact) and only rewrite the
-graph's :class:`~brainscale.ir.Trace` entries; the JAX backend allocates trace arrays from
-those entries, so the compiled step follows whatever the passes decided. Importing this
+graph's :class:`~brainscale.ir.Trace` entries; the backends allocate the trace arrays those
+entries list, so the compiled step follows whatever the passes decided. Importing this
 module registers them:
 
 * ``force-param-small{max_elems=4096}`` turns io-dim (ES-D-RTRL) traces of parameters with
@@ -13,70 +13,21 @@ module registers them:
   only their instantaneous gradient (the gradient through the current step, with the
   previous hidden states held fixed), and no trace memory.
 
-Trace shapes and byte counts are recomputed with the same helpers ``select-dims`` uses
-(:func:`~brainscale.passes.select_dims.relation_costs` and its shape function), so the dumps
-and ``brainscale-opt --report`` stay consistent with what the backend allocates. Every
-change is recorded in the trace's ``reason`` and in the pass log.
+New traces are built with :func:`brainscale.passes.retrace` (and laid out with the same
+helper ``layout-traces`` uses when they run after it), so the dumps and
+``brainscale-opt --report`` list exactly the arrays the backend allocates. Every change is
+recorded in the trace's ``reason`` and in the pass log.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import UnsupportedModelError
-from ..ir import Trace, attrs
+from ..ir import Trace
 from .base import Pass, register_pass
-from .select_dims import _shapes, relation_costs
+from .layout import retrace, renumber_traces
 
-__all__ = ["ForceParamSmallPass", "DropFrozenPass", "retrace", "renumber_traces"]
-
-
-def retrace(graph, relation_ids, dim: str, reason: str, extra_attrs: dict | None = None) -> Trace:
-    """A consistent :class:`Trace` of ``dim`` over ``relation_ids`` (id ``T0``: renumber later).
-
-    Shapes and bytes follow ``select-dims`` (per relation) and ``fuse-traces`` (one shared
-    ``ε_x`` for io-dim traces over several relations).
-
-    Args:
-        graph: the graph the relations belong to.
-        relation_ids: the relations the trace covers (io-dim ones must read the same input).
-        dim: ``'param'``, ``'io'`` or ``'none'``.
-        reason: why the trace has this dim (shown in dumps and reports).
-        extra_attrs: further attributes (e.g. ``shared_x``), merged in.
-
-    Returns:
-        The new trace.
-    """
-    rels = [graph.relation_by_id[r] for r in relation_ids]
-    costs = [relation_costs(graph, r) for r in rels]
-    a = dict(extra_attrs or {})
-    a["reason"] = reason
-    if dim == "param":
-        shapes = tuple(s for r, c in zip(rels, costs) for s in _shapes(graph, r, "param", c))
-        a["bytes"] = int(sum(c["param_bytes"] for c in costs))
-        layouts = sorted({c["layout"] for c in costs})
-        a["layout"] = layouts[0] if len(layouts) == 1 else "mixed"
-        a.pop("shared_x", None)
-    elif dim == "io":
-        per = [_shapes(graph, r, "io", c) for r, c in zip(rels, costs)]
-        xs = {graph.op_by_name[r.op].x for r in rels}
-        if len(xs) != 1:
-            raise ValueError(f"an io-dim trace over {', '.join(relation_ids)} needs one shared "
-                             f"op input, got {sorted(map(str, xs))}")
-        shapes = per[0][:1] + tuple(s for p in per for s in p[1:])
-        a["bytes"] = int(sum(c["io_bytes"] for c in costs) - (len(rels) - 1) * per[0][0].nbytes)
-        a.pop("layout", None)
-    elif dim == "none":
-        shapes, a["bytes"] = (), 0
-        a.pop("layout", None)
-        a.pop("shared_x", None)
-    else:
-        raise ValueError(f"trace dim must be 'param', 'io' or 'none', got {dim!r}")
-    return Trace("T0", dim, tuple(relation_ids), shapes, attrs(**a))
-
-
-def renumber_traces(traces) -> tuple[Trace, ...]:
-    """Give traces the ids ``T0, T1, ...`` in their order."""
-    return tuple(Trace(f"T{i}", t.dim, t.relations, t.shapes, t.attrs) for i, t in enumerate(traces))
+__all__ = ["ForceParamSmallPass", "DropFrozenPass"]
 
 
 def _split(graph, t: Trace, leave: list[str], new_dim: str, reason_of) -> list[Trace]:
@@ -84,8 +35,9 @@ def _split(graph, t: Trace, leave: list[str], new_dim: str, reason_of) -> list[T
     keep = [rid for rid in t.relations if rid not in leave]
     out = []
     if keep:
-        other = {k: v for k, v in t.attrs if k not in ("bytes", "reason")}
-        out.append(retrace(graph, keep, t.dim, str(t.attr("reason", "")), other))
+        other = {k: v for k, v in t.attrs if k != "reason"}
+        out.append(retrace(graph, keep, t.dim, str(t.attr("reason", "")), decay=t.decay,
+                           decay_rank=t.decay_rank, layout=t.layout, extra_attrs=other))
     for rid in leave:
         out.append(retrace(graph, [rid], new_dim, reason_of(rid)))
     return out

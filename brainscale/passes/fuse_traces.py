@@ -2,15 +2,17 @@
 
 ES-D-RTRL keeps ``ε_x = α ε_x + x`` per op input (algorithms.md section 4); ops reading the
 same input (e.g. several layers fed by the same spikes, or a GRU's gates) share it. The
-pass merges the io-dim traces whose ops read the same input value into one trace, recorded
-as ``shared_x=%x..``; the backend then allocates one ``ε_x`` per trace.
+pass merges the io-dim traces whose ops read the same input value with the same decay α
+and backend path into one trace (its ``shared_x``); the backend then keeps one ``ε_x`` per
+trace. Run after ``layout-traces``, the merged traces are laid out again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as dc_replace
 
-from ..ir import Trace, attrs
+from ..ir import Trace
 from .base import Pass, register_pass
+from .layout import layout_trace, renumber_traces
 
 __all__ = ["FuseTracesPass"]
 
@@ -24,15 +26,15 @@ class FuseTracesPass(Pass):
     provides = frozenset({"fused-traces"})
 
     def run(self, graph, ctx):
-        by_x: dict[str, list[Trace]] = {}
+        by_key: dict[tuple, list[Trace]] = {}
         order: list = []
         for t in graph.traces:
             if t.dim == "io":
-                x = graph.op_by_name[graph.relation_by_id[t.relations[0]].op].x
-                if x not in by_x:
-                    by_x[x] = []
-                    order.append(("io", x))
-                by_x[x].append(t)
+                key = (t.shared_x, t.decay, t.decay_rank, t.path)
+                if key not in by_key:
+                    by_key[key] = []
+                    order.append(("io", key))
+                by_key[key].append(t)
             else:
                 order.append(("other", t))
         out = []
@@ -40,15 +42,19 @@ class FuseTracesPass(Pass):
             if kind == "other":
                 out.append(item)
                 continue
-            ts = by_x[item]
+            ts = by_key[item]
+            if len(ts) == 1:
+                out.append(ts[0])
+                continue
             rels = tuple(r for t in ts for r in t.relations)
-            x_shape = ts[0].shapes[0]
-            shapes = (x_shape,) + tuple(s for t in ts for s in t.shapes[1:])
-            total = sum(int(t.attr("bytes", 0)) for t in ts) - (len(ts) - 1) * x_shape.nbytes
-            reasons = sorted({t.attr("reason") for t in ts})
-            out.append(Trace("T0", "io", rels, shapes,
-                             attrs(shared_x=item, bytes=int(total), reason="; ".join(reasons))))
-            if len(ts) > 1:
-                ctx.note(self.name, f"{', '.join(rels)} share eps_x of {item}")
-        out = tuple(Trace(f"T{i}", t.dim, t.relations, t.shapes, t.attrs) for i, t in enumerate(out))
-        return graph.replace(traces=out)
+            reasons = sorted({str(t.attr("reason")) for t in ts if t.attr("reason") is not None})
+            notes = {k: v for t in ts for k, v in t.attrs if k != "reason"}
+            if reasons:
+                notes["reason"] = "; ".join(reasons)
+            merged = dc_replace(ts[0], relations=rels, arrays=(),
+                                attrs=tuple(sorted(notes.items())))
+            if "trace-arrays" in graph.facts:
+                merged = layout_trace(graph, merged)
+            out.append(merged)
+            ctx.note(self.name, f"{', '.join(rels)} share eps_x of {item[0]}")
+        return graph.replace(traces=renumber_traces(out))

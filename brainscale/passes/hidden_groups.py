@@ -21,13 +21,13 @@ __all__ = ["HiddenGroupsPass", "describe_origin", "mixing_error"]
 
 
 def describe_origin(graph, origin) -> str:
-    kind, i = origin
+    kind, name = origin
     if kind == "h":
-        return f"hidden state %{graph.hidden[i].name}"
+        return f"hidden state %{name}"
     if kind == "y":
-        o = graph.ops[i]
-        return f"op output {o.name} (= {o.kind}(.., %{o.param}))"
-    return f"input %{graph.inputs[i].name}" if kind == "in" else str(origin)
+        o = graph.op_by_name.get(name)
+        return f"op output {name}" + (f" (= {o.kind}(.., %{o.param}))" if o else "")
+    return f"input %{name}" if kind == "in" else str(origin)
 
 
 def mixing_error(graph, target: str, mixed) -> Exception:
@@ -61,39 +61,36 @@ class HiddenGroupsPass(Pass):
 
     def run(self, graph, ctx):
         dep = analyze(graph)
-        n = len(graph.hidden)
-        parent = list(range(n))
+        names = [h.name for h in graph.hidden]
+        parent = {n: n for n in names}
 
-        def find(i):
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
+        def find(n):
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
 
-        for k, h in enumerate(graph.hidden):
+        for h in graph.hidden:
             d = dep.hidden_out[h.name]
             bad = [m for m in d.mixed if m[0][0] == "h"]
             if bad:
                 raise mixing_error(graph, f"hidden state %{h.name}", bad)
             for j in d.hid:
-                parent[find(j)] = find(k)
-        comps: dict[int, list[int]] = {}
-        for k in range(n):
-            comps.setdefault(find(k), []).append(k)
+                parent[find(j)] = find(h.name)
+        comps: dict[str, list[str]] = {}
+        for n in names:
+            comps.setdefault(find(n), []).append(n)
+        order = {n: i for i, n in enumerate(names)}
         groups = []
-        for members in sorted(comps.values(), key=lambda m: m[0]):
-            shapes = {graph.hidden[k].type.shape for k in members}
-            if len(shapes) > 1:
-                desc = ", ".join(f"%{graph.hidden[k].name} {list(graph.hidden[k].type.shape)}"
-                                 for k in members)
+        for members in sorted(comps.values(), key=lambda m: order[m[0]]):
+            hs = [graph.hidden_by_name[n] for n in members]
+            if len({h.type.shape for h in hs}) > 1:
+                desc = ", ".join(f"%{h.name} {list(h.type.shape)}" for h in hs)
                 raise UnsupportedModelError(
                     f"hidden states {desc} are coupled element-wise but have different shapes; "
                     f"states of one neuron must share one shape")
-            names = tuple(graph.hidden[k].name for k in members)
-            self_dep = any(k in dep.hidden_out[graph.hidden[k].name].hid or
-                           any(j in members for j in dep.hidden_out[graph.hidden[k].name].hid)
-                           for k in members)
-            groups.append(HiddenGroup(f"G{len(groups)}", names, graph.hidden[members[0]].type.shape,
+            self_dep = any(j in members for n in members for j in dep.hidden_out[n].hid)
+            groups.append(HiddenGroup(f"G{len(groups)}", tuple(members), hs[0].type.shape,
                                       attrs(recurrent=bool(self_dep))))
-        ctx.note(self.name, f"{len(groups)} hidden group(s) from {n} hidden state(s)")
+        ctx.note(self.name, f"{len(groups)} hidden group(s) from {len(names)} hidden state(s)")
         return graph.replace(groups=tuple(groups))

@@ -22,15 +22,12 @@ __all__ = ["RelationsPass"]
 
 
 def _origin_names(graph, src) -> tuple[str, ...]:
-    out = []
-    for kind, i in sorted(src, key=lambda t: (t[0], t[1])):
-        if kind == "h":
-            out.append(graph.hidden[i].name)
-        elif kind == "in":
-            out.append(graph.inputs[i].name)
-        elif kind == "y":
-            out.append(graph.ops[i].name)
-    return tuple(out)
+    order = {"h": 0, "in": 1, "y": 2}
+    pos = {n: i for i, n in enumerate([h.name for h in graph.hidden] +
+                                      [i.name for i in graph.inputs] +
+                                      [o.name for o in graph.ops])}
+    return tuple(name for kind, name in sorted(
+        (o for o in src if o[0] in order), key=lambda o: (order[o[0]], pos.get(o[1], 0))))
 
 
 @register_pass
@@ -44,7 +41,7 @@ class RelationsPass(Pass):
     def run(self, graph, ctx):
         dep = analyze(graph)
         group_of = {s: g.id for g in graph.groups for s in g.states}
-        reach: dict[int, list[str]] = {q: [] for q in range(len(graph.ops))}
+        reach: dict[str, list[str]] = {o.name: [] for o in graph.ops}
         for h in graph.hidden:
             d = dep.hidden_out[h.name]
             bad = [m for m in d.mixed if m[0][0] == "y"]
@@ -55,8 +52,8 @@ class RelationsPass(Pass):
                 if gid not in reach[q]:
                     reach[q].append(gid)
         rels = []
-        for q, o in enumerate(graph.ops):
-            gids = tuple(sorted(reach[q], key=lambda g: int(g[1:])))
+        for o in graph.ops:
+            gids = tuple(sorted(reach[o.name], key=lambda g: int(g[1:])))
             for gid in gids:
                 vs = graph.group_by_id[gid].varshape
                 ys = o.type.shape
@@ -69,12 +66,13 @@ class RelationsPass(Pass):
             if not gids:
                 # a weight feeding a weight (GRU reset gate inside U·(r⊙h)): the output
                 # reaches hidden states only through the input of other trace ops
-                via = tuple(o2.name for q2, o2 in enumerate(graph.ops)
-                            if q2 != q and reach[q2] and ("y", q) in dep.op_x[o2.name].src)
+                via = tuple(o2.name for o2 in graph.ops
+                            if o2.name != o.name and reach[o2.name]
+                            and ("y", o.name) in dep.op_x[o2.name].src)
                 if via:
                     attrs = (("via_ops", via),)
-            rels.append(Relation(f"R{q}", o.param, o.name, gids, q in dep.out_direct,
-                                 attrs=attrs))
+            rels.append(Relation(f"R{len(rels)}", o.param, o.name, gids,
+                                 o.name in dep.out_direct, attrs=attrs))
         values = tuple(replace(v, deps=self._deps(graph, dep, v)) for v in graph.values)
         ctx.note(self.name, f"{len(rels)} relation(s)")
         return graph.replace(relations=tuple(rels), values=values)

@@ -3,8 +3,8 @@
 For every jaxpr variable the analysis computes a :class:`Dep`:
 
 * ``hid``: hidden states ``h^{t-1}`` it depends on through **element-wise** paths only
-  (neuron ``n`` of the variable depends on neuron ``n`` of the state);
-* ``ys``: trace-op outputs it depends on element-wise;
+  (neuron ``n`` of the variable depends on neuron ``n`` of the state), by IR name;
+* ``ys``: trace-op outputs it depends on element-wise (op names ``%y0``, ...);
 * ``mixed``: origins that reach it through a path that mixes neurons (a matmul that is not a
   trace op, a reduction, a transpose, ...), each with the first equation that mixed them;
 * ``src``: every origin reaching it by any path (for display);
@@ -15,6 +15,10 @@ only. Which primitives are element-wise, shape-preserving or mixing is a rule ta
 (:data:`DEP_RULES`), extended with :func:`register_dependency_rule` — never a chain of ``if``
 on primitive names. A primitive without a rule mixes whatever it reads; that is an error
 only if it lies on a path into a hidden state.
+
+Origins are IR names (``("h", "neu.V")``, ``("y", "%y0")``, ``("in", "u0")``), never
+positions, so the result does not depend on the order of ``graph.ops``; it is cached per
+traced step on exactly what it depends on (the inputs, hidden states and ops of the graph).
 """
 from __future__ import annotations
 
@@ -23,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from .. import _compat as C
-from ..concepts import lookup_op
 
 __all__ = ["Dep", "RuleContext", "DependencyRule", "DEP_RULES", "register_dependency_rule",
            "analyze", "DepAnalysis", "EMPTY"]
@@ -65,7 +68,7 @@ def union(deps: Sequence[Dep]) -> Dep:
 def mix(deps: Sequence[Dep], eqn_index: int, reason: str) -> Dep:
     """Every element-wise origin of ``deps`` becomes a mixed origin."""
     u = union(deps)
-    new = [(("h", i), eqn_index, reason) for i in u.hid] + \
+    new = [(("h", n), eqn_index, reason) for n in u.hid] + \
           [(("y", q), eqn_index, reason) for q in u.ys]
     return Dep(frozenset(), frozenset(), _merge_mixed(u.mixed, new), u.src, u.direct)
 
@@ -200,13 +203,12 @@ for _n in ("scan", "while"):
     DEP_RULES[_n] = _unsupported_rule
 
 
-@dataclass
+@dataclass(frozen=True)
 class DepAnalysis:
-    """Result of :func:`analyze` on a lowered graph."""
+    """Result of :func:`analyze` on a lowered graph, keyed by IR names."""
     hidden_out: dict = field(default_factory=dict)   # hidden name -> Dep of h^t
     op_x: dict = field(default_factory=dict)         # op name -> Dep of its input x
-    out_direct: frozenset = frozenset()              # op indices reaching outputs directly
-    var_deps: dict = field(default_factory=dict)     # jaxpr var -> Dep (top level)
+    out_direct: frozenset = frozenset()              # op names reaching outputs directly
 
 
 def _shapes(vs):
@@ -254,27 +256,34 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def analyze(graph) -> DepAnalysis:
-    """Run the dependency analysis on a lowered graph (cached per traced step)."""
+    """Run the dependency analysis on a lowered graph.
+
+    Cached per traced step (``graph.info``) and per what the result depends on: the graph's
+    inputs, hidden states and ops (so a pass that reorders or drops ops gets a fresh,
+    consistent analysis)."""
     info = graph.info
     if info is None:
         raise ValueError("the graph carries no traced step (StepInfo); lower it with "
                          "brainscale.lower(model, *inputs)")
-    cached = _CACHE.get(info)
+    key = (graph.inputs, graph.hidden, graph.ops)
+    per_info = _CACHE.setdefault(info, {})
+    cached = per_info.get(key)
     if cached is not None:
         return cached
     jaxpr = C.open_jaxpr(info.jaxpr)
+    hid_by_invar = {h.invar: h.name for h in graph.hidden}
+    in_by_invar = {i.invar: i.name for i in graph.inputs}
     in_deps = []
-    hid_by_invar = {h.invar: k for k, h in enumerate(graph.hidden)}
     for i, v in enumerate(jaxpr.invars):
         if i in hid_by_invar:
-            k = hid_by_invar[i]
-            in_deps.append(Dep(frozenset({k}), frozenset(), (), frozenset({("h", k)})))
-        elif i < info.n_arg_leaves:
-            in_deps.append(Dep(src=frozenset({("in", i)})))
+            n = hid_by_invar[i]
+            in_deps.append(Dep(frozenset({n}), frozenset(), (), frozenset({("h", n)})))
+        elif i in in_by_invar:
+            in_deps.append(Dep(src=frozenset({("in", in_by_invar[i])})))
         else:
             in_deps.append(EMPTY)
-    op_of_eqn = {o.eqn: q for q, o in enumerate(graph.ops)}
-    hidden_out_vars = {jaxpr.outvars[h.outvar]: k for k, h in enumerate(graph.hidden)}
+    op_of_eqn = {o.eqn: o.name for o in graph.ops}
+    hidden_out_vars = {jaxpr.outvars[h.outvar]: h.name for h in graph.hidden}
     env: dict = {}
     _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env)
 
@@ -285,12 +294,9 @@ def analyze(graph) -> DepAnalysis:
             return env[v]
         return in_deps[jaxpr.invars.index(v)] if v in jaxpr.invars else EMPTY
 
-    res = DepAnalysis(var_deps=env)
-    for k, h in enumerate(graph.hidden):
-        res.hidden_out[h.name] = rd(jaxpr.outvars[h.outvar])
-    for o in graph.ops:
-        eqn = jaxpr.eqns[o.eqn]
-        res.op_x[o.name] = rd(eqn.invars[0]) if o.n_x_leaves else EMPTY
+    hidden_out = {h.name: rd(jaxpr.outvars[h.outvar]) for h in graph.hidden}
+    op_x = {o.name: (rd(jaxpr.eqns[o.eqn].invars[0]) if o.n_x_leaves else EMPTY)
+            for o in graph.ops}
     # outputs: the step's output leaves and written non-hidden states
     hidden_outvars = {h.outvar for h in graph.hidden}
     direct = set()
@@ -303,7 +309,7 @@ def analyze(graph) -> DepAnalysis:
     # an op output feeding another op's input without a new hidden value in between also
     # reaches the loss along paths no trace of its own covers (through the other op)
     for o in graph.ops:
-        direct |= set(res.op_x[o.name].direct)
-    res.out_direct = frozenset(direct)
-    _CACHE[info] = res
+        direct |= set(op_x[o.name].direct)
+    res = DepAnalysis(hidden_out=hidden_out, op_x=op_x, out_direct=frozenset(direct))
+    per_info[key] = res
     return res

@@ -23,66 +23,70 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PipelineError, UnsupportedModelError
-from ..ir import TensorType, Trace, attrs
+from ..ir import Trace
+from ..ir.layout import trace_arrays
 from .base import Pass, register_pass
 
-__all__ = ["SelectDimsPass", "relation_costs"]
+__all__ = ["SelectDimsPass", "relation_costs", "decay_from"]
+
+
+def decay_from(decay_or_rank) -> tuple[float, int | None]:
+    """``(α, rank)`` from ``decay_or_rank``: a float in (0, 1) is α (rank None); an int
+    r > 0 gives α = (r-1)/(r+1)."""
+    if isinstance(decay_or_rank, (bool, np.bool_)):
+        raise TypeError("decay_or_rank must be a float in (0, 1) or a positive int")
+    if isinstance(decay_or_rank, (int, np.integer)):
+        r = int(decay_or_rank)
+        if r <= 0:
+            raise ValueError(f"decay_or_rank as a rank must be a positive int, got {r}")
+        return (r - 1) / (r + 1), r
+    if isinstance(decay_or_rank, (float, np.floating)):
+        a = float(decay_or_rank)
+        if not 0.0 < a < 1.0:
+            raise ValueError(f"decay_or_rank as a decay must lie in (0, 1), got {a}")
+        return a, None
+    raise TypeError(f"decay_or_rank must be a float in (0, 1) or a positive int, "
+                    f"got {type(decay_or_rank).__name__}")
 
 
 def relation_costs(graph, rel) -> dict:
-    """Element/byte/FLOP counts of both choices for one relation."""
+    """Element/byte/FLOP counts of both choices for one relation.
+
+    Bytes are those of the arrays :func:`~brainscale.ir.layout.trace_arrays` gives the
+    relation alone (the op's exact param-dim layout; io-dim with its own ``ε_x``), so the
+    cost model prices exactly what ``layout-traces`` allocates.
+    """
     op = graph.op_by_name[rel.op]
     par = graph.param_by_name[rel.param]
-    batch = max(int(graph.attr("batch", 0) or 0), 1)
+    batch = max(int(graph.batch or 0), 1)
     k = sum(graph.group_by_id[g].num_state for g in rel.groups)
     theta = par.type.size
     y = int(np.prod(op.type.shape[1:] if op.batched else op.type.shape, dtype=np.int64))
-    layout = dict(op.attrs).get("layout", "compact")
-    itemsize = np.dtype(op.type.dtype).itemsize
-    p_el = batch * theta * k * (y if layout == "dense" else 1)
+    p_arr = trace_arrays(graph, Trace("T0", "param", (rel.id,), layout=op.layout))
+    p_el, p_bytes = sum(a.type.size for a in p_arr), sum(a.nbytes for a in p_arr)
     if op.x is not None:
         xt = graph.value_by_name[op.x].type
         x = int(np.prod(xt.shape[1:] if op.batched else xt.shape, dtype=np.int64))
-        io_el = batch * (x + y * k)
+        io_arr = trace_arrays(graph, Trace("T0", "io", (rel.id,), shared_x=op.x, decay=0.5))
+        io_el, io_bytes = sum(a.type.size for a in io_arr), sum(a.nbytes for a in io_arr)
     else:
-        x, io_el = 0, None
-    return dict(k=k, theta=theta, x=x, y=y, batch=batch, layout=layout, itemsize=itemsize,
-                param_elems=p_el, param_bytes=p_el * itemsize,
-                io_elems=io_el, io_bytes=None if io_el is None else io_el * itemsize,
+        x, io_el, io_bytes = 0, None, None
+    return dict(k=k, theta=theta, x=x, y=y, batch=batch, layout=op.layout,
+                param_elems=p_el, param_bytes=p_bytes, io_elems=io_el, io_bytes=io_bytes,
                 param_flops=3 * p_el,
                 io_flops=None if io_el is None else 3 * io_el + 2 * batch * theta)
-
-
-def _shapes(graph, rel, dim, c) -> tuple[TensorType, ...]:
-    op = graph.op_by_name[rel.op]
-    par = graph.param_by_name[rel.param]
-    dt = op.type.dtype
-    b = (c["batch"],) if op.batched or graph.attr("batch", 0) else ()
-    out = []
-    if dim == "param":
-        for gid in rel.groups:
-            k = graph.group_by_id[gid].num_state
-            for leaf in getattr(par.type, "leaves", (par.type,)):
-                if c["layout"] == "dense":
-                    yshape = tuple(op.type.shape[1:] if op.batched else op.type.shape)
-                    out.append(TensorType(b + yshape + (k,) + leaf.shape, dt))
-                else:
-                    out.append(TensorType(b + leaf.shape + (k,), dt))
-    elif dim == "io":
-        xt = graph.value_by_name[op.x].type
-        if not np.issubdtype(np.dtype(xt.dtype), np.inexact):   # ε_x of spikes is real-valued
-            xt = TensorType(xt.shape, dt)
-        out.append(xt)
-        for gid in rel.groups:
-            g = graph.group_by_id[gid]
-            out.append(TensorType(tuple(g.varshape) + (g.num_state,), dt))
-    return tuple(out)
 
 
 @register_pass
 @dataclass(frozen=True)
 class SelectDimsPass(Pass):
-    """Choose io-dim or param-dim traces per relation from a memory cost model."""
+    """Choose io-dim or param-dim traces per relation from a memory cost model.
+
+    Options: ``policy`` ('auto' | 'param' | 'io'), ``param_ratio`` (auto only),
+    ``memory_budget_mb``, ``overrides`` (``[param=dim;...]``) and the io-dim decay, as
+    ``decay`` (α in (0, 1)) or ``rank`` (int r, α = (r-1)/(r+1)); the chosen α is a field of
+    every io-dim trace.
+    """
     name = "select-dims"
     requires = frozenset({"relations"})
     provides = frozenset({"trace-dims"})
@@ -90,21 +94,47 @@ class SelectDimsPass(Pass):
     param_ratio: float = 1.0
     memory_budget_mb: float | None = None
     overrides: tuple = ()                 # (('param.path', 'param'|'io'|'none'), ...)
+    decay: float | None = None            # alpha of io-dim traces
+    rank: int | None = None               # or the rank it comes from
+
+    def alpha(self) -> tuple[float | None, int | None]:
+        """``(α, rank)`` of the io-dim traces from the ``decay`` / ``rank`` options."""
+        if self.decay is not None and self.rank is not None:
+            raise PipelineError(f"select-dims: give decay or rank, not both (decay={self.decay}, "
+                                f"rank={self.rank})")
+        try:
+            if self.rank is not None:
+                if isinstance(self.rank, float) and float(self.rank).is_integer():
+                    return decay_from(int(self.rank))
+                if not isinstance(self.rank, (int, np.integer)):
+                    raise TypeError(f"rank must be a positive int, got {self.rank!r}")
+                return decay_from(int(self.rank))
+            if self.decay is not None:
+                return decay_from(float(self.decay))
+        except (TypeError, ValueError) as e:
+            raise PipelineError(f"select-dims: {e}") from None
+        return None, None
+
+    def override_map(self) -> dict:
+        over = dict(tuple(o.split("=", 1)) if isinstance(o, str) else tuple(o)
+                    for o in self.overrides)
+        for name, v in over.items():
+            if v not in ("param", "io", "none"):
+                raise PipelineError(f"dim override for {name!r} must be 'param', 'io' or "
+                                    f"'none', got {v!r}")
+        return over
 
     def run(self, graph, ctx):
         if self.policy not in ("auto", "param", "io"):
             raise PipelineError(f"select-dims policy must be 'auto', 'param' or 'io', "
                                 f"got {self.policy!r}")
-        over = dict(tuple(o.split("=", 1)) if isinstance(o, str) else o for o in self.overrides)
-        over.update(ctx.options.get("dim_overrides", {}))
-        for name, v in over.items():
+        alpha, rank = self.alpha()
+        over = self.override_map()
+        for name in over:
             if name not in graph.param_by_name:
                 raise UnsupportedModelError(
                     f"dim override names unknown parameter {name!r}; parameters: "
                     f"{', '.join(p.name for p in graph.params if p.kind == 'etrace')}")
-            if v not in ("param", "io", "none"):
-                raise PipelineError(f"dim override for {name!r} must be 'param', 'io' or "
-                                    f"'none', got {v!r}")
         choices = []
         for rel in graph.relations:
             c = relation_costs(graph, rel)
@@ -158,12 +188,21 @@ class SelectDimsPass(Pass):
                 raise UnsupportedModelError(
                     f"the traces need {total() / 2 ** 20:.3f} MB even with io-dim wherever "
                     f"possible, above memory_budget_mb={self.memory_budget_mb}")
+        io_rels = [ch[0] for ch in choices if ch[1] == "io"]
+        if io_rels and alpha is None:
+            raise PipelineError(
+                f"select-dims chose io-dim (ES-D-RTRL) traces for "
+                f"{', '.join(f'{r.id} (%{r.param})' for r in io_rels)} but has no decay alpha: "
+                f"pass decay_or_rank=... to the algorithm (e.g. 0.99 or a rank such as 100), "
+                f"or select-dims{{decay=0.99}} / select-dims{{rank=100}}")
         traces = []
         for i, (rel, dim, why, c) in enumerate(choices):
-            cost = c["param_bytes"] if dim == "param" else (c["io_bytes"] if dim == "io" else 0)
-            a = dict(reason=why, bytes=int(cost))
+            op = graph.op_by_name[rel.op]
+            fields: dict = {}
             if dim == "param":
-                a["layout"] = c["layout"]
-            traces.append(Trace(f"T{i}", dim, (rel.id,), _shapes(graph, rel, dim, c), attrs(**a)))
+                fields["layout"] = op.layout
+            elif dim == "io":
+                fields.update(shared_x=op.x, decay=alpha, decay_rank=rank)
+            traces.append(Trace(f"T{i}", dim, (rel.id,), attrs=(("reason", why),), **fields))
             ctx.note(self.name, f"{rel.id} ({rel.param}): {dim} — {why}")
         return graph.replace(traces=tuple(traces))

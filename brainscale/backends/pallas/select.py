@@ -3,30 +3,39 @@
 The Pallas backend never changes the IR; this pass (returned by ``PallasBackend.pipeline()``)
 records its per-trace decisions as trace attributes, so they show in every dump:
 
-* ``path=pallas|jax`` and ``path_reason=...`` — the kernels cannot handle the trace (op kind,
-  layout, dtype, shape), or the cost model says XLA is as fast for its size, or interpret mode;
-* ``storage=float32|bfloat16`` — the storage dtype of a kernel-path trace (math is float32);
-* ``launch=L0[,L1]`` — kernel launch group per (relation, group): equal-shaped traces of one
-  step share a launch.
+* ``path=pallas`` (compiled Triton), ``path=pallas-interpret`` (the kernel in interpret
+  mode, no usable GPU) or ``jax``, and the note ``path_reason=...`` — the kernels cannot
+  handle the trace (op kind, layout, dtype, shape), or the cost model says XLA is as fast
+  for its size;
+* a kernel-path trace is laid out again: its arrays are stored in ``trace_dtype`` (math is
+  float32) and the weight leaf keeps its k states stacked, ``(B, I, O, k)``, as the kernel
+  reads them; the bias leaves stay one array per state;
+* the note ``launch=L0[,L1]`` — kernel launch group per (relation, group): equal-shaped
+  traces of one step share a launch (:func:`launch_groups`, which the rule uses too).
 
-The graph gets ``pallas_mode=gpu|interpret`` and ``pallas_scheme=learner|fused``.
+The graph gets the notes ``pallas_mode=gpu|interpret`` and ``pallas_scheme=learner|fused``.
+It runs after ``layout-traces`` (it needs the arrays).
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as dc_replace
 
 import jax.numpy as jnp
 
-from ...concepts import MARKER_PREFIX, lookup_op
 from ...errors import PipelineError
 from ...ir import attrs as mk_attrs
 from ...passes.base import Pass, register_pass
+from ...passes.layout import layout_trace
+from ..online_driver import plain_matmul_error
 from ._common import SUPPORTED_STORAGE, platform
 from .cost_model import load_cost_model
 from .drtrl import drtrl_plan
 
-__all__ = ["PallasSelectPass", "KernelInstance", "kernel_instances", "unsupported_traces"]
+__all__ = ["PallasSelectPass", "KernelInstance", "kernel_instances", "unsupported_traces",
+           "launch_groups", "weight_leaf", "KERNEL_PATHS"]
+
+#: the trace paths the Pallas kernels run (compiled / interpret mode)
+KERNEL_PATHS = ("pallas", "pallas-interpret")
 
 
 @dataclass(frozen=True)
@@ -42,55 +51,35 @@ class KernelInstance:
     dtype: str      # the parameter's dtype (the JAX path's storage)
 
 
-def _matmul_ok(op) -> str | None:
-    from ...ops import MatMulOp
-    if not isinstance(op, MatMulOp):
-        return f"op class {type(op).__name__}: the kernels cover MatMulOp only"
-    for meth in ("xw_to_y", "drtrl_update", "drtrl_grad", "effective_weight", "_chain"):
-        if getattr(type(op), meth) is not getattr(MatMulOp, meth):
-            return f"{type(op).__name__} overrides MatMulOp.{meth}"
-    return None
-
-
-def chain_is_one(op) -> bool:
-    """True when ``∂W_eff/∂W`` is 1 (no mask, the default identity ``weight_fn``)."""
-    from ...ops import MatMulOp
-    default = inspect.signature(MatMulOp.__init__).parameters["weight_fn"].default
-    return op.weight_mask is None and op.weight_fn is default
-
-
-def _weight_leaf(ptype):
-    """``(leaf index, TensorType)`` of the matmul weight in the parameter's leaves."""
+def weight_leaf(ptype):
+    """``(leaf index, leaf name, TensorType)`` of the matmul weight in a parameter's leaves."""
     fields = getattr(ptype, "fields", None)
     if fields is None:
-        return 0, ptype
+        return 0, "", ptype
     for i, (name, t) in enumerate(fields):
         if name.strip("[]'\"") == "weight":
-            return i, t
-    return None, None
+            return i, name, t
+    return None, None, None
 
 
 def kernel_instances(graph, trace) -> tuple[list, str | None]:
     """The kernel instances of a param-dim trace, or ``([], reason)`` when unsupported."""
     if trace.dim != "param":
         return [], f"dim={trace.dim}"
-    if trace.attr("layout", "compact") != "compact":
-        return [], f"layout={trace.attr('layout')}: dense per-output-neuron traces have no kernel"
-    batch = int(graph.attr("batch", 0) or 0)
+    if trace.layout != "compact":
+        return [], f"layout={trace.layout}: dense per-output-neuron traces have no kernel"
+    batch = int(graph.batch or 0)
     out = []
     for rid in trace.relations:
         rel = graph.relation_by_id[rid]
         o = graph.op_by_name[rel.op]
         if o.kind != "dense":
             return [], f"op kind {o.kind!r}: the kernels cover dense matmul only"
-        op = lookup_op(f"{MARKER_PREFIX}{o.op_id}")
-        if op is None:
-            return [], "the op object no longer exists"
-        why = _matmul_ok(op)
+        why = plain_matmul_error(graph.op_object(rel.op))
         if why:
-            return [], why
+            return [], f"{why}; the kernels cover the built-in MatMulOp"
         p = graph.param_by_name[rel.param]
-        li, wt = _weight_leaf(p.type)
+        li, _, wt = weight_leaf(p.type)
         if wt is None or len(wt.shape) != 2:
             return [], "no 2-D weight leaf"
         if wt.dtype not in SUPPORTED_STORAGE:
@@ -119,6 +108,23 @@ def unsupported_traces(graph) -> tuple:
     return tuple(res)
 
 
+def launch_groups(graph, traces=None) -> dict:
+    """``{(B, I, O, k, storage): [(trace id, relation, group), ...]}`` of the kernel-path
+    traces (``traces``: those to consider, default all of the graph), in order: equal keys
+    share one kernel launch."""
+    out: dict = {}
+    for t in (graph.traces if traces is None else traces):
+        if t.path not in KERNEL_PATHS:
+            continue
+        inst, _ = kernel_instances(graph, t)
+        wli = weight_leaf(graph.param_by_name[graph.relation_by_id[t.relations[0]].param].type)[0]
+        storage = next((a.storage for a in t.arrays if a.leaf == wli), inst[0].dtype if inst
+                       else "float32")
+        for i in inst:
+            out.setdefault((i.B, i.I, i.O, i.k, storage), []).append((t.id, i.rid, i.gid))
+    return out
+
+
 def _mb(n: float) -> str:
     return f"{n / 2 ** 20:.3g}MB"
 
@@ -128,7 +134,7 @@ def _mb(n: float) -> str:
 class PallasSelectPass(Pass):
     """Choose the Pallas kernel or the JAX path per trace; record path, reason, storage."""
     name = "pallas-select"
-    requires = frozenset({"trace-dims"})
+    requires = frozenset({"trace-arrays"})
     provides = frozenset({"backend-paths"})
     select: str = "auto"            # 'auto' (cost model / interpret) | 'all' | 'none'
     trace_dtype: str = "float32"    # storage of kernel-path traces
@@ -152,14 +158,15 @@ class PallasSelectPass(Pass):
         model = load_cost_model(self.cost_model)
         thr = model.threshold(self.scheme) if self.min_bytes is None else float(self.min_bytes)
         itemsize = jnp.dtype(self.trace_dtype).itemsize
-        launches: dict = {}
+        kernel_path = "pallas-interpret" if interp else "pallas"
         new_traces = []
         for t in graph.traces:
             a = dict(t.attrs)
+            path = "jax"
             if t.dim == "none":
-                a.update(path="jax", path_reason="dim=none: instantaneous gradient only")
+                a.update(path_reason="dim=none: instantaneous gradient only")
             elif t.dim == "io":
-                a.update(path="jax", path_reason=(
+                a.update(path_reason=(
                     "io-dim: the per-step ES-D-RTRL gradient is one XLA GEMM; windows of K "
                     "steps: pallas.fused_online_gradients(chunk=K)"))
             else:
@@ -172,32 +179,37 @@ class PallasSelectPass(Pass):
                 elif self.select == "none":
                     path, reason = "jax", "select=none"
                 elif self.select == "all":
-                    path, reason = "pallas", "select=all"
+                    path, reason = kernel_path, "select=all"
                 elif interp:
-                    path, reason = "pallas", f"{plat.reason}; every supported trace takes the kernel"
+                    path, reason = kernel_path, f"{plat.reason}; every supported trace takes the kernel"
                 elif pads:
                     i = pads[0]
                     path, reason = "jax", (f"I={i.I}, O={i.O}: no power-of-two tile divides them, "
                                            f"the kernel would copy the trace to pad it")
                 elif nbytes >= thr:
-                    path, reason = "pallas", (f"trace {_mb(nbytes)} >= {_mb(thr)} "
-                                              f"({self.scheme} scheme; {model.source})")
+                    path, reason = kernel_path, (f"trace {_mb(nbytes)} >= {_mb(thr)} "
+                                                 f"({self.scheme} scheme; {model.source})")
                 else:
                     path, reason = "jax", (f"trace {_mb(nbytes)} < {_mb(thr)}: XLA is as fast "
                                            f"({self.scheme} scheme; {model.source})")
-                if path == "pallas" and interp and self.select != "auto":
+                if path != "jax" and interp and self.select != "auto":
                     reason += "; interpret mode"
-                a.update(path=path, path_reason=reason)
-                if path == "pallas":
-                    a["storage"] = self.trace_dtype
-                    ids = []
-                    for i in inst:
-                        key = (i.B, i.I, i.O, i.k, self.trace_dtype)
-                        launches.setdefault(key, f"L{len(launches)}")
-                        ids.append(launches[key])
-                    a["launch"] = ",".join(dict.fromkeys(ids))
+                a.update(path_reason=reason)
                 ctx.note(self.name, f"{t.id}: {path} — {reason}")
-            new_traces.append(type(t)(t.id, t.dim, t.relations, t.shapes, mk_attrs(**a)))
+            t = dc_replace(t, path=path, attrs=mk_attrs(**a))
+            if path in KERNEL_PATHS:
+                wname = weight_leaf(graph.param_by_name[
+                    graph.relation_by_id[t.relations[0]].param].type)[1]
+                t = layout_trace(graph, t, storage=self.trace_dtype, stacked_leaves=(wname,))
+            new_traces.append(t)
+        graph = graph.replace(traces=tuple(new_traces))
+        ids = {key: f"L{i}" for i, key in enumerate(launch_groups(graph))}
+        launch_of: dict = {}
+        for key, members in launch_groups(graph).items():
+            for tid, _, _ in members:
+                launch_of.setdefault(tid, []).append(ids[key])
+        new_traces = [dc_replace(t, attrs=mk_attrs(**dict(t.attrs), launch=",".join(
+            dict.fromkeys(launch_of[t.id])))) if t.id in launch_of else t for t in graph.traces]
         gattrs = dict(graph.attrs)
         gattrs.update(pallas_mode="interpret" if interp else "gpu", pallas_scheme=self.scheme)
         return graph.replace(traces=tuple(new_traces), attrs=mk_attrs(**gattrs))

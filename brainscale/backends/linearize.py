@@ -1,0 +1,168 @@
+"""The forward of the compiled step: one linearised evaluation giving ``J`` and ``df``.
+
+One evaluation of the traced step where every trace op computes
+``y = op(stop_gradient(x), θ) + ξ`` is linearised. Tangents of that linear map give, per
+hidden group, the element-wise Jacobian ``J`` (one tangent per state index ``j``, ones on
+``h_j^{t-1}`` of every group at once: groups never interact element-wise) and, per
+(op, group), ``df`` (ones on ``ξ_q``; ops reaching disjoint groups share one tangent). Paths
+through a trace op's input are cut by the ``stop_gradient``: the diagonal approximation. No
+dense N×N Jacobian is ever formed (algorithms.md sections 2-4; docs/design.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .. import _compat as C
+
+__all__ = ["Linearizer", "Forward", "sg"]
+
+sg = jax.lax.stop_gradient
+
+
+class Forward:
+    """What one forward evaluation gives the trace rules.
+
+    ``outs``: every jaxpr output; ``xs``: op name -> its input ``x`` (None for ops without
+    one); ``J``: group id -> ``(..., k, k)``; ``DF``: (op name, group id) -> ``(..., k)``.
+    """
+    __slots__ = ("outs", "xs", "J", "DF")
+
+    def __init__(self, outs, xs, J, DF):
+        self.outs, self.xs, self.J, self.DF = outs, xs, J, DF
+
+
+class Linearizer:
+    """Evaluates the traced step of ``graph`` (see the module docstring)."""
+
+    def __init__(self, graph, binding):
+        self.g = graph
+        self.b = binding
+        self.closed = graph.info.jaxpr
+        self.jaxpr = C.open_jaxpr(self.closed)
+        self.consts = C.closed_consts(self.closed)
+        self.op_of_eqn = {o.eqn: o for o in graph.ops}
+        self.hid_pos = {h.name: k for k, h in enumerate(graph.hidden)}
+        self.hid_of_var: dict = {}
+        for k, h in enumerate(graph.hidden):
+            self.hid_of_var.setdefault(self.jaxpr.outvars[h.outvar], []).append(k)
+        traced = {rid for t in graph.traces if t.dim in ("param", "io") for rid in t.relations}
+        self.traced = [r for r in graph.relations if r.id in traced]
+
+    # -- evaluation ---------------------------------------------------------------------
+    def eval(self, ins, on_op=None, on_hidden=None) -> list:
+        """Evaluate the jaxpr on ``ins``; ``on_op(op, eqn, invals) -> outs`` replaces trace-op
+        equations, ``on_hidden(k, value) -> value`` sees every new hidden value."""
+        jaxpr = self.jaxpr
+        env = {}
+        for v, c in zip(jaxpr.constvars, self.consts):
+            env[v] = c
+        for v, x in zip(jaxpr.invars, ins):
+            env[v] = x
+
+        def rd(v):
+            return C.literal_value(v) if C.is_literal(v) else env[v]
+
+        op_of_eqn, hid_of_var = self.op_of_eqn, self.hid_of_var
+        for ei, eqn in enumerate(jaxpr.eqns):
+            invals = [rd(v) for v in eqn.invars]
+            o = op_of_eqn.get(ei)
+            if o is not None and on_op is not None:
+                outs = on_op(o, eqn, invals)
+            else:
+                outs = C.eval_eqn(eqn, invals)
+            for v, val in zip(eqn.outvars, outs):
+                if on_hidden is not None and v in hid_of_var:
+                    for k in hid_of_var[v]:
+                        val = on_hidden(k, val)
+                env[v] = val
+        return [rd(v) for v in jaxpr.outvars]
+
+    def forward(self, theta_t, theta_p, args, hidden, others) -> Forward:
+        g, b = self.g, self.b
+        ins_fixed = b.assemble(theta_t, theta_p, args, [None] * len(hidden), others)
+        names = [o.name for o in g.ops]
+        pos = {n: i for i, n in enumerate(names)}
+
+        def F(h_prev, xi):
+            ins = list(ins_fixed)
+            for i, v in zip(b.hidden_idx, h_prev):
+                ins[i] = v
+            xs = {}
+
+            def on_op(o, eqn, invals):
+                nx = o.n_x_leaves
+                xs[o.name] = invals[0] if nx else None
+                y = C.eval_eqn(eqn, [sg(v) for v in invals[:nx]] + list(invals[nx:]))[0]
+                return [y + xi[pos[o.name]]]
+            outs = self.eval(ins, on_op=on_op)
+            return outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names]
+
+        xi0 = tuple(jnp.zeros(o.type.shape, o.type.dtype) for o in g.ops)
+        h0 = tuple(hidden)
+        dirs_h, dirs_xi, jdir, fdir = self._directions(h0, xi0)
+        if dirs_h is None:
+            outs, xs = F(h0, xi0)
+            tang = None
+        else:
+            (outs, xs), f_jvp = jax.linearize(F, h0, xi0)
+            tang = jax.vmap(lambda th, tx: f_jvp(th, tx)[0])(dirs_h, dirs_xi)
+        J, DF = {}, {}
+        if tang is not None:
+            hid_t = [tang[b.hidden_out[k]] for k in range(len(g.hidden))]
+            for grp in g.groups:
+                ks = [self.hid_pos[s] for s in grp.states]
+                if grp.id in jdir:
+                    J[grp.id] = jnp.stack(
+                        [jnp.stack([hid_t[ki][jdir[grp.id][j]] for j in range(len(ks))], axis=-1)
+                         for ki in ks], axis=-2)
+            for (q, gid), d in fdir.items():
+                ks = [self.hid_pos[s] for s in g.group_by_id[gid].states]
+                DF[(q, gid)] = jnp.stack([hid_t[ki][d] for ki in ks], axis=-1)
+        xs_map = {o.name: (xs[i] if o.n_x_leaves else None) for i, o in enumerate(g.ops)}
+        return Forward(outs, xs_map, J, DF)
+
+    def _directions(self, h0, xi0):
+        """Tangent directions: J columns (one per state index) and df (per op colour)."""
+        g = self.g
+        traced = self.traced
+        if not traced:
+            return None, None, {}, {}
+        groups_needed = sorted({gid for r in traced for gid in r.groups}, key=lambda s: int(s[1:]))
+        op_pos = {o.name: q for q, o in enumerate(g.ops)}
+        kmax = max(g.group_by_id[gid].num_state for gid in groups_needed)
+        dh, dx = [], []
+        jdir: dict = {gid: [] for gid in groups_needed}
+        for j in range(kmax):
+            th = [jnp.zeros_like(h) for h in h0]
+            for gid in groups_needed:
+                grp = g.group_by_id[gid]
+                if j < grp.num_state:
+                    k = self.hid_pos[grp.states[j]]
+                    th[k] = jnp.ones_like(h0[k])
+                    jdir[gid].append(len(dh))
+            dh.append(th)
+            dx.append([jnp.zeros_like(x) for x in xi0])
+        # greedy colouring: ops reaching disjoint groups share a direction
+        colours: list[tuple[set, list]] = []
+        for r in traced:
+            for c in colours:
+                if not (c[0] & set(r.groups)) and r.op not in c[1]:
+                    c[0].update(r.groups)
+                    c[1].append(r.op)
+                    break
+            else:
+                colours.append((set(r.groups), [r.op]))
+        fdir = {}
+        for groups, ops in colours:
+            tx = [jnp.zeros_like(x) for x in xi0]
+            for name in ops:
+                tx[op_pos[name]] = jnp.ones_like(xi0[op_pos[name]])
+            for r in traced:
+                if r.op in ops:
+                    for gid in r.groups:
+                        fdir[(r.op, gid)] = len(dh)
+            dh.append([jnp.zeros_like(h) for h in h0])
+            dx.append(tx)
+        stack = lambda seq: tuple(jnp.stack(list(col)) for col in zip(*seq))  # noqa: E731
+        return stack(dh), stack(dx), jdir, fdir

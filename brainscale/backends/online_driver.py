@@ -1,0 +1,262 @@
+"""The step-owning online loop, for any emitted step (backend-neutral).
+
+``brainscale.online_gradients(..., chunk=K)`` and the Pallas ``fused_online_gradients``
+run a whole ``(T, ...)`` sequence here. The loop owns each step instead of going through
+the learner's custom VJP, with the same math and gradients, so per step:
+
+1. the forward computes the neuron-level quantities ``J``, ``df``, ``x`` and updates the
+   traces of every rule without a ``one_pass`` method;
+2. ``δ^t`` comes from one VJP of the step (the loss's cotangent of the outputs);
+3. rules with ``one_pass`` (the Pallas D-RTRL kernel) read ``ε^{t-1}`` once, write ``ε^t``
+   and add their gradient into the running sum in the same sweep.
+
+ES-D-RTRL (io-dim) gradients of plain matmul ops may be summed over windows of ``chunk``
+steps: the scan keeps K steps of ``ε_x`` and ``s = Σ ε_f∘δ`` and adds them with one
+(K·B)-row product instead of K rank-B read-modify-writes of the gradient.
+"""
+from __future__ import annotations
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import BrainscaleError
+from .rules import IORule
+from .signals import is_float
+
+__all__ = ["drive_online", "check_chunk", "window_accumulate", "plain_matmul_error",
+           "chain_is_one"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def check_chunk(chunk) -> int:
+    """The window length K as an int, or a clear error."""
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    return int(chunk)
+
+
+def plain_matmul_error(op) -> str | None:
+    """None when ``op`` is a :class:`~brainscale.MatMulOp` whose math is the built-in one
+    (so its weight gradient is ``c ⊙ (xᵀ s)``), else why not."""
+    from ..ops import MatMulOp
+    if not isinstance(op, MatMulOp):
+        return f"op class {type(op).__name__}: only MatMulOp has the (x, s) product form"
+    for meth in ("xw_to_y", "drtrl_update", "drtrl_grad", "effective_weight", "_chain"):
+        if getattr(type(op), meth) is not getattr(MatMulOp, meth):
+            return f"{type(op).__name__} overrides MatMulOp.{meth}"
+    return None
+
+
+def chain_is_one(op) -> bool:
+    """True when ``∂W_eff/∂W`` is 1 (no mask, the default identity ``weight_fn``)."""
+    import inspect
+    from ..ops import MatMulOp
+    default = inspect.signature(MatMulOp.__init__).parameters["weight_fn"].default
+    return op.weight_mask is None and op.weight_fn is default
+
+
+def window_accumulate(eps_x, signal, grad, chain=None):
+    """XLA: ``grad + chain ⊙ (Xᵀ S)`` with X, S the (K·B)-row stacks of ``ε_x`` and ``s``."""
+    f32 = jnp.float32
+    I, O = grad.shape
+    X = eps_x.reshape(-1, I).astype(f32)
+    S = signal.reshape(-1, O).astype(f32)
+    upd = jax.lax.dot_general(X, S, (((0,), (0,)), ((), ())), precision=_HI,
+                              preferred_element_type=f32)
+    if chain is not None:
+        upd = upd * chain.astype(f32)
+    return (grad.astype(f32) + upd).astype(grad.dtype)
+
+
+def _leaf_index(graph, pname, leaf_name):
+    t = graph.param_by_name[pname].type
+    fields = getattr(t, "fields", None)
+    if fields is None:
+        return 0 if leaf_name == "weight" else None
+    for i, (n, _) in enumerate(fields):
+        if n == leaf_name:
+            return i
+    return None
+
+
+def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
+                 window_impl=None, jit: bool = True):
+    """Run ``(T, ...)`` inputs through a compiled learner, summing online gradients.
+
+    Args:
+        learner: a compiled algorithm (any backend).
+        inputs, targets: leading time axis ``(T, ...)``; ``loss_fn(out_t, target_t)``.
+        params: dict of ParamStates to return gradients for (default: all of the model's).
+        chunk: K, the window of io-dim matmul gradients summed with one (K·B)-row product.
+        window_impl: ``(X, S, grad, chain) -> grad`` for a window (default: one XLA GEMM).
+        jit: run under ``jax.jit``.
+
+    Returns:
+        ``(grads, losses)``; the model's hidden states and the learner's traces are advanced
+        to the end of the sequence.
+    """
+    learner._require()
+    step = learner._step
+    prog = step.program
+    chunk = check_chunk(chunk)
+    window_impl = window_impl or window_accumulate
+    if params is None:
+        params = learner.model.states(brainstate.ParamState)
+    g, b = prog.g, prog.b
+    states = learner._bound_states()
+    theta_t, theta_p, hidden0, others0 = b.gather(states)
+    traces0 = tuple(t.value for t in learner._traces)
+    deferred = lambda e: e.rule.one_pass is not None  # noqa: E731
+    io_entries = [e for e in prog.plan if isinstance(e.rule, IORule)]
+    # io-dim relations whose gradient can be summed over windows: plain matmuls
+    windowed = set()
+    if chunk > 1:
+        for e in io_entries:
+            for t in e.traces:
+                for rid in t.relations:
+                    rel = g.relation_by_id[rid]
+                    if rel.groups and plain_matmul_error(g.op_object(rel.op)) is None:
+                        windowed.add(rid)
+    win_order = sorted(windowed, key=lambda r: int(r[1:]))
+
+    def one(carry, xy, th_t, th_p, collect):
+        hidden, others, traces, (acc_t, acc_p) = carry
+        x_t, y_t = xy
+        args = tuple(jax.tree.leaves(((x_t,), {})))
+        (outs, new_hidden, new_others, new_traces), fwd = prog.forward(
+            th_t, th_p, args, hidden, others, traces, skip=deferred)
+        new_traces = list(new_traces)
+        outs = list(outs)
+        fl = [i for i, o in enumerate(outs) if is_float(o)]
+
+        def loss_of(*fo):
+            full = list(outs)
+            for i, v in zip(fl, fo):
+                full[i] = v
+            return loss_fn(jax.tree.unflatten(g.info.out_treedef, full), y_t)
+        loss, vjp = jax.vjp(loss_of, *[outs[i] for i in fl])
+        cts = vjp(jnp.ones_like(loss))
+        ct_outs = [jnp.zeros(()) for _ in outs]
+        for i, c in zip(fl, cts):
+            ct_outs[i] = c
+        ct_hidden = tuple(jnp.zeros_like(h) for h in new_hidden)
+        ct_others = tuple(jnp.zeros_like(o) if is_float(o) else jnp.zeros(()) for o in new_others)
+        delta, d_zeta, g_t, g_p, _ = prog.sig.learning_signals(
+            th_t, th_p, args, hidden, others, (tuple(ct_outs), ct_hidden, ct_others, None))
+        ctx = prog.context(th_t, fwd)
+        skip_grad = lambda e: deferred(e) or (collect and isinstance(e.rule, IORule))  # noqa: E731
+        prog.add_grads(g_t, prog.trace_grads(ctx, new_traces, delta, skip=skip_grad))
+        pairs = {}
+        if collect:
+            for e in io_entries:
+                vals = [[new_traces[p] for p in ps] for ps in e.positions]
+                for t, rid, ex, c in e.rule.signals(ctx, e.traces, vals, delta):
+                    if rid in windowed:
+                        pairs[rid] = (ex, c)
+                        continue
+                    rel = g.relation_by_id[rid]
+                    pi = b.tparam_pos(rel.param)
+                    grads = prog.sig.xy_to_dw_eqn(rel.op, ex, c, th_t[pi])
+                    prog.add_grads(g_t, [(pi, li, gr) for li, gr in enumerate(grads)])
+        prog.add_grads(g_t, prog.sig.direct_grads(th_t, fwd.xs, d_zeta))
+        acc_t = [[a + gg.astype(a.dtype) for a, gg in zip(at, gt)] for at, gt in zip(acc_t, g_t)]
+        acc_p = tuple(tuple(a + gg.astype(a.dtype) for a, gg in zip(ap, gp))
+                      for ap, gp in zip(acc_p, g_p))
+        for e in prog.plan:
+            if not deferred(e):
+                continue
+            vals = [[traces[p] for p in ps] for ps in e.positions]
+            new_vals, acc_t = e.rule.one_pass(ctx, e.traces, vals, delta, acc_t)
+            for ps, vs in zip(e.positions, new_vals):
+                for p, v in zip(ps, vs):
+                    new_traces[p] = v.astype(b.arrays[p].storage)
+        others = b.carry_others(others, new_others)
+        acc = (tuple(tuple(a) for a in acc_t), acc_p)
+        io = tuple(pairs[r] for r in win_order) if collect else ()
+        return (tuple(new_hidden), others, tuple(new_traces), acc), (loss, io)
+
+    def window(carry, xy, th_t, th_p):
+        carry, (losses, io) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, True), carry, xy)
+        hidden, others, traces, (acc_t, acc_p) = carry
+        acc_t = [list(a) for a in acc_t]
+        for rid, (X, S) in zip(win_order, io):
+            rel = g.relation_by_id[rid]
+            op = g.op_object(rel.op)
+            pi = b.tparam_pos(rel.param)
+            w = b.w_tree(pi, th_t[pi])
+            weight = w["weight"] if isinstance(w, dict) else w
+            chain = None if chain_is_one(op) else op._chain(weight)
+            li_w = _leaf_index(g, rel.param, "weight")
+            acc_t[pi][li_w] = window_impl(X, S, acc_t[pi][li_w], chain)
+            li_b = _leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
+            if li_b is not None:
+                acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
+                    acc_t[pi][li_b].dtype)
+        return (hidden, others, traces, (tuple(tuple(a) for a in acc_t), acc_p)), losses
+
+    def run(th_t, th_p, hidden, others, traces, xs, ys):
+        acc = (tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_t),
+               tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_p))
+        carry = (hidden, others, traces, acc)
+        T = jax.tree.leaves(xs)[0].shape[0]
+        if chunk == 1 or not windowed:
+            carry, (losses, _) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, False),
+                                              carry, (xs, ys))
+            return carry, losses
+        n, r = divmod(T, chunk)
+        parts = []
+        if n:
+            # windows are sliced inside the loop: reshaping the (T, ...) inputs into
+            # (n, K, ...) would make XLA copy them (temp memory growing with T)
+            def win(c, i):
+                v = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk),
+                                 (xs, ys))
+                return window(c, v, th_t, th_p)
+            carry, ls = jax.lax.scan(win, carry, jnp.arange(n))
+            parts.append(ls.reshape(-1))
+        if r:
+            tail = jax.tree.map(lambda a: a[n * chunk:], (xs, ys))
+            carry, ls = window(carry, tail, th_t, th_p)
+            parts.append(ls)
+        return carry, jnp.concatenate(parts)
+
+    if jit:
+        run = learner._cached_driver(("drive", loss_fn, chunk, window_impl), lambda: jax.jit(run))
+    (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
+                                                           traces0, inputs, targets)
+    b.scatter(hidden, _others_out(b, others), states)
+    for t, v in zip(learner._traces, traces):
+        t.value = v
+    info = g.info
+    grads = {}
+    for key, st in params.items():
+        val = None
+        for pi, p in enumerate(b.tparams):
+            if states[g.param_by_name[p].state_index] is st:
+                val = jax.tree.unflatten(info.state_treedefs[g.param_by_name[p].state_index],
+                                         list(acc_t[pi]))
+        for pj, p in enumerate(b.pparams):
+            if states[g.param_by_name[p].state_index] is st:
+                val = jax.tree.unflatten(info.state_treedefs[g.param_by_name[p].state_index],
+                                         list(acc_p[pj]))
+        grads[key] = val if val is not None else jax.tree.map(jnp.zeros_like, st.value)
+    return grads, losses
+
+
+def _others_out(b, others) -> tuple:
+    """The step's ``new_others`` layout (outputs of non-hidden, non-param states) from the
+    carried ``others`` (invars), for :meth:`StepBinding.scatter`."""
+    info = b.info
+    pos_in = {inv: p for p, inv in enumerate(b.other_idx)}
+    hidden_states = {h.state_index for h in b.graph.hidden}
+    param_states = {p.state_index for p in b.graph.params}
+    out = []
+    for si, (a, c) in enumerate(info.state_out_slices):
+        if si in hidden_states or si in param_states:
+            continue
+        ia, _ = info.state_in_slices[si]
+        out.extend(others[pos_in[ia + j]] if ia + j in pos_in else None for j in range(c - a))
+    return tuple(out)

@@ -1,0 +1,378 @@
+"""The trace-rule table: how each kind of trace is updated and turned into gradients.
+
+A rule runs the traces whose ``(dim, layout, path)`` it is registered for (``layout`` is
+None for io-dim traces). It reads the trace arrays the IR lists (``Trace.arrays``, in their
+storage dtype) and returns new values for exactly those arrays, and the gradient terms
+they give. Rules are looked up per trace when a step is emitted; a backend adds platform
+variants by registering rules under its own ``path`` (the way ``mlir.register_lowering``
+takes a ``platform``), e.g. the Pallas backend registers ``('param', 'compact', 'pallas')``.
+
+The JAX rules (path ``'jax'``) implement algorithms.md sections 3-4:
+
+* ``('param', 'compact')``: ``ε_i ← Σ_j yw_to_w(J[:,i,j], ε_j) + xy_to_dw(x, df[:,i])`` per
+  example (or the op's fused ``drtrl_update``), gradient ``Σ_i yw_to_w(δ_i, ε_i)``;
+* ``('param', 'dense')``: the exact per-output-neuron trace
+  ``ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ``, gradient ``Σ_n,i δ[n,i] ε[n,i,θ]``;
+* ``('io', None)``: ``ε_x ← α ε_x + x``, ``ε_f ← α J ε_f + (1-α) df``, gradient
+  ``xy_to_dw(ε_x, Σ_i ε_f[:,i] δ_i)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ..concepts import sum_leading
+from ..errors import BackendError
+from ..ir.layout import batch_shape, neuron_shape
+from .linearize import sg
+
+__all__ = ["TraceRule", "RuleContext", "ParamBlock", "TRACE_RULES", "register_trace_rule",
+           "rule_key", "make_rule", "param_blocks", "drtrl_compact", "drtrl_dense",
+           "contract_param", "ParamCompactRule", "ParamDenseRule", "IORule"]
+
+#: (dim, layout | None, path) -> factory ``(backend) -> TraceRule``
+TRACE_RULES: dict[tuple, Callable[[Any], "TraceRule"]] = {}
+
+
+def register_trace_rule(dim: str, layout: str | None = None, path: str = "jax"):
+    """Decorator registering a rule factory (a class taking the backend) for a trace kind."""
+    def deco(factory):
+        TRACE_RULES[(dim, layout, path)] = factory
+        return factory
+    return deco
+
+
+def rule_key(trace) -> tuple:
+    return (trace.dim, trace.layout if trace.dim == "param" else None, trace.path)
+
+
+def make_rule(trace, backend) -> "TraceRule":
+    """The rule that runs ``trace`` on ``backend``, or a BackendError naming the trace."""
+    key = rule_key(trace)
+    factory = TRACE_RULES.get(key)
+    if factory is None:
+        known = ", ".join(f"{d}/{l or '-'}/{p}" for d, l, p in sorted(TRACE_RULES, key=str))
+        raise BackendError(
+            f"trace {trace.id} (dim={trace.dim}, layout={trace.layout}, path={trace.path}) has no "
+            f"trace rule on backend {getattr(backend, 'name', backend)!r}; registered rules "
+            f"(dim/layout/path): {known}")
+    return factory(backend)
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule may read: the graph, the binding, the op VJPs, the parameters and (in
+    the forward) ``fwd`` = :class:`~brainscale.backends.linearize.Forward`."""
+    graph: Any
+    binding: Any
+    signals: Any
+    theta_t: tuple
+    fwd: Any = None
+
+    def op(self, op_name: str):
+        return self.graph.op_object(op_name)
+
+    def w(self, param_name: str):
+        pi = self.binding.tparam_pos(param_name)
+        return self.binding.w_tree(pi, self.theta_t[pi])
+
+
+class TraceRule:
+    """Base class of trace rules (see the module docstring).
+
+    ``update(ctx, traces, arrays)`` gets the traces this rule runs and, per trace, the list
+    of its current array values (``Trace.arrays`` order); it returns the new values, same
+    structure. ``grad(ctx, traces, arrays, delta)`` gets the new values and the learning
+    signal (one array per hidden state) and returns ``[(param position, leaf, gradient)]``.
+    ``check(graph, trace)`` may refuse a trace at emit time (a message, or None).
+    A rule may define ``one_pass(ctx, traces, arrays, delta, grad_acc)`` (update and grad
+    from the old arrays in one sweep, for step-owning drivers).
+    """
+    name = "rule"
+    one_pass = None
+
+    def __init__(self, backend=None):
+        self.backend = backend
+
+    def check(self, graph, trace) -> str | None:
+        return None
+
+    def update(self, ctx: RuleContext, traces: Sequence, arrays: Sequence[list]) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
+
+    def grad(self, ctx: RuleContext, traces: Sequence, arrays: Sequence[list], delta) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must implement grad()")
+
+    def notes(self, graph, traces) -> tuple:
+        return ()
+
+
+# -- param-dim blocks ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamBlock:
+    """One (relation, group) of a param-dim trace and the positions of its arrays in the
+    trace's array list."""
+    rid: str
+    gid: str
+    op: str
+    param: str
+    k: int
+    n_leaves: int
+    bshape: tuple
+    nS: int                    # len(batch axes) + len(neuron axes) (the dense layout's k axis)
+    slots: tuple               # ((leaf, state | None, position, TraceArray), ...)
+
+    def _lookup(self):
+        return {(li, si): (pos, a) for li, si, pos, a in self.slots}
+
+    def gather(self, binding, values, dense: bool):
+        """Compact: a list of k parameter trees (one per state); dense: one tree with the k
+        states stacked. Values are cast to their math dtype."""
+        lk = self._lookup()
+        if not dense:
+            per = []
+            for si in range(self.k):
+                leaves = []
+                for li in range(self.n_leaves):
+                    if (li, si) in lk:
+                        pos, a = lk[(li, si)]
+                        leaves.append(values[pos].astype(a.type.dtype))
+                    else:
+                        pos, a = lk[(li, None)]
+                        leaves.append(values[pos][..., si].astype(a.type.dtype))
+                per.append(binding.w_tree(self.param, leaves))
+            return per
+        leaves = []
+        for li in range(self.n_leaves):
+            if (li, None) in lk:
+                pos, a = lk[(li, None)]
+                leaves.append(values[pos].astype(a.type.dtype))
+            else:
+                parts = [values[lk[(li, si)][0]].astype(lk[(li, si)][1].type.dtype)
+                         for si in range(self.k)]
+                leaves.append(jnp.stack(parts, axis=self.nS))
+        return binding.w_tree(self.param, leaves)
+
+    def scatter(self, new, dense: bool) -> dict:
+        """``{position: value}`` for the block's arrays from :meth:`gather`'s layout."""
+        out = {}
+        if not dense:
+            per_leaf = [jax.tree.leaves(tree) for tree in new]          # [state][leaf]
+            for li, si, pos, a in self.slots:
+                if si is not None:
+                    out[pos] = per_leaf[si][li]
+                else:
+                    out[pos] = jnp.stack([per_leaf[s][li] for s in range(self.k)], axis=-1)
+            return out
+        leaves = jax.tree.leaves(new)
+        for li, si, pos, a in self.slots:
+            out[pos] = leaves[li] if si is None else jnp.take(leaves[li], si, axis=self.nS)
+        return out
+
+
+def param_blocks(graph, trace) -> list[ParamBlock]:
+    """The (relation, group) blocks of a param-dim trace, in array order."""
+    order, slots = [], {}
+    for pos, a in enumerate(trace.arrays):
+        key = (a.relation, a.group)
+        if key not in slots:
+            order.append(key)
+            slots[key] = []
+        slots[key].append((a.leaf, a.state, pos, a))
+    out = []
+    for rid, gid in order:
+        rel = graph.relation_by_id[rid]
+        op = graph.op_by_name[rel.op]
+        bshape = batch_shape(graph, gid, op)
+        p = graph.param_by_name[rel.param]
+        n_leaves = len(getattr(p.type, "leaves", (p.type,)))
+        out.append(ParamBlock(rid, gid, rel.op, rel.param, graph.group_by_id[gid].num_state,
+                              n_leaves, bshape, len(bshape) + len(neuron_shape(op)),
+                              tuple(slots[(rid, gid)])))
+    return out
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def drtrl_compact(op, w, eps, J, df, x, bshape):
+    """ε_i ← Σ_j yw_to_w(J[:,i,j], ε_j) + xy_to_dw(x, df[:,i]) (per example); ``eps`` is
+    the list of k per-state parameter trees."""
+    fused = op.drtrl_update(list(eps), J, df, x, w)
+    if fused is not NotImplemented:
+        return list(fused)
+
+    def single(eps, J, df, x):
+        k = df.shape[-1]
+        out = []
+        for i in range(k):
+            acc = op.xy_to_dw(x, df[..., i], w)
+            for j in range(k):
+                acc = _tree_add(acc, op.yw_to_w(J[..., i, j], eps[j]))
+            out.append(acc)
+        return out
+    if bshape:
+        return jax.vmap(single)(eps, J, df, x)
+    return single(eps, J, df, x)
+
+
+def drtrl_dense(op, w, eps, J, df, x, bshape):
+    """Per output neuron n: ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ."""
+    def single(eps, J, df, x):
+        G = jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w)    # leaves (*S, *leaf)
+
+        def leaf_update(e, gl):
+            nS = df.ndim - 1
+            extra = e.ndim - nS - 1
+            Je = J.reshape(J.shape + (1,) * extra)
+            dec = jnp.sum(Je * jnp.expand_dims(e, axis=nS), axis=nS + 1)
+            dfe = df.reshape(df.shape + (1,) * extra)
+            return dec + dfe * jnp.expand_dims(gl, axis=nS)
+        return jax.tree.map(leaf_update, eps, G)
+    if bshape:
+        return jax.vmap(single)(eps, J, df, x)
+    return single(eps, J, df, x)
+
+
+def contract_param(op, w, eps, dg, dense: bool, bshape):
+    """The param-dim gradient ``Σ_batch Σ_i yw_to_w(δ_i, ε_i)`` (compact, ``eps`` a list of k
+    trees) or ``Σ_batch Σ_n,i δ[n,i] ε[n,i,θ]`` (dense, ``eps`` one stacked tree)."""
+    if not dense:
+        fused = op.drtrl_grad(list(eps), dg, w)
+        if fused is not NotImplemented:
+            return fused
+    if dense:
+        def single(eps, dg):
+            nS = dg.ndim - 1
+
+            def leaf(e):
+                d = dg.reshape(dg.shape + (1,) * (e.ndim - nS - 1))
+                return jnp.sum(d * e, axis=tuple(range(nS + 1)))
+            return jax.tree.map(leaf, eps)
+    else:
+        def single(eps, dg):
+            k = dg.shape[-1]
+            acc = None
+            for i in range(k):
+                t = op.yw_to_w(dg[..., i], eps[i])
+                acc = t if acc is None else _tree_add(acc, t)
+            return acc
+    if bshape:
+        return sum_leading(lambda b: single(jax.tree.map(lambda e: e[b], eps), dg[b]),
+                           bshape[0])
+    return single(eps, dg)
+
+
+class _ParamRule(TraceRule):
+    dense = False
+
+    def update(self, ctx, traces, arrays):
+        fwd = ctx.fwd
+        out = []
+        for t, vals in zip(traces, arrays):
+            new = list(vals)
+            for blk in param_blocks(ctx.graph, t):
+                op = ctx.op(blk.op)
+                o = ctx.graph.op_by_name[blk.op]
+                eps = blk.gather(ctx.binding, vals, self.dense)
+                x = sg(fwd.xs[blk.op]) if o.n_x_leaves else None
+                upd = drtrl_dense if self.dense else drtrl_compact
+                res = upd(op, ctx.w(blk.param), eps, fwd.J[blk.gid], fwd.DF[(blk.op, blk.gid)],
+                          x, blk.bshape)
+                for pos, v in blk.scatter(res, self.dense).items():
+                    new[pos] = v
+            out.append(new)
+        return out
+
+    def grad(self, ctx, traces, arrays, delta):
+        out = []
+        for t, vals in zip(traces, arrays):
+            for blk in param_blocks(ctx.graph, t):
+                eps = blk.gather(ctx.binding, vals, self.dense)
+                dg = ctx.signals.group_delta(blk.gid, delta)
+                grad = contract_param(ctx.op(blk.op), ctx.w(blk.param), eps, dg, self.dense,
+                                      blk.bshape)
+                pi = ctx.binding.tparam_pos(blk.param)
+                out.extend((pi, li, leaf) for li, leaf in enumerate(jax.tree.leaves(grad)))
+        return out
+
+
+@register_trace_rule("param", "compact")
+class ParamCompactRule(_ParamRule):
+    """D-RTRL with parameter-shaped traces (one per state, or stacked)."""
+    name = "param/compact"
+
+
+@register_trace_rule("param", "dense")
+class ParamDenseRule(_ParamRule):
+    """D-RTRL with the exact per-output-neuron trace."""
+    name = "param/dense"
+    dense = True
+
+
+@register_trace_rule("io")
+class IORule(TraceRule):
+    """ES-D-RTRL: ``ε_x`` of the shared op input and ``ε_f`` per (relation, group)."""
+    name = "io"
+
+    @staticmethod
+    def _parts(trace):
+        x_pos = next(i for i, a in enumerate(trace.arrays) if a.role == "eps_x")
+        fs = [(i, a) for i, a in enumerate(trace.arrays) if a.role == "eps_f"]
+        return x_pos, fs
+
+    def update(self, ctx, traces, arrays):
+        fwd, g = ctx.fwd, ctx.graph
+        out = []
+        for t, vals in zip(traces, arrays):
+            alpha = float(t.decay)
+            new = list(vals)
+            x_pos, fs = self._parts(t)
+            ax = t.arrays[x_pos]
+            first = g.relation_by_id[t.relations[0]].op
+            x = sg(fwd.xs[first]).astype(ax.type.dtype)
+            new[x_pos] = alpha * vals[x_pos].astype(ax.type.dtype) + x
+            for pos, a in fs:
+                op = g.relation_by_id[a.relation].op
+                Jg, df = fwd.J[a.group], fwd.DF[(op, a.group)]
+                decayed = jnp.einsum("...ij,...j->...i", Jg, vals[pos].astype(a.type.dtype))
+                new[pos] = alpha * decayed + (1 - alpha) * df
+            out.append(new)
+        return out
+
+    def signals(self, ctx, traces, arrays, delta) -> list:
+        """``[(trace, relation id, ε_x value, Σ_g Σ_i ε_f ∘ δ), ...]``: the io-dim gradient of a
+        relation is ``xy_to_dw(ε_x, signal)`` (a step-owning driver may sum these in windows)."""
+        g = ctx.graph
+        out = []
+        for t, vals in zip(traces, arrays):
+            x_pos, fs = self._parts(t)
+            ex = vals[x_pos].astype(t.arrays[x_pos].type.dtype)
+            for rid in t.relations:
+                c = None
+                for pos, a in fs:
+                    if a.relation != rid:
+                        continue
+                    contrib = jnp.sum(vals[pos].astype(a.type.dtype)
+                                      * ctx.signals.group_delta(a.group, delta), axis=-1)
+                    c = contrib if c is None else c + contrib
+                if c is None:
+                    continue
+                ys = g.op_by_name[g.relation_by_id[rid].op].type.shape
+                if c.shape != tuple(ys):
+                    c = c.reshape(c.shape[len(c.shape) - len(ys):])
+                out.append((t, rid, ex, c))
+        return out
+
+    def grad(self, ctx, traces, arrays, delta):
+        out = []
+        for t, rid, ex, c in self.signals(ctx, traces, arrays, delta):
+            rel = ctx.graph.relation_by_id[rid]
+            pi = ctx.binding.tparam_pos(rel.param)
+            grads = ctx.signals.xy_to_dw_eqn(rel.op, ex, c, ctx.theta_t[pi])
+            out.extend((pi, li, leaf) for li, leaf in enumerate(grads))
+        return out

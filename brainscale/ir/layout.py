@@ -1,0 +1,237 @@
+"""The physical layout of eligibility traces: which arrays a trace keeps, and their types.
+
+This is IR semantics, shared by the ``layout-traces`` pass (which fills
+:attr:`Trace.arrays <brainscale.ir.Trace.arrays>`), the verifier (which checks that a
+trace's arrays cover its relations, groups, leaves and states with the right types) and
+the backends' trace rules (which read the arrays, never re-derive them).
+
+Array types, with ``B`` the batch axes of a group (``varshape`` minus the op's neuron shape
+``S``), ``k`` the number of states of the group and ``θ_l`` one parameter leaf:
+
+=========  =================================  =========================================
+role       layout / state                     shape
+=========  =================================  =========================================
+``eps``    compact, one state ``i``           ``B + θ_l``
+``eps``    compact, states stacked            ``B + θ_l + (k,)``
+``eps``    dense, one state ``i``             ``B + S + θ_l``
+``eps``    dense, states stacked              ``B + S + (k,) + θ_l``
+``eps_x``  (io) the op input ``x``            ``x.shape`` (real-valued even for spikes)
+``eps_f``  (io) one (relation, group)         ``varshape + (k,)``
+=========  =================================  =========================================
+"""
+from __future__ import annotations
+
+from typing import Collection
+
+import numpy as np
+
+from .nodes import TraceArray
+from .types import TensorType, TreeType
+
+__all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
+           "param_leaves", "eps_type", "eps_x_type", "eps_f_type", "FLOAT_STORAGE"]
+
+#: dtypes a trace array may be stored in (the math is done in the array's type dtype)
+FLOAT_STORAGE = ("float32", "float64", "float16", "bfloat16")
+
+
+def _float_dtype(dtype: str, fallback: str = "float32") -> str:
+    try:
+        return dtype if np.issubdtype(np.dtype(dtype), np.inexact) else fallback
+    except TypeError:      # bfloat16 is not a numpy builtin on every numpy
+        return dtype if dtype in FLOAT_STORAGE else fallback
+
+
+def neuron_shape(op) -> tuple[int, ...]:
+    """The op's output shape without its batch axis: the shape of one example's neurons."""
+    s = tuple(op.type.shape)
+    return s[1:] if op.batched else s
+
+
+def batch_shape(graph, group_id: str, op) -> tuple[int, ...]:
+    """Leading axes of a group's varshape that the op's neurons do not have: per-example
+    axes of the trace (the batch axis, for a batched model)."""
+    vs = tuple(graph.group_by_id[group_id].varshape)
+    return vs[:len(vs) - len(neuron_shape(op))]
+
+
+def param_leaves(graph, param_name: str) -> tuple[tuple[str, TensorType], ...]:
+    """``((leaf name, type), ...)`` of a parameter, in pytree order (a bare array: one
+    leaf named '')."""
+    t = graph.param_by_name[param_name].type
+    return t.fields if isinstance(t, TreeType) else (("", t),)
+
+
+def eps_type(graph, relation_id: str, group_id: str, leaf: int, layout: str,
+             state: int | None) -> TensorType:
+    """The type of a param-dim (D-RTRL) array (see the module table)."""
+    rel = graph.relation_by_id[relation_id]
+    op = graph.op_by_name[rel.op]
+    _, lt = param_leaves(graph, rel.param)[leaf]
+    k = graph.group_by_id[group_id].num_state
+    b = batch_shape(graph, group_id, op)
+    if layout == "compact":
+        shape = b + tuple(lt.shape) + (() if state is not None else (k,))
+    elif layout == "dense":
+        shape = b + neuron_shape(op) + (() if state is not None else (k,)) + tuple(lt.shape)
+    else:
+        raise ValueError(f"param-dim layout must be 'compact' or 'dense', got {layout!r}")
+    return TensorType(shape, _float_dtype(lt.dtype))
+
+
+def eps_x_type(graph, value_name: str, op) -> TensorType:
+    """The type of an ``ε_x`` array: the op input's shape, real-valued (the filtered input
+    of boolean or integer spikes is not a spike)."""
+    xt = graph.value_by_name[value_name].type
+    return TensorType(tuple(xt.shape), _float_dtype(xt.dtype, _float_dtype(op.type.dtype)))
+
+
+def eps_f_type(graph, group_id: str, op) -> TensorType:
+    g = graph.group_by_id[group_id]
+    return TensorType(tuple(g.varshape) + (g.num_state,), _float_dtype(op.type.dtype))
+
+
+def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool = True,
+                 stacked_leaves: Collection[str] = ()) -> tuple[TraceArray, ...]:
+    """The arrays ``trace`` keeps, in a canonical order, with ids ``<trace id>.<n>``.
+
+    Args:
+        graph: the graph the trace belongs to (its relations, ops, groups, params).
+        trace: a :class:`~brainscale.ir.Trace` with ``dim``, ``relations`` and, for param-dim,
+            ``layout``, for io-dim ``shared_x`` set.
+        storage: dtype to store every array in (default: its math dtype).
+        split_states: compact param-dim: one array per state of a group (each updated in
+            place), instead of the k states stacked in one array. Dense traces keep the k
+            states stacked (their rule contracts over that axis).
+        stacked_leaves: names of parameter leaves whose k states stay stacked even when
+            ``split_states`` (a backend kernel that wants ``(B, I, O, k)``).
+
+    Returns:
+        The arrays; empty for dim ``'none'``.
+    """
+    out: list[TraceArray] = []
+
+    def add(role, ttype, **kw):
+        st = storage or ttype.dtype
+        out.append(TraceArray(f"{trace.id}.{len(out)}", role, ttype, st, **kw))
+
+    if trace.dim == "param":
+        layout = trace.layout or "compact"
+        for rid in trace.relations:
+            rel = graph.relation_by_id[rid]
+            leaves = param_leaves(graph, rel.param)
+            for gid in rel.groups:
+                k = graph.group_by_id[gid].num_state
+                for li, (lname, _) in enumerate(leaves):
+                    split = split_states and layout == "compact" and lname not in stacked_leaves
+                    for si in (range(k) if split else (None,)):
+                        add("eps", eps_type(graph, rid, gid, li, layout, si), relation=rid,
+                            group=gid, leaf=li, state=si)
+    elif trace.dim == "io":
+        first = graph.op_by_name[graph.relation_by_id[trace.relations[0]].op]
+        x = trace.shared_x or first.x
+        add("eps_x", eps_x_type(graph, x, first), value=x)
+        for rid in trace.relations:
+            rel = graph.relation_by_id[rid]
+            op = graph.op_by_name[rel.op]
+            for gid in rel.groups:
+                add("eps_f", eps_f_type(graph, gid, op), relation=rid, group=gid)
+    return tuple(out)
+
+
+def _fmt_key(graph, a) -> str:
+    if a.role == "eps_x":
+        return f"eps_x of {a.value}"
+    where = f"{a.relation}/{a.group}"
+    if a.role == "eps" and a.relation in graph.relation_by_id and a.leaf is not None:
+        leaves = param_leaves(graph, graph.relation_by_id[a.relation].param)
+        if 0 <= a.leaf < len(leaves):
+            where += f" leaf {leaves[a.leaf][0] or '(array)'}"
+    if a.state is not None:
+        where += f" state {a.state}"
+    return f"{a.role} of {where}"
+
+
+def check_trace_arrays(graph, trace) -> str | None:
+    """None when ``trace.arrays`` cover exactly what its dim/layout/relations need, with the
+    right types; otherwise what is wrong (the verifier prefixes the trace id)."""
+    arrays = trace.arrays
+    for i, a in enumerate(arrays):
+        if a.id != f"{trace.id}.{i}":
+            return f"array {i} has id {a.id!r}, expected {trace.id}.{i} (renumber the arrays)"
+        if a.storage not in FLOAT_STORAGE:
+            return (f"array {a.id} is stored as {a.storage!r}; trace storage must be one of "
+                    f"{', '.join(FLOAT_STORAGE)}")
+    if trace.dim == "none":
+        return None if not arrays else (f"dim=none keeps no arrays, but it has "
+                                        f"{len(arrays)}; drop them")
+    need: dict = {}      # coverage key -> expected type
+    if trace.dim == "param":
+        layout = trace.layout
+        for a in arrays:
+            if a.role != "eps":
+                return f"array {a.id} has role {a.role}, but a param-dim trace keeps only eps arrays"
+            if a.relation not in trace.relations:
+                return f"array {a.id} belongs to relation {a.relation!r}, not one of the trace's"
+            rel = graph.relation_by_id[a.relation]
+            if a.group not in rel.groups:
+                return f"array {a.id} names group {a.group!r}, which {a.relation} does not reach"
+            n_leaves = len(param_leaves(graph, rel.param))
+            k = graph.group_by_id[a.group].num_state
+            if a.leaf is None or not 0 <= a.leaf < n_leaves:
+                return f"array {a.id} names leaf {a.leaf!r}; %{rel.param} has {n_leaves} leaf(s)"
+            if a.state is not None and not 0 <= a.state < k:
+                return f"array {a.id} names state {a.state}; {a.group} has {k} state(s)"
+            want = eps_type(graph, a.relation, a.group, a.leaf, layout, a.state)
+            if a.type != want:
+                return (f"{_fmt_key(graph, a)} is {a.type} ({a.id}) but layout={layout} needs "
+                        f"{want}")
+            states = range(k) if a.state is None else (a.state,)
+            for s in states:
+                key = (a.relation, a.group, a.leaf, s)
+                if key in need:
+                    return f"{_fmt_key(graph, a)} is covered twice ({need[key]} and {a.id})"
+                need[key] = a.id
+        for rid in trace.relations:
+            rel = graph.relation_by_id[rid]
+            for gid in rel.groups:
+                for li, (lname, _) in enumerate(param_leaves(graph, rel.param)):
+                    for s in range(graph.group_by_id[gid].num_state):
+                        if (rid, gid, li, s) not in need:
+                            return (f"no array holds eps of {rid}/{gid} leaf "
+                                    f"{lname or '(array)'} state {s}")
+        return None
+    # io
+    xs = [a for a in arrays if a.role == "eps_x"]
+    if len(xs) != 1:
+        return f"an io-dim trace keeps exactly one eps_x array, it has {len(xs)}"
+    first = graph.op_by_name[graph.relation_by_id[trace.relations[0]].op]
+    if xs[0].value != trace.shared_x:
+        return f"its eps_x array {xs[0].id} filters {xs[0].value}, but shared_x={trace.shared_x}"
+    want = eps_x_type(graph, trace.shared_x, first)
+    if xs[0].type != want:
+        return f"eps_x array {xs[0].id} is {xs[0].type}, but {trace.shared_x} needs {want}"
+    seen = set()
+    for a in arrays:
+        if a.role == "eps_x":
+            continue
+        if a.role != "eps_f":
+            return f"array {a.id} has role {a.role}, but an io-dim trace keeps eps_x and eps_f"
+        if a.relation not in trace.relations:
+            return f"array {a.id} belongs to relation {a.relation!r}, not one of the trace's"
+        rel = graph.relation_by_id[a.relation]
+        if a.group not in rel.groups:
+            return f"array {a.id} names group {a.group!r}, which {a.relation} does not reach"
+        if a.state is not None or a.leaf is not None:
+            return f"eps_f array {a.id} keeps the k states stacked (no state or leaf index)"
+        want = eps_f_type(graph, a.group, graph.op_by_name[rel.op])
+        if a.type != want:
+            return f"{_fmt_key(graph, a)} is {a.type} ({a.id}) but needs {want}"
+        if (a.relation, a.group) in seen:
+            return f"{_fmt_key(graph, a)} is covered twice"
+        seen.add((a.relation, a.group))
+    for rid in trace.relations:
+        for gid in graph.relation_by_id[rid].groups:
+            if (rid, gid) not in seen:
+                return f"no eps_f array for {rid}/{gid}"
+    return None
