@@ -247,6 +247,11 @@ def compile_report(compiled) -> str:
                   + rows)
     exact = f" ({rep.trace_bytes_total} B)" if rep.trace_bytes_total >= 1024 else ""
     out.append(f"  total: {rep.trace_bytes_total_human}{exact}")
+    arrays = [a for t in rep.traces for a in t.arrays]
+    if arrays:
+        out += ["", f"trace arrays ({len(arrays)}, what the compiled step allocates):"]
+        rows = [[a.id, a.what, a.type, a.storage, human_bytes(a.bytes)] for a in arrays]
+        out += _table([["id", "array", "type", "storage", "bytes"]] + rows)
     out += ["", "dimension choices:"]
     rows = []
     for c in rep.dim_choices:
