@@ -32,21 +32,42 @@ JaxprEqn = jcore.JaxprEqn
 #: names of the jit primitive across versions ('pjit' before jax 0.7)
 JIT_NAMES = frozenset({"jit", "pjit"})
 #: call-like primitives whose body can be inlined without changing semantics
-_INLINABLE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"})
+#: (``jax.checkpoint`` / ``jax.remat`` bind ``remat2`` on jax 0.10-0.12; its body is an open
+#: jaxpr on 0.10)
+_INLINABLE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
+                        "checkpoint"})
 
 jax_version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-# Report the user's frame, not ours, in error messages.
+# Report the user's frame, not ours or a library's, in error messages and --locs: frames in
+# brainscale and in the brain-dynamics libraries a model is written with are skipped.
 source_info_util.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _exclude_library_frames():
+    import importlib.util
+    for name in ("brainstate", "braintools", "brainunit", "brainevent", "brainpy",
+                 "brainpy_state"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                source_info_util.register_exclusion(os.path.abspath(loc))
+
+
+_exclude_library_frames()
+
+
 def open_jaxpr(closed: Any) -> Any:
-    """The open jaxpr (invars/eqns/outvars) of a closed one, on any jax version."""
-    return closed.jaxpr
+    """The open jaxpr (invars/eqns/outvars) of a closed one, on any jax version (an open
+    jaxpr, e.g. the body of ``jax.checkpoint`` on jax 0.10, is returned as it is)."""
+    return getattr(closed, "jaxpr", closed)
 
 
 def closed_consts(closed: Any) -> list:
-    return list(closed.consts)
+    return list(getattr(closed, "consts", ()))
 
 
 def make_closed(jaxpr: Any, consts: Sequence[Any]) -> Any:
@@ -71,6 +92,13 @@ def eqn_subjaxprs(eqn: Any) -> list:
             if hasattr(v, "eqns") or (hasattr(v, "jaxpr") and hasattr(v, "consts")):
                 out.append(v)
     return out
+
+
+#: jax primitive names by what they are, across jax 0.10 - 0.12 (the dependency rules and
+#: the inliner are keyed by these; tests/test_rule_table.py checks every one is reachable)
+CALL_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
+                        "checkpoint", "custom_jvp_call", "custom_vjp_call",
+                        "custom_vjp_call_jaxpr"})
 
 
 def _is_marked_name(name: str) -> bool:
@@ -106,7 +134,7 @@ def inline_calls(closed: Any) -> Any:
         if e.primitive.name in JIT_NAMES and _is_marked_name(e.params.get("name", "")):
             return None
         body = e.params.get("jaxpr") or e.params.get("call_jaxpr")
-        return body if body is not None and hasattr(body, "consts") else None
+        return body if body is not None and hasattr(open_jaxpr(body), "eqns") else None
 
     def fresh(o):
         if type(o).__name__ == "DropVar":
@@ -115,9 +143,13 @@ def inline_calls(closed: Any) -> Any:
         env[o] = nv
         return nv
 
-    def walk(eqn_list, depth):
+    def walk(eqn_list, depth, outer=None):
         nonlocal changed
         for e in eqn_list:
+            if outer is not None and eqn_location(e) is None:
+                # an equation of a library's jitted helper (jnp.roll, jnp.cumsum, ...) whose
+                # trace kept no user frame: it is where the call was
+                e = e.replace(source_info=outer.source_info)
             body = inlinable(e)
             if body is None:
                 ins = [rd(v) for v in e.invars]
@@ -134,7 +166,7 @@ def inline_calls(closed: Any) -> Any:
                     new_consts.append(c)
             for iv, val in zip(sub.invars, e.invars):
                 env[iv] = rd(val)
-            walk(sub.eqns, depth + 1)
+            walk(sub.eqns, depth + 1, e if eqn_location(e) is not None else outer)
             for ov, sv in zip(e.outvars, sub.outvars):
                 env[ov] = rd(sv)
 

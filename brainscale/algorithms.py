@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._legacy_api import LegacyAPIMixin
 from .errors import BrainscaleError, NotCompiledError
 from .pipeline import AlgorithmOptions, build_graph
 from .passes.select_dims import decay_from as _decay_and_rank
@@ -45,7 +46,7 @@ def _sig(args, kwargs) -> str:
 _MAX_DRIVERS = 16
 
 
-class ETraceAlgorithm(brainstate.nn.Module):
+class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     """Base class: compile a model's step and run it with eligibility traces.
 
     Args:
@@ -57,6 +58,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
         backend: 'jax' (default), 'pallas', 'auto' or a Backend instance.
         param_ratio / memory_budget_mb / dim_overrides: options of ``select-dims``.
         instruments: PassManager instruments (dumps, timing).
+        mode: brainscale 0.1's ``brainstate.mixin.Mode`` (``Batching()`` for batched inputs);
+            checked against the example inputs of ``compile_graph``. Optional.
     """
 
     _policy: str | None = None
@@ -64,7 +67,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def __init__(self, model, *, decay_or_rank=None, pipeline=None, backend="jax",
                  param_ratio: float | None = None, memory_budget_mb: float | None = None,
                  dim_overrides: dict | None = None, instruments: Sequence = (),
-                 name: str | None = None):
+                 name: str | None = None, mode=None):
         super().__init__(name=name)
         if not callable(model):
             raise TypeError(f"model must be a callable brainstate module, got {type(model).__name__}")
@@ -78,6 +81,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.memory_budget_mb = memory_budget_mb
         self.dim_overrides = dict(dim_overrides or {})
         self.instruments = tuple(instruments)
+        self.mode = mode
         self.graph = None
         self.stages: list = []
         self.records: tuple = ()
@@ -107,6 +111,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         res = build_graph(self.model, *args, pipeline=self.pipeline,
                           instruments=self.instruments, algorithm=self.algorithm_options(),
                           backend=backend, **kwargs)
+        self._check_mode(res.graph, _sig(args, kwargs))
         step = backend.emit(res.graph)
         self.compile_seconds = time.perf_counter() - t0
         self.graph, self.stages, self.records = res.graph, list(res.stages), res.records
@@ -139,8 +144,23 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 f"`.compile_graph(*example_inputs)` once before using it")
 
     def _bound_states(self) -> tuple:
-        """The model states the compiled step reads, in jaxpr order."""
-        return self.graph.info.states
+        """The model states the compiled step reads, in jaxpr order, bound by path each call.
+
+        A state the model holds under the same path as at ``compile_graph`` but as a new
+        object (``brainstate.nn.init_all_states`` again, a ``reset_state`` that builds new
+        states) is used in its place: the learner follows the model, it never keeps
+        advancing a detached state. States that are not the model's (read from outside it)
+        stay bound to the objects the step was compiled with.
+        """
+        info = self.graph.info
+        try:
+            current = {".".join(str(k) for k in path): st
+                       for path, st in self.model.states().items()}
+        except Exception:  # noqa: BLE001 - a plain function model has no states()
+            return info.states
+        return tuple(current.get(path, st) if not isinstance(current.get(path, st),
+                                                                 EligibilityTrace) else st
+                     for st, path in zip(info.states, info.state_paths))
 
     def _cached_driver(self, key, make: Callable):
         """A jitted driver per key (the loss function object, options), for this compiled

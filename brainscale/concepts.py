@@ -105,8 +105,9 @@ class ETraceOp:
         param_trace: layout of the param-dim (D-RTRL) trace. ``'compact'`` stores one
             parameter-shaped tree per hidden-state component (valid when every parameter
             element reaches the output neurons only along the axis ``yw_to_w``
-            broadcasts: matmul, sparse, element-wise); ``'dense'`` stores the exact
-            per-output-neuron trace (conv, LoRA, any op without ``yw_to_w``).
+            broadcasts: matmul, sparse, element-wise; the op must define ``yw_to_w``);
+            ``'dense'`` stores the exact per-output-neuron trace (conv, LoRA, any op
+            without ``yw_to_w``).
         x_ndim: rank of one example's input ``x``; one more means a leading batch axis.
     """
 
@@ -166,15 +167,13 @@ class ETraceOp:
         """Multiply the parameter-shaped tree ``w`` by the neuron-shaped vector ``y``.
 
         Used by the compact param-dim trace: ``ε ← yw_to_w(J, ε)`` and the gradient
-        ``Σ yw_to_w(δ, ε)``. The default broadcasts ``y`` along the output (last) axis of
-        every leaf, which is right for matmul-like parameters.
+        ``Σ yw_to_w(δ, ε)``. Only an op that knows along which axes its parameter reaches
+        its output neurons can define it; an op that does not define it gets the exact
+        per-output-neuron (dense) param-dim trace, which needs ``xw_to_y`` only.
         """
-        def mul(leaf):
-            yy = y
-            while jnp.ndim(yy) < jnp.ndim(leaf):
-                yy = jnp.expand_dims(yy, axis=-2)
-            return leaf * yy
-        return jax.tree.map(mul, w)
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no yw_to_w, so it has no compact param-dim layout; "
+            f"the compiler keeps its exact dense per-output-neuron trace instead")
 
     def xy_to_dw(self, x, dy, w):
         """``∂⟨dy, op(x, w)⟩/∂w``: the VJP of ``w ↦ op(x, w)`` with cotangent ``dy``."""
@@ -182,10 +181,25 @@ class ETraceOp:
         return vjp(dy)[0]
 
     def compact_layout_error(self, w) -> str | None:
-        """Why the compact param-dim layout would be inexact for the parameter value ``w``
-        (the frontend then uses the exact per-output-neuron layout), or None. Checked once
-        when the step is lowered; the default trusts :attr:`param_trace`."""
+        """Why the compact param-dim layout would be inexact for this op, or None.
+
+        The default: an op must define its own :meth:`yw_to_w` (the axes along which each
+        parameter element reaches the output neurons) to have a compact layout; without it
+        the frontend gives the op the exact per-output-neuron layout. Override to refuse
+        the compact layout for reasons of your own (return the reason).
+        """
+        if type(self).yw_to_w is ETraceOp.yw_to_w:
+            return (f"{type(self).__name__} defines no yw_to_w: the exact per-output-neuron "
+                    f"layout is used (a compact trace would have to assume how the parameter "
+                    f"reaches the outputs)")
         return None
+
+    def elementwise_maps(self, w) -> tuple:
+        """``((description, fn, value), ...)``: functions of the parameter that the compact
+        layout assumes act element-wise (e.g. a ``weight_fn``). The frontend proves each one
+        structurally on its jaxpr, for every weight value, and uses the dense layout when a
+        proof fails. The default has none."""
+        return ()
 
     # -- optional fused param-dim rules (backends use them when an op provides them) ----
     def drtrl_update(self, eps, J, df, x, w):
@@ -275,6 +289,11 @@ class FunctionOp(ETraceOp):
         if self._yw is None:
             return super().yw_to_w(y, w)
         return self._yw(y, w)
+
+    def compact_layout_error(self, w) -> str | None:
+        if self._yw is None:
+            return "the function op was given no yw_to_w: the exact per-output-neuron layout is used"
+        return None
 
     def _repr_fields(self):
         return {"fn": self.fn, "is_diagonal": self.is_diagonal}

@@ -86,6 +86,25 @@ def _param_type(value: Any) -> TensorType | TreeType:
     return TreeType(tuple(fields))
 
 
+def compact_layout_error(op, value) -> str | None:
+    """Why ``op`` may not keep a compact param-dim trace of the parameter ``value``, or None.
+
+    Legal only when proven for every weight value: the op must define ``yw_to_w``
+    (:meth:`~brainscale.ETraceOp.compact_layout_error`) and every function of the parameter
+    it declares element-wise (:meth:`~brainscale.ETraceOp.elementwise_maps`) must be so on
+    its jaxpr (:func:`brainscale.passes.rules.elementwise_error`).
+    """
+    from .passes.rules import elementwise_error
+    why = op.compact_layout_error(value)
+    if why:
+        return why
+    for what, fn, v in op.elementwise_maps(value):
+        why = elementwise_error(fn, v, what)
+        if why:
+            return why
+    return None
+
+
 def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None,
           **kwargs) -> Graph:
     """Trace one step of ``model`` on example inputs and lower it to the IR (stage ``lower``).
@@ -238,7 +257,7 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
             else "custom"
         layout, why = op.param_trace, None
         if op.param_trace == "compact":
-            why = op.compact_layout_error(st.value)
+            why = compact_layout_error(op, st.value)
             if why:
                 # exact per-output-neuron trace instead of a compact one that drops terms
                 layout = "dense"

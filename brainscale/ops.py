@@ -163,30 +163,6 @@ def _identity(w):
     return w
 
 
-def _elementwise_error(fn: Callable, value, what: str) -> str | None:
-    """None when ``fn`` acts element-wise at ``value`` (its Jacobian is diagonal: a JVP with a
-    random tangent equals the VJP of ones times that tangent), else why not."""
-    value = u.get_mantissa(value)
-    if isinstance(value, jax.core.Tracer) or np.size(value) == 0 or \
-            not jnp.issubdtype(jnp.asarray(value).dtype, jnp.inexact):
-        return None
-    f = lambda v: u.get_mantissa(fn(v))  # noqa: E731
-    t = jax.random.normal(jax.random.PRNGKey(7), np.shape(value), jnp.result_type(value))
-    try:
-        out, jt = jax.jvp(f, (value,), (t,))
-        if np.shape(out) != np.shape(value):
-            return f"{what} changes the shape {np.shape(value)} -> {np.shape(out)}"
-        diag = jax.vjp(f, value)[1](jnp.ones_like(out))[0]
-    except Exception as e:  # noqa: BLE001  (a function JAX cannot differentiate)
-        return f"{what} could not be checked for element-wise action ({type(e).__name__}: {e})"
-    jt, d = np.asarray(jt, np.float64), np.asarray(diag * t, np.float64)
-    scale = max(float(np.max(np.abs(jt))), float(np.max(np.abs(d))), 1e-30)
-    if float(np.max(np.abs(jt - d))) > 1e-4 * scale:
-        return (f"{what} is not element-wise (each output entry depends on other weight "
-                f"entries), so the compact trace would drop cross terms")
-    return None
-
-
 def _no_compact(op_name: str, why: str):
     return NotImplementedError(
         f"{op_name} has no compact param-dim layout ({why}), so yw_to_w is not defined; "
@@ -276,16 +252,17 @@ class MatMulOp(ETraceOp):
         summed over the batch when ``x`` is batched)."""
         return _vjp(lambda ww: self.xw_to_y(x, ww), w, dy)
 
-    def compact_layout_error(self, w):
-        """The compact layout needs ``weight_fn`` to act element-wise (``W_eff[a, n]`` from
-        ``W[a, n]`` only); checked on the actual weight (e.g. ``w / norm(w)`` is not)."""
+    def elementwise_maps(self, w):
+        """The compact layout needs ``W_eff[a, n]`` to come from ``W[a, n]`` only: the
+        frontend proves ``effective_weight`` element-wise on its jaxpr (``w / norm(w)``, a
+        norm clip or a transpose is not)."""
         if self.weight_fn is _identity:
-            return None
+            return ()
         p = _param_dict(w, "MatMulOp", ("weight",), allow_bare="weight")
-        return _elementwise_error(self.effective_weight, p["weight"], "MatMulOp weight_fn")
+        return (("MatMulOp weight_fn", self.effective_weight, p["weight"]),)
 
     # Fused param-dim rules. They treat ``weight_fn`` as element-wise (as the compact layout
-    # itself does; compact_layout_error sends other weight_fns to the dense layout):
+    # itself does; the frontend's proof sends other weight_fns to the dense layout):
     # ∂W_eff[a, n]/∂W[a, n] = c[a, n] is computed once per step.
     def _chain(self, weight):
         weight = u.get_mantissa(weight)
@@ -704,13 +681,13 @@ class SpMatMulOp(ETraceOp):
         """VJP of ``w ↦ xw_to_y(x, w)`` with respect to the data vector (and bias)."""
         return _vjp(lambda ww: self.xw_to_y(x, ww), w, dy)
 
-    def compact_layout_error(self, w):
-        """As :meth:`MatMulOp.compact_layout_error`: ``weight_fn`` must act element-wise on
-        the data vector."""
+    def elementwise_maps(self, w):
+        """As :meth:`MatMulOp.elementwise_maps`: ``weight_fn`` must act element-wise on the
+        data vector."""
         if self.weight_fn is _identity:
-            return None
+            return ()
         p = _param_dict(w, "SpMatMulOp", ("weight",), allow_bare="weight")
-        return _elementwise_error(self.weight_fn, p["weight"], "SpMatMulOp weight_fn")
+        return (("SpMatMulOp weight_fn", self.weight_fn, p["weight"]),)
 
     def _repr_fields(self):
         return {
@@ -765,11 +742,9 @@ class ElemWiseOp(ETraceOp):
         """VJP of ``fn`` at ``w`` with cotangent ``dy``."""
         return _vjp(self.fn, w, dy)
 
-    def compact_layout_error(self, w):
-        """``fn`` must be element-wise (checked on the actual parameter array)."""
-        if isinstance(w, dict) or isinstance(w, (list, tuple)):
-            return None
-        return _elementwise_error(self.fn, w, "ElemWiseOp fn")
+    def elementwise_maps(self, w):
+        """``fn`` must be element-wise in every leaf of the parameter (proven on its jaxpr)."""
+        return (("ElemWiseOp fn", self.fn, w),)
 
     def _repr_fields(self):
         return {"fn": self.fn, "is_diagonal": self.is_diagonal}

@@ -24,7 +24,7 @@ def _generic_update(op, eps, J, df, x, w):
     for i in range(k):
         acc = op.xy_to_dw(x, df[..., i], w)
         for j in range(k):
-            acc = jax.tree.map(jnp.add, acc, ETraceOp.yw_to_w(op, J[..., i, j], eps[j]))
+            acc = jax.tree.map(jnp.add, acc, op.yw_to_w(J[..., i, j], eps[j]))
         out.append(acc)
     return out
 
@@ -33,7 +33,7 @@ def _generic_grad(op, eps, delta, w):
     k = delta.shape[-1]
     acc = None
     for i in range(k):
-        t = ETraceOp.yw_to_w(op, delta[..., i], eps[i])
+        t = op.yw_to_w(delta[..., i], eps[i])
         acc = t if acc is None else jax.tree.map(jnp.add, acc, t)
     return acc
 

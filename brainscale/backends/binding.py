@@ -60,6 +60,7 @@ class StepBinding:
     written_other: tuple
     w_treedefs: tuple = field(repr=False)
     arrays: tuple
+    state_avals: tuple = field(repr=False, default=())  # per state: ((shape, dtype), ...)
 
     @classmethod
     def build(cls, graph) -> "StepBinding":
@@ -93,7 +94,10 @@ class StepBinding:
                    written_other=tuple(written),
                    w_treedefs=tuple(mantissa_treedef(info.states[p.state_index].value)
                                     for p in tps),
-                   arrays=tuple(a for t in graph.traces for a in t.arrays))
+                   arrays=tuple(a for t in graph.traces for a in t.arrays),
+                   state_avals=tuple(
+                       tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in jaxpr.invars[a:b])
+                       for a, b in info.state_in_slices))
 
     # -- lookups --------------------------------------------------------------------------
     @property
@@ -140,16 +144,30 @@ class StepBinding:
             out.extend(jax.tree.leaves(st.value))
         return out
 
+    def check_states(self, states) -> None:
+        """A clear error when a state's value no longer has the compiled structure, shape or
+        dtype (a new batch size after ``reset_state(batch_size=...)``, a re-created state)."""
+        from ..errors import BrainscaleError
+        info = self.info
+        for st, path, want in zip(states, info.state_paths, self.state_avals):
+            leaves = jax.tree.leaves(st.value)
+            got = tuple((tuple(jnp.shape(l)), str(jnp.result_type(l))) for l in leaves)
+            if got == want:
+                continue
+            fmt = lambda avs: ", ".join(f"{d}{list(s)}" for s, d in avs) or "nothing"  # noqa: E731
+            batch = " (the batch size changed: recompile with inputs of the new batch size)" \
+                if len(got) == len(want) and all(len(g[0]) == len(w[0]) and g[0][1:] == w[0][1:]
+                                                 for g, w in zip(got, want)) else ""
+            raise BrainscaleError(
+                f"state {path!r} holds {fmt(got)} but the step was compiled for {fmt(want)}"
+                f"{batch}; call compile_graph(*example_inputs) again")
+
     def gather(self, states=None):
         """``(theta_t, theta_p, hidden, others)`` read from the live states."""
+        states = self.info.states if states is None else states
+        self.check_states(states)
         leaves = self.state_leaves(states)
         n_arg = len(self.arg_idx)
-        expected = self.n_in - n_arg
-        if len(leaves) != expected:
-            from ..errors import BrainscaleError
-            raise BrainscaleError(
-                f"the model's states changed structure since compile_graph ({len(leaves)} "
-                f"leaves, compiled for {expected}); call compile_graph again")
         pick = lambda idx: tuple(leaves[i - n_arg] for i in idx)  # noqa: E731
         return (tuple(pick(ix) for ix in self.tparam_idx),
                 tuple(pick(ix) for ix in self.pparam_idx),

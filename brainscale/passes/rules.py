@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 from .. import _compat as C
 
 __all__ = ["Dep", "RuleContext", "DependencyRule", "DEP_RULES", "register_dependency_rule",
-           "analyze", "DepAnalysis", "EMPTY"]
+           "analyze", "DepAnalysis", "EMPTY", "elementwise_error"]
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,7 @@ for _n in _IDENTITY:
 for _n in _MIXING:
     DEP_RULES[_n] = mixing_rule
 DEP_RULES["broadcast_in_dim"] = broadcast_rule
-for _n in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint",
-           "jit", "pjit", "closed_call"):
+for _n in C.CALL_NAMES:
     DEP_RULES[_n] = _call_rule
 DEP_RULES["cond"] = _cond_rule
 for _n in ("scan", "while"):
@@ -313,3 +312,52 @@ def analyze(graph) -> DepAnalysis:
     res = DepAnalysis(hidden_out=hidden_out, op_x=op_x, out_direct=frozenset(direct))
     per_info[key] = res
     return res
+
+
+def elementwise_error(fn: Callable, value: Any, what: str) -> "str | None":
+    """None when ``fn(value)`` is element-wise in ``value`` *for every value*, else why not.
+
+    The proof is structural: ``fn`` is traced on abstract values of ``value``'s leaves
+    (brainunit quantities keep their unit) and the dependency rules of this module walk its
+    jaxpr; the output must have the shape of every leaf and depend on each leaf only at the
+    same index. It does not look at the current numbers, so a normalisation that is
+    harmless while the weight is zero, or a norm clip while the norm is below its cap, is
+    still found. Non-float parameters need no trace and pass.
+    """
+    import brainunit as u
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    is_q = lambda l: isinstance(l, u.Quantity)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(value, is_leaf=is_q)
+    units = [l.unit if is_q(l) else None for l in leaves]
+    mants = [u.get_mantissa(l) if is_q(l) else l for l in leaves]
+    if not mants or not all(jnp.issubdtype(jnp.result_type(m), jnp.inexact) for m in mants):
+        return None
+    avals = [jax.ShapeDtypeStruct(tuple(np.shape(m)), jnp.result_type(m)) for m in mants]
+
+    def f(*ms):
+        vals = [m if un is None else u.Quantity(m, unit=un) for m, un in zip(ms, units)]
+        out = fn(jax.tree.unflatten(treedef, vals))
+        return u.get_mantissa(out) if is_q(out) else out
+    try:
+        closed = C.inline_calls(jax.make_jaxpr(f)(*avals))
+    except Exception as e:  # noqa: BLE001 - a function JAX cannot trace
+        return f"{what} could not be traced to check that it is element-wise ({type(e).__name__}: {e})"
+    jaxpr = C.open_jaxpr(closed)
+    if len(jaxpr.outvars) != 1:
+        return f"{what} returns {len(jaxpr.outvars)} arrays, not one"
+    out_shape = tuple(getattr(jaxpr.outvars[0].aval, "shape", ()))
+    for a in avals:
+        if tuple(a.shape) != out_shape:
+            return f"{what} changes the shape {tuple(a.shape)} -> {out_shape}"
+    ins = [Dep(frozenset({f"w{i}"}), src=frozenset({("h", f"w{i}")})) for i in range(len(avals))]
+    (out,) = _run(jaxpr, ins, None, {}, {})
+    if out.mixed:
+        _, eqn_index, reason = out.mixed[0]
+        how = reason.split(":", 1)[1] + " (no dependency rule)" if reason.startswith(
+            "unsupported:") else reason
+        return (f"{what} is not element-wise: its output entries depend on other weight entries "
+                f"through '{how}', so the compact trace would drop cross terms")
+    return None
