@@ -89,6 +89,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self._step = None
         self._backend_obj = None
         self._traces: tuple = ()
+        self._initial: dict = {}
         self._drivers: OrderedDict = OrderedDict()
 
     # -- compilation ----------------------------------------------------------------------
@@ -118,6 +119,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self._step = step
         self._backend_obj = backend
         self._traces = tuple(EligibilityTrace(z) for z in step.init_traces())
+        self._initial = {p: st.value for p, st in uncovered_states(self.model).items()}
         self._sig = _sig(args, kwargs)
         self._drivers = OrderedDict()
         return self
@@ -205,13 +207,54 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def __call__(self, *args, **kwargs):
         return self.update(*args, **kwargs)
 
+    # -- copying --------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        """An independent learner: the model, its states and the traces are copied (the
+        compiled step is shared: it holds no state); jitted drivers are rebuilt on use."""
+        new = super().__deepcopy__(memo)      # brainstate's graph-aware copy
+        new._drivers = OrderedDict()
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled: brainstate modules and states are not "
+            f"picklable (they hold JAX tracing bookkeeping and locks). Save the values instead, "
+            f"e.g. values = {{k: st.value for k, st in learner.states().items()}} (the model's "
+            f"states and the eligibility traces, keyed by path; picklable), or "
+            f"braintools.file.msgpack_save(path, learner.states()), and restore them into a "
+            f"learner built and compiled the same way (st.value = values[k]). copy.deepcopy "
+            f"works.")
+
     def reset_state(self, batch_size: int | None = None, **kwargs):
-        """Reset the model's states (``brainstate.nn.reset_all_states``) and zero the traces."""
-        kw = dict(kwargs)
-        if batch_size is not None:
-            kw["batch_size"] = batch_size
-        brainstate.nn.reset_all_states(self.model, **kw)
+        """Reset the model's states and zero the traces.
+
+        Every module of the model that defines ``reset_state`` is reset with it; a module that
+        defines only ``init_state`` (as the README's model does) is re-initialised with it, and
+        the fresh values are assigned into the existing state objects, so the compiled step,
+        jitted functions holding the states and this learner stay bound to them.
+        ``batch_size`` defaults to the batch size the step was compiled for (None when it was
+        compiled unbatched). States whose module defines neither method (a model written
+        without them) return to the values they had at ``compile_graph``.
+        """
+        if batch_size is None and self._step is not None:
+            batch_size = self.batch_size
+        reset_model_states(self.model, batch_size=batch_size, initial=self._initial, **kwargs)
         self.reset_traces()
+
+    @property
+    def batch_size(self) -> int | None:
+        """The leading batch size the step was compiled for (None: unbatched)."""
+        self._require()
+        from .ir.layout import batch_shape
+        g = self.graph
+        if g.batch:
+            return int(g.batch)
+        for r in g.relations:
+            for gid in r.groups:
+                b = batch_shape(g, gid, g.op_by_name[r.op])
+                if len(b) == 1:
+                    return int(b[0])
+        return None
 
     def reset_traces(self):
         for t in self._traces:
@@ -346,8 +389,79 @@ class DiagHybridDimAlgorithm(ETraceAlgorithm):
         super().__init__(model, decay_or_rank=decay_or_rank, **kw)
 
 
+def _own(cls, name: str) -> bool:
+    """``cls`` (a Module class) defines ``name`` itself or below ``brainstate.nn.Module``."""
+    return getattr(cls, name, None) is not getattr(brainstate.nn.Module, name, None)
+
+
+def _set_at(root, path: tuple, obj) -> bool:
+    """Put ``obj`` at ``path`` (attributes / keys / indices) inside ``root``."""
+    parent = root
+    for k in path[:-1]:
+        parent = parent[k] if isinstance(parent, (dict, list, tuple)) or \
+            (not isinstance(k, str) and hasattr(parent, "__getitem__")) else getattr(parent, k)
+    last = path[-1]
+    if isinstance(parent, (dict, list)) or (not isinstance(last, str)
+                                            and hasattr(parent, "__setitem__")):
+        parent[last] = obj
+    else:
+        setattr(parent, last, obj)
+    return True
+
+
+def uncovered_states(model) -> dict:
+    """``{path: state}`` of the model's non-parameter states that no ``reset_state`` /
+    ``init_state`` resets: their owner (the nearest module holding them) defines neither."""
+    if not isinstance(model, brainstate.nn.Module):
+        return {}
+    nodes = {tuple(p): n for p, n in model.nodes().items()
+             if isinstance(n, brainstate.nn.Module)}
+    out = {}
+    for path, st in model.states().items():
+        path = tuple(path)
+        if isinstance(st, brainstate.ParamState):
+            continue
+        owner = next((nodes[path[:i]] for i in range(len(path) - 1, -1, -1)
+                      if path[:i] in nodes), None)
+        if owner is None or not (_own(type(owner), "reset_state")
+                                 or _own(type(owner), "init_state")):
+            out[path] = st
+    return out
+
+
+def reset_model_states(model, batch_size: int | None = None, initial: dict | None = None,
+                       **kwargs) -> None:
+    """Reset ``model``: ``reset_state`` where a module defines one, else ``init_state``.
+
+    A module that defines only ``init_state`` builds new state objects when called; their
+    values are assigned into the old objects, which are put back in place, so everything
+    bound to the model's states (a compiled learner, jitted functions) stays valid. States
+    whose owner defines neither get their value from ``initial`` (``{path: value}``).
+    """
+    if not isinstance(model, brainstate.nn.Module):
+        return
+    before = {tuple(p): st for p, st in model.states().items()}
+    for path, value in (initial or {}).items():
+        if path in before:
+            before[path].value = value
+    kw = dict(kwargs)
+    if batch_size is not None:
+        kw["batch_size"] = batch_size
+    brainstate.nn.reset_all_states(
+        model, node_to_exclude=lambda path, node: not _own(type(node), "reset_state"), **kw)
+    brainstate.nn.init_all_states(
+        model, node_to_exclude=lambda path, node: _own(type(node), "reset_state")
+        or not _own(type(node), "init_state"), **kw)
+    for path, new in model.states().items():
+        old = before.get(tuple(path))
+        if old is None or old is new or type(old) is not type(new):
+            continue
+        old.value = new.value
+        _set_at(model, tuple(path), old)
+
+
 def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callable,
-                     params=None, jit: bool = True, chunk: int = 1):
+                     params=None, jit: bool = True, chunk: int = 1, reset: bool = True):
     """Run a sequence through ``learner`` and sum the online gradients over time.
 
     Args:
@@ -362,6 +476,9 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
             gradient is large). The loop then owns the step (no ``brainstate`` grad); the
             per-step traces, states and losses are the same. Only for summed gradients:
             to apply an update every step, use 1.
+        reset: True (default) starts the sequence from reset model states and zero traces
+            (``learner.reset_state()``), so two identical calls give identical results; False
+            continues from the current states and traces (a long sequence fed in pieces).
 
     Returns:
         ``(grads, losses)``: grads summed over time (same keys as ``params``) and the
@@ -370,8 +487,11 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         ``ε_f∘δ`` are kept).
     """
     learner._require()
-    from .backends.online_driver import check_chunk, drive_online
-    if check_chunk(chunk) != 1:
+    from .backends.online_driver import callable_key, check_chunk, drive_online
+    check_chunk(chunk)
+    if reset:
+        learner.reset_state()
+    if chunk != 1:
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             jit=jit)
     if params is None:
@@ -393,9 +513,10 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         return brainstate.transform.scan(body, zero, (xs, ys))
 
     if jit:
-        # one jitted loop per (loss function, parameters) and compiled step: later calls
-        # with the same loss function reuse it (the key holds the function itself)
-        # (the cached closure holds ``params``, so the state ids in the key stay unique)
-        key = ("online", loss_fn, tuple((k, id(v)) for k, v in params.items()))
+        # one jitted loop per (loss function, parameters, bound states) and compiled step:
+        # later calls with an equal loss function reuse it (see callable_key; the cached
+        # closure holds ``params`` and the states, so the ids in the key stay unique)
+        key = ("online", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
+               tuple(map(id, learner._bound_states())))
         run = learner._cached_driver(key, lambda: brainstate.transform.jit(run))
     return run(inputs, targets)

@@ -170,7 +170,7 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
                    for i, leaf in enumerate(arg_leaves))
 
     # -- hidden states --------------------------------------------------------------------
-    hidden = []
+    hidden, constant_hidden = [], []
     for si, st in enumerate(states):
         if not is_hidden_state(st):
             continue
@@ -183,6 +183,12 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
         outv = jaxpr.outvars[oa]
         if outv is jaxpr.invars[a]:
             continue   # read but never written: a constant of this step
+        if not np.issubdtype(np.dtype(jaxpr.invars[a].aval.dtype), np.inexact):
+            # an integer / boolean state (refractory counter, last-spike flag): no derivative
+            # flows through it, so it is a constant of the trace computation (zero tangent),
+            # carried and written back like any other non-hidden state
+            constant_hidden.append(paths[si])
+            continue
         hidden.append(HiddenState(paths[si], TensorType.from_aval(jaxpr.invars[a].aval,
                                                                   _unit_of(st.value)),
                                   a, oa, si))
@@ -296,6 +302,8 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
 
     info = StepInfo(closed, MappingProxyType(op_objects), states, tuple(paths), tuple(treedefs),
                     n_arg, args_treedef, out_treedef, n_out, tuple(out_slices), tuple(in_slices))
+    notes = attrs(constant_hidden=tuple(f"%{n}" for n in constant_hidden)) if constant_hidden \
+        else ()
     g = Graph(name=name, inputs=inputs, hidden=tuple(hidden), params=tuple(params),
-              values=tuple(values), ops=tuple(ops), batch=int(batch), info=info)
+              values=tuple(values), ops=tuple(ops), batch=int(batch), attrs=notes, info=info)
     return g.with_stage("lower", frozenset({"lowered"}))

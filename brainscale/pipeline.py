@@ -180,6 +180,7 @@ def _warn_no_temporal_credit(graph):
             via = dict(rel.attrs).get("via_ops")
             if via and dict(graph.param_by_name[rel.param].attrs).get("is_etrace", True):
                 lost.append(f"%{rel.param} (its output {rel.op} feeds {', '.join(via)})")
+    _warn_plain_params(graph)
     if lost:
         warnings.warn(
             f"{len(lost)} trace parameter(s) reach hidden states only through the input of "
@@ -199,3 +200,49 @@ def _user_stacklevel() -> int:
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
         f, level = f.f_back, level + 1
     return level
+
+
+def _first_read(graph, invars) -> str:
+    """`` (read at file:line)`` of the first equation reading one of the jaxpr ``invars``."""
+    from . import _compat as C
+    jaxpr = C.open_jaxpr(graph.info.jaxpr)
+    vs = {jaxpr.invars[i] for i in invars}
+    for eqn in jaxpr.eqns:
+        if any(not C.is_literal(v) and v in vs for v in eqn.invars):
+            loc = C.eqn_location(eqn)
+            return f" (read at {loc})" if loc else ""
+    return ""
+
+
+def _warn_plain_params(graph):
+    """Warn about plain ``ParamState``s on a path into a hidden state (they get the one-step
+    gradient only) and about a model without any trace parameter."""
+    if graph.info is None:
+        return
+    from .passes.rules import analyze
+    if not any(p.kind == "etrace" for p in graph.params):
+        warnings.warn(
+            "the model has no trace parameter (a brainscale.ETraceParam applied through a trace "
+            "op such as MatMulOp): no eligibility trace is kept and every parameter gets its "
+            "instantaneous (one-step) gradient only. Wrap the weights that need temporal credit "
+            "as brainscale.ETraceParam(value, op) and apply them with param.execute(x).",
+            NoTemporalCreditWarning, stacklevel=_user_stacklevel())
+        return
+    plain = [p for p in graph.params if p.kind == "plain"
+             and getattr(graph.info.states[p.state_index], "temporal_credit", True) is not False]
+    if not plain:
+        return
+    dep = analyze(graph)
+    reach = set()
+    for d in dep.hidden_out.values():
+        reach |= {name for kind, name in d.src if kind == "p"}
+    lost = [f"%{p.name}{_first_read(graph, p.invars)}" for p in plain if p.name in reach]
+    if lost:
+        warnings.warn(
+            f"{len(lost)} plain parameter(s) (brainstate.ParamState, not ETraceParam) lie on a "
+            f"path into hidden states and get their instantaneous (one-step) gradient only, "
+            f"without temporal credit: {'; '.join(lost)}. Make them brainscale.ETraceParam "
+            f"applied through a trace op (e.g. ETraceParam(w, MatMulOp()).execute(x) for an input "
+            f"weight, ElemWiseOp for a per-neuron time constant) to get eligibility traces, or "
+            f"use brainscale.NonTempParam to state that the one-step gradient is intended.",
+            NoTemporalCreditWarning, stacklevel=_user_stacklevel())

@@ -220,11 +220,11 @@ class DenseOracle:
         self._hidden = []
         for si, st in enumerate(states):
             if is_hidden_state(st) and self._written[si]:
+                if not all(_is_float(invars[i].aval) for i in self._st_in[si]):
+                    # an integer / boolean state has no derivative: it enters J as a constant
+                    continue
                 for i, o in zip(self._st_in[si], self._st_out[si]):
-                    aval = invars[i].aval
-                    if not _is_float(aval):
-                        raise TypeError(f"hidden state {self._paths[si]} is not floating point")
-                    self._hidden.append((si, i, o, tuple(aval.shape)))
+                    self._hidden.append((si, i, o, tuple(invars[i].aval.shape)))
         self.hidden_names = [(self._paths[si], shape) for si, _, _, shape in self._hidden]
         self._h_sizes = [int(np.prod(s, dtype=int)) for *_, s in self._hidden]
         self.N = int(sum(self._h_sizes))

@@ -25,10 +25,37 @@ from ..errors import BrainscaleError
 from .rules import IORule
 from .signals import is_float
 
-__all__ = ["drive_online", "check_chunk", "window_accumulate", "plain_matmul_error",
+__all__ = ["drive_online", "check_chunk", "callable_key", "window_accumulate", "plain_matmul_error",
            "chain_is_one"]
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+def callable_key(fn) -> tuple:
+    """A cache key under which two callables compute the same thing: a plain function by its
+    code, globals, defaults and closure contents (by identity), a bound method by function
+    and instance, a ``functools.partial`` by function and arguments; anything else by
+    identity. An inline ``lambda`` written in a loop therefore hits the cache, while a
+    closure over a different object misses it. The cache entry keeps ``fn`` (and so every
+    object whose id is in the key) alive, so ids are not reused while the key is in use."""
+    import functools
+    import types
+    if isinstance(fn, types.MethodType):
+        return ("method", callable_key(fn.__func__), id(fn.__self__))
+    if isinstance(fn, functools.partial):
+        return ("partial", callable_key(fn.func), tuple(map(id, fn.args)),
+                tuple((k, id(v)) for k, v in sorted(fn.keywords.items())))
+    if isinstance(fn, types.FunctionType):
+        cells = []
+        for c in fn.__closure__ or ():
+            try:
+                cells.append(id(c.cell_contents))
+            except ValueError:          # an empty cell
+                cells.append(None)
+        return ("function", fn.__code__, id(fn.__globals__), tuple(cells),
+                tuple(map(id, fn.__defaults__ or ())),
+                tuple((k, id(v)) for k, v in sorted((fn.__kwdefaults__ or {}).items())))
+    return ("object", id(fn))
 
 
 def check_chunk(chunk) -> int:
@@ -224,7 +251,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
         return carry, jnp.concatenate(parts)
 
     if jit:
-        run = learner._cached_driver(("drive", loss_fn, chunk, window_impl), lambda: jax.jit(run))
+        run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
+                                     lambda: jax.jit(run))
     (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
                                                            traces0, inputs, targets)
     b.scatter(hidden, _others_out(b, others), states)

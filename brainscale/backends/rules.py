@@ -362,9 +362,13 @@ class IORule(TraceRule):
                     c = contrib if c is None else c + contrib
                 if c is None:
                     continue
-                ys = g.op_by_name[g.relation_by_id[rid].op].type.shape
-                if c.shape != tuple(ys):
-                    c = c.reshape(c.shape[len(c.shape) - len(ys):])
+                ys = tuple(g.op_by_name[g.relation_by_id[rid].op].type.shape)
+                if c.shape != ys:
+                    # the op output is broadcast over leading (batch) axes of the group: an
+                    # unbatched op feeding batched states; its signal is the sum over them
+                    lead = c.ndim - len(ys)
+                    c = jnp.sum(c, axis=tuple(range(lead))) if lead > 0 else c
+                    c = c.reshape(ys)
                 out.append((t, rid, ex, c))
         return out
 

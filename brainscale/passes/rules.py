@@ -264,7 +264,7 @@ def analyze(graph) -> DepAnalysis:
     if info is None:
         raise ValueError("the graph carries no traced step (StepInfo); lower it with "
                          "brainscale.lower(model, *inputs)")
-    key = (graph.inputs, graph.hidden, graph.ops)
+    key = (graph.inputs, graph.hidden, graph.params, graph.ops)
     per_info = _CACHE.setdefault(info, {})
     cached = per_info.get(key)
     if cached is not None:
@@ -272,6 +272,7 @@ def analyze(graph) -> DepAnalysis:
     jaxpr = C.open_jaxpr(info.jaxpr)
     hid_by_invar = {h.invar: h.name for h in graph.hidden}
     in_by_invar = {i.invar: i.name for i in graph.inputs}
+    plain_by_invar = {i: p.name for p in graph.params if p.kind == "plain" for i in p.invars}
     in_deps = []
     for i, v in enumerate(jaxpr.invars):
         if i in hid_by_invar:
@@ -279,6 +280,10 @@ def analyze(graph) -> DepAnalysis:
             in_deps.append(Dep(frozenset({n}), frozenset(), (), frozenset({("h", n)})))
         elif i in in_by_invar:
             in_deps.append(Dep(src=frozenset({("in", in_by_invar[i])})))
+        elif i in plain_by_invar:
+            # a plain parameter is no origin of the analysis; it is tracked (``src``) so
+            # that one on a path into a hidden state can be reported (no temporal credit)
+            in_deps.append(Dep(src=frozenset({("p", plain_by_invar[i])})))
         else:
             in_deps.append(EMPTY)
     op_of_eqn = {o.eqn: o.name for o in graph.ops}

@@ -21,7 +21,7 @@ __all__ = ["fused_online_gradients"]
 
 
 def fused_online_gradients(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
-                           es_impl: str | None = None, jit: bool = True):
+                           es_impl: str | None = None, jit: bool = True, reset: bool = True):
     """``brainscale.online_gradients`` with the one-pass D-RTRL kernel and chunked ES gradients.
 
     Args:
@@ -32,6 +32,7 @@ def fused_online_gradients(learner, inputs, targets, loss_fn, params=None, chunk
             (K·B)-row product; 1 accumulates every step. The gradient sum is the same.
         es_impl: 'xla' (cuBLAS GEMM) or 'pallas' (the kernel); default: the cost model's.
         jit: run under ``jax.jit``.
+        reset: start from reset states and zero traces (as ``online_gradients``).
 
     Returns:
         ``(grads, losses)`` like ``online_gradients``. The model's hidden states and the
@@ -51,6 +52,8 @@ def fused_online_gradients(learner, inputs, targets, loss_fn, params=None, chunk
         raise ValueError(f"es_impl must be 'xla' or 'pallas', got {impl!r}")
     interpret = backend.interpret if backend.interpret is not None else platform().interpret
     window = _window_impl(impl, bool(interpret))
+    if reset:
+        learner.reset_state()
     return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                         window_impl=window, jit=jit)
 
