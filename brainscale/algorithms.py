@@ -154,15 +154,22 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         advancing a detached state. States that are not the model's (read from outside it)
         stay bound to the objects the step was compiled with.
         """
+        from ._group_states import ComponentView
         info = self.graph.info
         try:
             current = {".".join(str(k) for k in path): st
                        for path, st in self.model.states().items()}
         except Exception:  # noqa: BLE001 - a plain function model has no states()
             return info.states
-        return tuple(current.get(path, st) if not isinstance(current.get(path, st),
-                                                                 EligibilityTrace) else st
-                     for st, path in zip(info.states, info.state_paths))
+        out = []
+        for st, path in zip(info.states, info.state_paths):
+            if isinstance(st, ComponentView):     # a component of a group state
+                grp = current.get(st.group_path)
+                out.append(st.rebind(grp) if grp is not None and grp is not st.group else st)
+                continue
+            new = current.get(path, st)
+            out.append(st if isinstance(new, EligibilityTrace) else new)
+        return tuple(out)
 
     def _cached_driver(self, key, make: Callable):
         """A jitted driver per key (the loss function object, options), for this compiled

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from . import _compat as C
+from ._group_states import group_states_of, split_group_states
 from .concepts import ETraceParam, is_hidden_state, lookup_op
 from .errors import UnsupportedModelError
 from .ir import Graph, HiddenState, Input, Loc, Op, Param, StepInfo, TensorType, Value, attrs
@@ -123,10 +124,13 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
         UnsupportedModelError: when a trace op's parameter is not an ``ETraceParam`` value.
     """
     fn = model if fn is None else fn
-    closed, states, sf = trace_step(fn, *args, **kwargs)
+    # group states are traced as one hidden state per component (see _group_states)
+    with split_group_states(group_states_of(model)) as components:
+        closed, states, sf = trace_step(fn, *args, **kwargs)
     closed = C.inline_calls(closed)
     jaxpr = C.open_jaxpr(closed)
     names = state_names(model)
+    names.update({k: path for k, (path, _) in components.items()})
     if name is None:
         name = f"{type(model).__name__}.update" if not callable(model) or hasattr(model, "states") \
             else getattr(model, "__name__", "step")
@@ -300,6 +304,8 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
             f"some trace ops receive batched inputs and some do not ({', '.join(bad)} unbatched); "
             f"give every layer the same batch axis")
 
+    # the compiled step reads and writes the components of the live group states
+    states = tuple(components[id(st)][1] if id(st) in components else st for st in states)
     info = StepInfo(closed, MappingProxyType(op_objects), states, tuple(paths), tuple(treedefs),
                     n_arg, args_treedef, out_treedef, n_out, tuple(out_slices), tuple(in_slices))
     notes = attrs(constant_hidden=tuple(f"%{n}" for n in constant_hidden)) if constant_hidden \

@@ -36,6 +36,11 @@ def mixing_error(graph, target: str, mixed) -> Exception:
     eqn = jaxpr.eqns[eqn_index]
     loc = C.eqn_location(eqn) or "unknown location"
     src = describe_origin(graph, origin)
+    hint = ""
+    if any(n.endswith("]") and "[" in n for n in (target, src)):
+        hint = (" The states are components of a brainstate HiddenGroupState / "
+                "HiddenTreeState: its whole .value stacks and slices them, so read and write "
+                "the components with get_value(...) / set_value({...}) instead.")
     if reason.startswith("unsupported:"):
         prim = reason.split(":", 1)[1]
         return UnsupportedPrimitiveError(
@@ -43,12 +48,12 @@ def mixing_error(graph, target: str, mixed) -> Exception:
             f"dependency rule, at {loc}. If '{prim}' is element-wise, register a rule with "
             f"@brainscale.passes.register_dependency_rule('{prim}'); lax.scan/while_loop on a "
             f"path into a hidden state are not supported: unroll the loop or move it out of "
-            f"the step")
+            f"the step.{hint}")
     return UnsupportedModelError(
         f"{target} depends on {src} through a non-element-wise equation '{reason}' (eqn "
         f"{eqn_index}) at {loc}. brainscale supports models whose hidden states interact "
         f"only through trace ops (ETraceParam/ETraceOp); apply this interaction through a trace "
-        f"op, or move it after the hidden states (e.g. into a readout)")
+        f"op, or move it after the hidden states (e.g. into a readout).{hint}")
 
 
 @register_pass
