@@ -298,11 +298,8 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
                 raise UnsupportedModelError(
                     f"trace ops disagree on the batch size ({batch} vs {graph_batch})")
             batch = b0
-    if ops and any(o.batched for o in ops) and not all(o.batched for o in ops if o.x is not None):
-        bad = [o.name for o in ops if o.x is not None and not o.batched]
-        raise UnsupportedModelError(
-            f"some trace ops receive batched inputs and some do not ({', '.join(bad)} unbatched); "
-            f"give every layer the same batch axis")
+    # an op with an unbatched input beside batched ones (a shared context) is broadcast over
+    # the batch: its traces keep one example axis per group (relations checks the shapes)
 
     # the compiled step reads and writes the components of the live group states
     states = tuple(components[id(st)][1] if id(st) in components else st for st in states)

@@ -327,7 +327,35 @@ class SharedContext(brainstate.nn.Module):
         return jnp.tanh(self.V.value)
 
 
+class _TransposedOwn(brainscale.ETraceOp):
+    """A custom op with its own yw_to_w and no fused rule (the generic, vmapped D-RTRL path)."""
+
+    def xw_to_y(self, x, w):
+        return x @ w["weight"].T
+
+    def yw_to_w(self, y, w):
+        return {"weight": w["weight"] * y[:, None]}
+
+
+class MixedBatch(brainstate.nn.Module):
+    """A batched input layer beside a custom op on an unbatched, shared context vector."""
+
+    def __init__(self, batch=2, n=4):
+        super().__init__()
+        rng = np.random.RandomState(2)
+        self.w_in = brainscale.ETraceParam({"weight": jnp.asarray(rng.randn(4, n), jnp.float32)},
+                                           brainscale.MatMulOp())
+        self.w_ctx = brainscale.ETraceParam({"weight": jnp.asarray(rng.randn(n, 3), jnp.float32)},
+                                            _TransposedOwn())
+        self.V = brainscale.ETraceState(jnp.zeros((batch, n)))
+
+    def update(self, x, c):
+        self.V.value = 0.8 * self.V.value + self.w_in.execute(x) + jnp.tanh(self.w_ctx.execute(c))
+        return jnp.tanh(self.V.value)
+
+
 CASES = {
+    "mixed-batch": (lambda b: MixedBatch(b), lambda b: [(b, 4), (3,)]),
     "refractory": (lambda b: Refractory(b), lambda b: [((b,) if b else ()) + (3,)]),
     "elem-only": (lambda b: ElemOnly(b), lambda b: [((b,) if b else ()) + (4,)]),
     "shared-context": (lambda b: SharedContext(b), lambda b: [(b, 4), (3,)]),
@@ -336,10 +364,11 @@ CASES = {
 
 @pytest.mark.parametrize("algo", ["param", "io"])
 @pytest.mark.parametrize("name,batch", [("refractory", 0), ("refractory", 2), ("elem-only", 2),
-                                        ("shared-context", 2)])
+                                        ("shared-context", 2), ("mixed-batch", 2)])
 def test_accepted_models_equal_the_oracle(name, batch, algo):
     """Before: 'tangent ... expected float0' (int/bool states), a reshape TypeError (an
-    unbatched op input feeding batched states, io-dim)."""
+    unbatched op input feeding batched states, io-dim), a refusal of an unbatched op input
+    beside batched ones."""
     make, shapes = CASES[name]
     net_a, net_b = make(batch), make(batch)
     rng = np.random.RandomState(5)

@@ -199,7 +199,13 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def drtrl_compact(op, w, eps, J, df, x, bshape):
+def _x_axis(x, bshape, x_batched):
+    """vmap axis of the op input: 0 when it carries the batch axis, None when one unbatched
+    input (a shared context) feeds every example of a batched group."""
+    return 0 if x is not None and bshape and x_batched else None
+
+
+def drtrl_compact(op, w, eps, J, df, x, bshape, x_batched=True):
     """ε_i ← Σ_j yw_to_w(J[:,i,j], ε_j) + xy_to_dw(x, df[:,i]) (per example); ``eps`` is
     the list of k per-state parameter trees."""
     fused = op.drtrl_update(list(eps), J, df, x, w)
@@ -216,11 +222,11 @@ def drtrl_compact(op, w, eps, J, df, x, bshape):
             out.append(acc)
         return out
     if bshape:
-        return jax.vmap(single)(eps, J, df, x)
+        return jax.vmap(single, in_axes=(0, 0, 0, _x_axis(x, bshape, x_batched)))(eps, J, df, x)
     return single(eps, J, df, x)
 
 
-def drtrl_dense(op, w, eps, J, df, x, bshape):
+def drtrl_dense(op, w, eps, J, df, x, bshape, x_batched=True):
     """Per output neuron n: ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ."""
     def single(eps, J, df, x):
         G = jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w)    # leaves (*S, *leaf)
@@ -234,7 +240,7 @@ def drtrl_dense(op, w, eps, J, df, x, bshape):
             return dec + dfe * jnp.expand_dims(gl, axis=nS)
         return jax.tree.map(leaf_update, eps, G)
     if bshape:
-        return jax.vmap(single)(eps, J, df, x)
+        return jax.vmap(single, in_axes=(0, 0, 0, _x_axis(x, bshape, x_batched)))(eps, J, df, x)
     return single(eps, J, df, x)
 
 
@@ -282,7 +288,7 @@ class _ParamRule(TraceRule):
                 x = sg(fwd.xs[blk.op]) if o.n_x_leaves else None
                 upd = drtrl_dense if self.dense else drtrl_compact
                 res = upd(op, ctx.w(blk.param), eps, fwd.J[blk.gid], fwd.DF[(blk.op, blk.gid)],
-                          x, blk.bshape)
+                          x, blk.bshape, o.batched)
                 for pos, v in blk.scatter(res, self.dense).items():
                     new[pos] = v
             out.append(new)

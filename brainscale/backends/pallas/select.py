@@ -89,6 +89,9 @@ def kernel_instances(graph, trace) -> tuple[list, str | None]:
             grp = graph.group_by_id[gid]
             vs = tuple(grp.varshape)
             bshape = vs[:1] if batch and vs and vs[0] == batch else ()
+            if bshape and not o.batched:
+                return [], ("an unbatched op input feeding batched states: the kernels take "
+                            "one input row per example")
             ys = vs[len(bshape):]
             if ys != (O,):
                 return [], f"neuron shape {list(ys)} of {gid} is not ({O},)"
