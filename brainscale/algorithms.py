@@ -60,6 +60,9 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         instruments: PassManager instruments (dumps, timing).
         mode: brainscale 0.1's ``brainstate.mixin.Mode`` (``Batching()`` for batched inputs);
             checked against the example inputs of ``compile_graph``. Optional.
+        norm_stats: a normalisation between a trace op and the neurons is absorbed into the
+            op (``absorb-normalization``): ``'exact'`` (default) differentiates through its
+            statistics, ``'constant'`` treats them as constants (the common approximation).
     """
 
     _policy: str | None = None
@@ -67,7 +70,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def __init__(self, model, *, decay_or_rank=None, pipeline=None, backend="jax",
                  param_ratio: float | None = None, memory_budget_mb: float | None = None,
                  dim_overrides: dict | None = None, instruments: Sequence = (),
-                 name: str | None = None, mode=None):
+                 name: str | None = None, mode=None, norm_stats: str | None = None):
         super().__init__(name=name)
         if not callable(model):
             raise TypeError(f"model must be a callable brainstate module, got {type(model).__name__}")
@@ -82,6 +85,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self.dim_overrides = dict(dim_overrides or {})
         self.instruments = tuple(instruments)
         self.mode = mode
+        self.norm_stats = norm_stats
         self.graph = None
         self.stages: list = []
         self.records: tuple = ()
@@ -98,6 +102,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         return AlgorithmOptions(policy=self._policy, decay_or_rank=self.decay_or_rank,
                                 param_ratio=self.param_ratio,
                                 memory_budget_mb=self.memory_budget_mb,
+                                norm_stats=self.norm_stats,
                                 dim_overrides=self.dim_overrides or None,
                                 who=type(self).__name__)
 
@@ -503,18 +508,23 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
                             jit=jit)
     if params is None:
         params = learner.model.states(brainstate.ParamState)
+    # parameters the step does not read have zero gradient (brainstate's grad refuses them)
+    read = {id(st) for st in learner._bound_states()}
+    used = {k: p for k, p in params.items() if id(p) in read}
 
     def one(x, y):
         def loss():
             return loss_fn(learner(x), y)
-        g, l = brainstate.transform.grad(loss, params, return_value=True)()
+        if not used:
+            return {}, loss()
+        g, l = brainstate.transform.grad(loss, used, return_value=True)()
         return g, l
 
     zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
 
     def body(acc, xy):
         g, l = one(*xy)
-        return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, l
+        return {k: jax.tree.map(jnp.add, acc[k], g[k]) if k in g else acc[k] for k in acc}, l
 
     def run(xs, ys):
         return brainstate.transform.scan(body, zero, (xs, ys))

@@ -49,7 +49,7 @@ def _class_for(algorithm, pipeline):
 def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=None,
             pipeline=None, backend="jax", instruments: Sequence = (),
             param_ratio: float | None = None, memory_budget_mb=None, dim_overrides=None,
-            **kwargs) -> Compiled:
+            norm_stats: str | None = None, **kwargs) -> Compiled:
     """Compile ``model`` for online learning.
 
     Args:
@@ -63,6 +63,7 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
         backend: 'jax', 'pallas', 'auto' or a Backend instance.
         instruments: PassManager instruments (``DumpDir``, ``PrintAfterAll``, ``Timing``).
         param_ratio / memory_budget_mb / dim_overrides: ``select-dims`` options.
+        norm_stats: ``absorb-normalization{stats=...}``: ``'exact'`` or ``'constant'``.
 
     Returns:
         :class:`Compiled` with ``graph``, ``stages``, ``records``, ``log``, ``learner`` (the
@@ -74,7 +75,7 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
     cls = _class_for(algorithm, pipeline)
     kw = dict(pipeline=pipeline, backend=backend, instruments=instruments,
               param_ratio=param_ratio, memory_budget_mb=memory_budget_mb,
-              dim_overrides=dim_overrides)
+              dim_overrides=dim_overrides, norm_stats=norm_stats)
     learner = cls(model, decay_or_rank=decay_or_rank, **kw)
     learner.compile_graph(*example_inputs, **kwargs)
     return learner.compiled()

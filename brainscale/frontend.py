@@ -28,7 +28,7 @@ from .errors import UnsupportedModelError
 from .ir import Graph, HiddenState, Input, Loc, Op, Param, StepInfo, TensorType, Value, attrs
 from .ir.types import TreeType
 
-__all__ = ["lower", "trace_step", "state_names"]
+__all__ = ["lower", "lower_ops", "trace_step", "state_names"]
 
 
 def state_names(model: Any) -> dict[int, str]:
@@ -106,98 +106,18 @@ def compact_layout_error(op, value) -> str | None:
     return None
 
 
-def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None,
-          **kwargs) -> Graph:
-    """Trace one step of ``model`` on example inputs and lower it to the IR (stage ``lower``).
+def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
+    """Ops, op-input values, params and the batch size of a step's (inlined, open) jaxpr.
 
-    Args:
-        model: a ``brainstate.nn.Module`` (its ``__call__``/``update`` is the step) or any
-            callable reading brainstate states.
-        *args, **kwargs: example inputs of one step (batched or not).
-        name: graph name (default: the model's class name + '.update').
-        fn: the step function to trace (default: ``model``).
-
-    Returns:
-        The ``lower``-stage :class:`~brainscale.ir.Graph`, with a :class:`StepInfo`.
-
-    Raises:
-        UnsupportedModelError: when a trace op's parameter is not an ``ETraceParam`` value.
+    ``states``, ``paths`` and ``in_slices`` describe the step's states (as in
+    :class:`~brainscale.ir.StepInfo`). Returns ``(ops, values, params, batch, op_objects)``.
+    Also used by passes that rewrite the step's jaxpr (``absorb-normalization``).
     """
-    fn = model if fn is None else fn
-    # group states are traced as one hidden state per component (see _group_states)
-    with split_group_states(group_states_of(model)) as components:
-        closed, states, sf = trace_step(fn, *args, **kwargs)
-    closed = C.inline_calls(closed)
-    jaxpr = C.open_jaxpr(closed)
-    names = state_names(model)
-    names.update({k: path for k, (path, _) in components.items()})
-    if name is None:
-        name = f"{type(model).__name__}.update" if not callable(model) or hasattr(model, "states") \
-            else getattr(model, "__name__", "step")
-
-    arg_leaves, args_treedef = jax.tree.flatten((args, kwargs))
-    n_arg = len(arg_leaves)
-    out_shapes, _ = sf.get_out_shapes(*args, **kwargs)
-    out_treedef = jax.tree.structure(out_shapes)
-    n_out = out_treedef.num_leaves
-
-    # state slices into invars / outvars
-    in_slices, out_slices, treedefs, paths = [], [], [], []
-    pos_in, pos_out = n_arg, n_out
-    used_names: set[str] = set()
-    for i, st in enumerate(states):
-        leaves, td = jax.tree.flatten(st.value)
-        n = len(leaves)
-        in_slices.append((pos_in, pos_in + n))
-        out_slices.append((pos_out, pos_out + n))
-        pos_in += n
-        pos_out += n
-        treedefs.append(td)
-        nm = names.get(id(st)) or (st.name if getattr(st, "name", None) else f"{type(st).__name__}{i}")
-        while nm in used_names:
-            nm = nm + "_"
-        used_names.add(nm)
-        paths.append(nm)
-    if pos_in != len(jaxpr.invars) or pos_out != len(jaxpr.outvars):
-        raise UnsupportedModelError(
-            f"internal: traced jaxpr has {len(jaxpr.invars)} inputs / {len(jaxpr.outvars)} outputs "
-            f"but the states account for {pos_in} / {pos_out}")
-
     invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
     leaf_owner: dict[int, tuple[int, int]] = {}   # invar index -> (state index, leaf index)
     for si, (a, b) in enumerate(in_slices):
         for k in range(a, b):
             leaf_owner[k] = (si, k - a)
-
-    # -- inputs ---------------------------------------------------------------------------
-    inputs = tuple(Input(f"u{i}", TensorType.from_aval(jaxpr.invars[i].aval, _unit_of(leaf)), i)
-                   for i, leaf in enumerate(arg_leaves))
-
-    # -- hidden states --------------------------------------------------------------------
-    hidden, constant_hidden = [], []
-    for si, st in enumerate(states):
-        if not is_hidden_state(st):
-            continue
-        a, b = in_slices[si]
-        oa, ob = out_slices[si]
-        if b - a != 1:
-            raise UnsupportedModelError(
-                f"hidden state {paths[si]!r} holds {b - a} arrays; a hidden state must hold one "
-                f"array (use several HiddenStates, or brainstate.HiddenGroupState)")
-        outv = jaxpr.outvars[oa]
-        if outv is jaxpr.invars[a]:
-            continue   # read but never written: a constant of this step
-        if not np.issubdtype(np.dtype(jaxpr.invars[a].aval.dtype), np.inexact):
-            # an integer / boolean state (refractory counter, last-spike flag): no derivative
-            # flows through it, so it is a constant of the trace computation (zero tangent),
-            # carried and written back like any other non-hidden state
-            constant_hidden.append(paths[si])
-            continue
-        hidden.append(HiddenState(paths[si], TensorType.from_aval(jaxpr.invars[a].aval,
-                                                                  _unit_of(st.value)),
-                                  a, oa, si))
-
-    # -- ops ------------------------------------------------------------------------------
     ops, values = [], []
     op_objects: dict[str, Any] = {}
     value_of_var: dict[Any, str] = {}
@@ -301,12 +221,102 @@ def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None
     # an op with an unbatched input beside batched ones (a shared context) is broadcast over
     # the batch: its traces keep one example axis per group (relations checks the shapes)
 
+    return tuple(ops), tuple(values), tuple(params), int(batch), op_objects
+
+
+def lower(model: Any, *args, name: str | None = None, fn: Callable | None = None,
+          **kwargs) -> Graph:
+    """Trace one step of ``model`` on example inputs and lower it to the IR (stage ``lower``).
+
+    Args:
+        model: a ``brainstate.nn.Module`` (its ``__call__``/``update`` is the step) or any
+            callable reading brainstate states.
+        *args, **kwargs: example inputs of one step (batched or not).
+        name: graph name (default: the model's class name + '.update').
+        fn: the step function to trace (default: ``model``).
+
+    Returns:
+        The ``lower``-stage :class:`~brainscale.ir.Graph`, with a :class:`StepInfo`.
+
+    Raises:
+        UnsupportedModelError: when a trace op's parameter is not an ``ETraceParam`` value.
+    """
+    fn = model if fn is None else fn
+    # group states are traced as one hidden state per component (see _group_states)
+    with split_group_states(group_states_of(model)) as components:
+        closed, states, sf = trace_step(fn, *args, **kwargs)
+    closed = C.inline_calls(closed)
+    jaxpr = C.open_jaxpr(closed)
+    names = state_names(model)
+    names.update({k: path for k, (path, _) in components.items()})
+    if name is None:
+        name = f"{type(model).__name__}.update" if not callable(model) or hasattr(model, "states") \
+            else getattr(model, "__name__", "step")
+
+    arg_leaves, args_treedef = jax.tree.flatten((args, kwargs))
+    n_arg = len(arg_leaves)
+    out_shapes, _ = sf.get_out_shapes(*args, **kwargs)
+    out_treedef = jax.tree.structure(out_shapes)
+    n_out = out_treedef.num_leaves
+
+    # state slices into invars / outvars
+    in_slices, out_slices, treedefs, paths = [], [], [], []
+    pos_in, pos_out = n_arg, n_out
+    used_names: set[str] = set()
+    for i, st in enumerate(states):
+        leaves, td = jax.tree.flatten(st.value)
+        n = len(leaves)
+        in_slices.append((pos_in, pos_in + n))
+        out_slices.append((pos_out, pos_out + n))
+        pos_in += n
+        pos_out += n
+        treedefs.append(td)
+        nm = names.get(id(st)) or (st.name if getattr(st, "name", None) else f"{type(st).__name__}{i}")
+        while nm in used_names:
+            nm = nm + "_"
+        used_names.add(nm)
+        paths.append(nm)
+    if pos_in != len(jaxpr.invars) or pos_out != len(jaxpr.outvars):
+        raise UnsupportedModelError(
+            f"internal: traced jaxpr has {len(jaxpr.invars)} inputs / {len(jaxpr.outvars)} outputs "
+            f"but the states account for {pos_in} / {pos_out}")
+
+    # -- inputs ---------------------------------------------------------------------------
+    inputs = tuple(Input(f"u{i}", TensorType.from_aval(jaxpr.invars[i].aval, _unit_of(leaf)), i)
+                   for i, leaf in enumerate(arg_leaves))
+
+    # -- hidden states --------------------------------------------------------------------
+    hidden, constant_hidden = [], []
+    for si, st in enumerate(states):
+        if not is_hidden_state(st):
+            continue
+        a, b = in_slices[si]
+        oa, ob = out_slices[si]
+        if b - a != 1:
+            raise UnsupportedModelError(
+                f"hidden state {paths[si]!r} holds {b - a} arrays; a hidden state must hold one "
+                f"array (use several HiddenStates, or brainstate.HiddenGroupState)")
+        outv = jaxpr.outvars[oa]
+        if outv is jaxpr.invars[a]:
+            continue   # read but never written: a constant of this step
+        if not np.issubdtype(np.dtype(jaxpr.invars[a].aval.dtype), np.inexact):
+            # an integer / boolean state (refractory counter, last-spike flag): no derivative
+            # flows through it, so it is a constant of the trace computation (zero tangent),
+            # carried and written back like any other non-hidden state
+            constant_hidden.append(paths[si])
+            continue
+        hidden.append(HiddenState(paths[si], TensorType.from_aval(jaxpr.invars[a].aval,
+                                                                  _unit_of(st.value)),
+                                  a, oa, si))
+
+    ops, values, params, batch, op_objects = lower_ops(jaxpr, states, paths, in_slices)
+
     # the compiled step reads and writes the components of the live group states
     states = tuple(components[id(st)][1] if id(st) in components else st for st in states)
     info = StepInfo(closed, MappingProxyType(op_objects), states, tuple(paths), tuple(treedefs),
                     n_arg, args_treedef, out_treedef, n_out, tuple(out_slices), tuple(in_slices))
     notes = attrs(constant_hidden=tuple(f"%{n}" for n in constant_hidden)) if constant_hidden \
         else ()
-    g = Graph(name=name, inputs=inputs, hidden=tuple(hidden), params=tuple(params),
-              values=tuple(values), ops=tuple(ops), batch=int(batch), attrs=notes, info=info)
+    g = Graph(name=name, inputs=inputs, hidden=tuple(hidden), params=params,
+              values=values, ops=ops, batch=batch, attrs=notes, info=info)
     return g.with_stage("lower", frozenset({"lowered"}))

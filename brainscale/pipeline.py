@@ -50,6 +50,7 @@ class AlgorithmOptions:
     param_ratio: float | None = None
     memory_budget_mb: float | None = None
     dim_overrides: dict | None = None
+    norm_stats: str | None = None           # absorb-normalization: 'exact' | 'constant'
     who: str = "the algorithm"
 
     def is_empty(self) -> bool:
@@ -113,6 +114,9 @@ def configure_pipeline(pipeline, opts: AlgorithmOptions) -> tuple:
     """
     passes = parse_pipeline(pipeline if pipeline is not None else DEFAULT_PIPELINE)
     PassManager(passes).check_order(frozenset({"lowered"}))   # the plain ordering error first
+    if opts.norm_stats is not None:
+        passes = _configure_absorb(passes, opts)
+        opts = dataclasses.replace(opts, norm_stats=None)
     if opts.is_empty():
         return passes
     if not any(isinstance(p, SelectDimsPass) for p in passes):
@@ -123,6 +127,29 @@ def configure_pipeline(pipeline, opts: AlgorithmOptions) -> tuple:
             f"algorithm=None) with a pass of your own that chooses the trace dims")
     return tuple(_configure_select(p, opts) if isinstance(p, SelectDimsPass) else p
                  for p in passes)
+
+
+def _configure_absorb(passes: tuple, opts: AlgorithmOptions) -> tuple:
+    """``norm_stats`` into every ``absorb-normalization`` (a conflicting one is an error)."""
+    from .passes.absorb import STATS, AbsorbNormalizationPass
+    if opts.norm_stats not in STATS:
+        raise PipelineError(f"norm_stats must be one of {', '.join(STATS)}, got "
+                            f"{opts.norm_stats!r}")
+    if not any(isinstance(p, AbsorbNormalizationPass) for p in passes):
+        raise PipelineError(
+            f"norm_stats={opts.norm_stats!r} from {opts.who} needs an 'absorb-normalization' "
+            f"pass, and the pipeline {', '.join(p.spec() for p in passes)} has none; add it "
+            f"before 'hidden-groups'")
+    out = []
+    for p in passes:
+        if isinstance(p, AbsorbNormalizationPass):
+            if p.stats != "exact" and p.stats != opts.norm_stats:
+                raise PipelineError(f"the pipeline's {p.spec()} conflicts with {opts.who}: "
+                                    f"stats={p.stats} in the pipeline vs norm_stats="
+                                    f"{opts.norm_stats}. Set the option in one place only")
+            p = AbsorbNormalizationPass(stats=opts.norm_stats)
+        out.append(p)
+    return tuple(out)
 
 
 def full_pipeline(passes: Sequence, backend=None) -> tuple:

@@ -19,7 +19,8 @@ from brainscale.report import CompileReport
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "examples" / "cli_model.py") + ":make"
-STAGES = ["lower", "hidden-groups", "relations", "select-dims", "fuse-traces", "layout-traces"]
+STAGES = ["lower", "absorb-normalization", "hidden-groups", "relations", "select-dims",
+          "fuse-traces", "layout-traces"]
 
 
 def run(capsys, *argv):
@@ -32,7 +33,8 @@ def test_default_prints_final_ir(capsys):
     code, out, err = run(capsys, MODEL, "--decay", "0.9")
     assert code == 0, err
     assert out.startswith("// brainscale-ir v1  graph=TwoLayerSNN.update\n"
-                          "// stages: lower, hidden-groups, relations, select-dims{decay=0.9}, "
+                          "// stages: lower, absorb-normalization, hidden-groups, relations, "
+                          "select-dims{decay=0.9}, "
                           "fuse-traces, layout-traces\n")
     assert "trace T0 = io(R0)" in out and "trace T2 = param(R2)" in out
     assert "alpha=0.9" in out and "array T2.0 = eps(R2 -> G1, leaf=weight" in out
@@ -46,7 +48,8 @@ def test_print_after(capsys):
     assert headers == ["// ----- after lower -----", "// ----- after select-dims{decay=0.9} -----"]
     lower, select = out.split("// ----- after select-dims{decay=0.9} -----")
     assert "// stages: lower\n" in lower and "group G0" not in lower
-    assert "// stages: lower, hidden-groups, relations, select-dims{decay=0.9}\n" in select
+    assert ("// stages: lower, absorb-normalization, hidden-groups, relations, "
+            "select-dims{decay=0.9}\n") in select
     assert "array " not in select            # layout-traces has not run yet
 
 
@@ -81,9 +84,9 @@ def test_out_dir(capsys, tmp_path):
     assert names == expected
     assert (out_dir / "00-lower.ir").read_text().startswith("// brainscale-ir v1")
     assert "// stages: lower\n" in (out_dir / "00-lower.ir").read_text()
-    assert 'subgraph "cluster_G0"' in (out_dir / "05-layout-traces.dot").read_text()
+    assert 'subgraph "cluster_G0"' in (out_dir / "06-layout-traces.dot").read_text()
     if svg:
-        assert "<svg" in (out_dir / "05-layout-traces.svg").read_text()
+        assert "<svg" in (out_dir / "06-layout-traces.svg").read_text()
     assert f"wrote {len(STAGES) * (3 if svg else 2)} file(s)" in err
 
 
@@ -141,7 +144,7 @@ def test_list_passes(capsys):
      "pass 'select-dims' requires ['relations'], which no earlier pass provides; "
      "add 'relations' before it"),
     ([MODEL, "--decay", "0.9", "--print-after", "bogus"],
-     "--print-after 'bogus' names no stage of the pipeline; stages: lower, hidden-groups,"),
+     "--print-after 'bogus' names no stage of the pipeline; stages: lower, absorb-normalization,"),
     ([MODEL[:-len(":make")] + ":nope"],
      "has no factory 'nope'; callables defined there: ALIFLayer, LeakyReadout, TwoLayerSNN, make"),
     ([MODEL[:-len(":make")] + ":ALIFLayer"],

@@ -160,8 +160,8 @@ def test_drop_frozen_unknown_parameter():
     assert str(info.value) == (
         "drop-frozen names unknown trace parameter(s) 'w_nope'; trace parameters: "
         "w_in, w_out, w_rec\n"
-        "while running pass 'drop-frozen' (ran before it: lower, hidden-groups, relations, "
-        "select-dims{decay=0.9}, fuse-traces, layout-traces)")
+        "while running pass 'drop-frozen' (ran before it: lower, absorb-normalization, "
+        "hidden-groups, relations, select-dims{decay=0.9}, fuse-traces, layout-traces)")
 
 
 def test_example_specs_round_trip_and_order_check():
@@ -225,9 +225,10 @@ def test_broken_relation_is_caught_by_the_verifier():
     with pytest.raises(PassError) as info:
         compile_shared([*DEFAULT_PIPELINE, break_relation()], algorithm="hybrid")
     lines = str(info.value).splitlines()
-    assert lines[0] == ("pass 'test-break-relation' failed (ran before it: lower, hidden-groups, "
-                        "relations, select-dims{decay=0.9}, fuse-traces, layout-traces): invalid "
-                        "IR: relation R0 names unknown group 'G7'")
+    assert lines[0] == ("pass 'test-break-relation' failed (ran before it: lower, "
+                        "absorb-normalization, hidden-groups, relations, select-dims{decay=0.9}, "
+                        "fuse-traces, layout-traces): invalid IR: relation R0 names unknown "
+                        "group 'G7'")
     assert any(ln.startswith(">") and "rel R0 = %w_in -> %y0 -> G7" in ln for ln in lines[1:])
     assert isinstance(info.value.__cause__, IRVerificationError)
 

@@ -1,7 +1,7 @@
 """Golden IR dumps after every pass of the default pipeline, for every model of tests/models.py.
 
 ``tests/golden/<model>/<NN>-<pass>.ir`` holds the text of stage NN (``00-lower`` …
-``05-layout-traces``; the last lists every trace array the compiled step keeps). Regenerate with ``BRAINSCALE_ACCEPT=1 pytest tests/test_golden_pipeline.py``
+``06-layout-traces``; the last lists every trace array the compiled step keeps). Regenerate with ``BRAINSCALE_ACCEPT=1 pytest tests/test_golden_pipeline.py``
 and review the diff. Besides the text, the tests check structure: every stage verifies,
 the networkx view has the expected nodes, printing is deterministic and graphs compare
 structurally.
@@ -19,7 +19,8 @@ from helpers import build_graph
 import models
 from golden import assert_golden
 
-STAGES = ("lower", "hidden-groups", "relations", "select-dims", "fuse-traces", "layout-traces")
+STAGES = ("lower", "absorb-normalization", "hidden-groups", "relations", "select-dims", "fuse-traces",
+          "layout-traces")
 ALPHA = 0.9
 
 #: (golden directory, model name, batch); batched variants of a few models as well
@@ -67,7 +68,7 @@ def test_lif_delta_relations_print():
         assert any(re.fullmatch(pattern, ln) for ln in lines), \
             f"no line matching {pattern!r} in:\n{text}"
 
-    assert lines[1] == "// stages: lower, hidden-groups, relations"
+    assert lines[1] == "// stages: lower, absorb-normalization, hidden-groups, relations"
     has(r"graph @LIFDeltaNet\.update\(%u0: f32\[3\]\).*\{")
     has(r"hidden %V : f32\[5\]")
     has(r"param  %syn : \{bias: f32\[5\], weight: f32\[8,5\]\}\s+\{kind=etrace.*")

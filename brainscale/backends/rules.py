@@ -227,10 +227,12 @@ def drtrl_compact(op, w, eps, J, df, x, bshape, x_batched=True):
 
 
 def drtrl_dense(op, w, eps, J, df, x, bshape, x_batched=True):
-    """Per output neuron n: ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ."""
-    def single(eps, J, df, x):
-        G = jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w)    # leaves (*S, *leaf)
+    """Per output neuron n: ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ.
 
+    ``∂y/∂θ`` is the Jacobian of ``xw_to_y`` per example, or of the whole batch at once when
+    the op defines ``batch_jacobian(x, w)`` (an op whose output is computed for the batch
+    as a whole, e.g. an absorbed normalisation)."""
+    def update(eps, J, df, G):
         def leaf_update(e, gl):
             nS = df.ndim - 1
             extra = e.ndim - nS - 1
@@ -239,7 +241,13 @@ def drtrl_dense(op, w, eps, J, df, x, bshape, x_batched=True):
             dfe = df.reshape(df.shape + (1,) * extra)
             return dec + dfe * jnp.expand_dims(gl, axis=nS)
         return jax.tree.map(leaf_update, eps, G)
+
+    def single(eps, J, df, x):
+        return update(eps, J, df, jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w))  # (*S, *leaf)
     if bshape:
+        batch_jac = getattr(op, "batch_jacobian", None)
+        if batch_jac is not None and x_batched:
+            return jax.vmap(update)(eps, J, df, batch_jac(x, w))
         return jax.vmap(single, in_axes=(0, 0, 0, _x_axis(x, bshape, x_batched)))(eps, J, df, x)
     return single(eps, J, df, x)
 

@@ -9,6 +9,7 @@ from .base import (Pass as Pass, FunctionPass as FunctionPass, PassContext as Pa
 from .rules import (register_dependency_rule as register_dependency_rule, DEP_RULES as DEP_RULES,
                     elementwise_rule as elementwise_rule, mixing_rule as mixing_rule,
                     analyze as analyze)
+from .absorb import AbsorbNormalizationPass as AbsorbNormalizationPass
 from .hidden_groups import HiddenGroupsPass as HiddenGroupsPass
 from .relations import RelationsPass as RelationsPass
 from .select_dims import SelectDimsPass as SelectDimsPass, relation_costs as relation_costs
@@ -18,6 +19,7 @@ from .layout import (LayoutTracesPass as LayoutTracesPass, trace_arrays as trace
                      renumber_traces as renumber_traces)
 
 #: the built-in pipeline after `lower`
-DEFAULT_PIPELINE = ("hidden-groups", "relations", "select-dims", "fuse-traces", "layout-traces")
+DEFAULT_PIPELINE = ("absorb-normalization", "hidden-groups", "relations", "select-dims",
+                    "fuse-traces", "layout-traces")
 
 from . import examples as examples  # noqa: E402  (registers the shipped example passes)

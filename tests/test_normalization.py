@@ -1,0 +1,215 @@
+"""A normalisation between a trace op and the neurons (``absorb-normalization``).
+
+Before: ``Linear → LayerNorm → neuron`` was rejected (``reduce_sum`` mixes neurons). Now the
+parameter-free part of the normalisation is absorbed into the op:
+
+* exact statistics (default): D-RTRL equals BPTT on a single layer without recurrent weights
+  (layer statistics and batch statistics), and equals the dense oracle on a recurrent layer;
+  ES-D-RTRL equals the same model written with the composite op by hand (which the oracle
+  checks);
+* constant statistics (``norm_stats='constant'``): the op keeps its compact layout and equals
+  a hand-written op whose statistics are ``stop_gradient``-ed;
+* what cannot be absorbed is still refused with the mixing error.
+"""
+from __future__ import annotations
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import brainscale
+from oracle import DenseOracle, bptt_grads
+
+N_IN, N, T = 3, 5, 8
+
+
+def layer_norm(y, eps=1e-5, stats_const=False):
+    sg = jax.lax.stop_gradient if stats_const else (lambda v: v)
+    m = sg(jnp.mean(y, -1, keepdims=True))
+    v = sg(jnp.mean((y - jnp.mean(y, -1, keepdims=True)) ** 2, -1, keepdims=True))
+    return (y - m) / jnp.sqrt(v + eps)
+
+
+def batch_norm(y, eps=1e-5):
+    m = jnp.mean(y, 0, keepdims=True)
+    return (y - m) / jnp.sqrt(jnp.mean((y - m) ** 2, 0, keepdims=True) + eps)
+
+
+class LNMatMul(brainscale.ETraceOp):
+    """The composite op written by hand: ``layer_norm(x @ W)``."""
+    param_trace = "dense"
+
+    def __init__(self, stats_const=False):
+        self.stats_const = stats_const
+        if stats_const:
+            self.param_trace = "compact"
+        super().__init__()
+
+    def xw_to_y(self, x, w):
+        return layer_norm(x @ w["weight"], stats_const=self.stats_const)
+
+    def yw_to_w(self, y, w):
+        return {"weight": w["weight"] * y[None, :]}
+
+
+class Net(brainstate.nn.Module):
+    """``z = 1.5 · norm(W · [x, (tanh V)]) + 0.2``, a 2-state neuron (V, a) driven by z."""
+
+    def __init__(self, batch=0, recurrent=False, norm="layer", op=None):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        n_in = N_IN + (N if recurrent else 0)
+        self.recurrent, self.norm = recurrent, norm
+        self.w = brainscale.ETraceParam({"weight": jnp.asarray(rng.randn(n_in, N), jnp.float32)},
+                                        op or brainscale.MatMulOp())
+        self.hand_written = op is not None
+        lead = (batch,) if batch else ()
+        self.V = brainscale.ETraceState(jnp.asarray(rng.rand(*lead, N) * 0.5, jnp.float32))
+        self.a = brainscale.ETraceState(jnp.zeros(lead + (N,), jnp.float32))
+
+    def update(self, x):
+        inp = jnp.concatenate([x, jnp.tanh(self.V.value)], -1) if self.recurrent else x
+        y = self.w.execute(inp)
+        if not self.hand_written:
+            y = layer_norm(y) if self.norm == "layer" else batch_norm(y)
+        z = 1.5 * y + 0.2
+        v, a = self.V.value, self.a.value
+        self.V.value = 0.9 * v - 0.2 * a + z
+        self.a.value = 0.8 * a + 0.1 * jnp.tanh(v)
+        return jnp.tanh(self.V.value)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
+
+
+def _rel(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
+
+
+def _seq(batch, seed=1):
+    rng = np.random.RandomState(seed)
+    lead = (batch,) if batch else ()
+    return (jnp.asarray(rng.randn(T, *lead, N_IN), jnp.float32),
+            jnp.asarray(rng.randn(T, *lead, N), jnp.float32))
+
+
+def sq_loss(out, tg):
+    return jnp.sum((out - tg) ** 2)
+
+
+def test_without_absorption_the_model_is_refused():
+    pipe = [p for p in brainscale.DEFAULT_PIPELINE if p != "absorb-normalization"]
+    with pytest.raises(brainscale.UnsupportedModelError, match="reduce_sum"):
+        brainscale.DiagParamDimAlgorithm(Net(), pipeline=pipe).compile_graph(jnp.ones(N_IN))
+
+
+@pytest.mark.parametrize("norm,batch", [("layer", 0), ("layer", 2), ("batch", 3)])
+def test_exact_statistics_drtrl_equals_bptt_on_a_single_layer(norm, batch):
+    xs, tgs = _seq(batch)
+    learner = brainscale.DiagParamDimAlgorithm(Net(batch, norm=norm)).compile_graph(xs[0])
+    (op,) = learner.graph.ops
+    assert op.op_class == "MatMulOp+norm" and op.layout == "dense"
+    assert dict(op.attrs)["stats"] == "exact" and "reduce_sum" in dict(op.attrs)["absorbed"]
+    assert "class=MatMulOp+norm" in learner.ir()
+    g, _ = brainscale.online_gradients(learner, xs, tgs, sq_loss)
+    ref = bptt_grads(Net(batch, norm=norm), xs, sq_loss, targets=tgs)
+    assert _rel(g["w",], ref["w",]) < 1e-5
+
+
+def _per_step(learner, net, xs, tgs):
+    params = net.states(brainstate.ParamState)
+    return [brainstate.transform.grad(lambda: sq_loss(learner(xs[t]), tgs[t]), params)()["w",]
+            for t in range(T)]
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_exact_statistics_recurrent_drtrl_equals_the_oracle(batch):
+    xs, tgs = _seq(batch)
+    net = Net(batch, recurrent=True)
+    learner = brainscale.DiagParamDimAlgorithm(net).compile_graph(xs[0])
+    orc = DenseOracle(Net(batch, recurrent=True), xs[0], algorithm="param", loss_fn=sq_loss)
+    mine = _per_step(learner, net, xs, tgs)
+    for t in range(T):
+        ref = orc.step(xs[t], target=tgs[t])["grads"]["w",]
+        assert _rel(mine[t], ref) < 1e-4, t
+
+
+@pytest.mark.parametrize("algo", ["param", "io"])
+@pytest.mark.parametrize("stats", ["exact", "constant"])
+def test_absorbed_op_equals_the_hand_written_composite(algo, stats):
+    """Absorbed == the same composite op written by hand == the oracle on the latter."""
+    batch = 2
+    xs, tgs = _seq(batch)
+
+    def learner_of(net):
+        kw = dict(norm_stats=stats)
+        return (brainscale.DiagParamDimAlgorithm(net, **kw) if algo == "param"
+                else brainscale.DiagIODimAlgorithm(net, decay_or_rank=0.9, **kw))
+    net_a = Net(batch, recurrent=True)
+    la = learner_of(net_a).compile_graph(xs[0])
+    assert la.graph.ops[0].layout == ("dense" if stats == "exact" else "compact")
+    assert f"stats={stats}" in la.ir()
+    net_h = Net(batch, recurrent=True, op=LNMatMul(stats_const=stats == "constant"))
+    lh = learner_of(net_h).compile_graph(xs[0])
+    ga, gh = _per_step(la, net_a, xs, tgs), _per_step(lh, net_h, xs, tgs)
+    orc = DenseOracle(Net(batch, recurrent=True, op=LNMatMul(stats_const=stats == "constant")),
+                      xs[0], algorithm=algo, decay_or_rank=0.9 if algo == "io" else None,
+                      loss_fn=sq_loss)
+    for t in range(T):
+        assert _rel(ga[t], gh[t]) < 1e-5, t
+        assert _rel(gh[t], orc.step(xs[t], target=tgs[t])["grads"]["w",]) < 1e-4, t
+
+
+def test_norm_stats_options_and_conflicts():
+    net = Net()
+    learner = brainscale.DiagParamDimAlgorithm(net, norm_stats="constant").compile_graph(
+        jnp.ones(N_IN))
+    assert learner.graph.stages[1] == "absorb-normalization{stats=constant}"
+    with pytest.raises(brainscale.PipelineError, match="norm_stats must be one of"):
+        brainscale.DiagParamDimAlgorithm(Net(), norm_stats="approx").compile_graph(jnp.ones(N_IN))
+    pipe = ["absorb-normalization{stats=constant}", *brainscale.DEFAULT_PIPELINE[1:]]
+    learner = brainscale.DiagParamDimAlgorithm(Net(), pipeline=pipe).compile_graph(jnp.ones(N_IN))
+    assert dict(learner.graph.ops[0].attrs)["stats"] == "constant"
+    with pytest.raises(brainscale.PipelineError, match="conflicts"):
+        brainscale.DiagParamDimAlgorithm(Net(), pipeline=pipe, norm_stats="exact").compile_graph(
+            jnp.ones(N_IN))
+    with pytest.raises(brainscale.PipelineError, match="needs an 'absorb-normalization'"):
+        brainscale.DiagParamDimAlgorithm(Net(), pipeline=list(brainscale.DEFAULT_PIPELINE[1:]),
+                                         norm_stats="constant").compile_graph(jnp.ones(N_IN))
+
+
+class Residual(Net):
+    """``norm(y) + y``: a residual inside the absorbed region is part of the composite."""
+
+    def update(self, x):
+        y = self.w.execute(x)
+        self.V.value = 0.9 * self.V.value + (layer_norm(y) + y)
+        self.a.value = 0.8 * self.a.value + 0.1 * jnp.tanh(self.V.value)
+        return jnp.tanh(self.V.value)
+
+
+class TwoUses(Net):
+    """``V`` is driven by ``norm(y)`` and ``a`` by ``y`` itself: ``y`` leaves the region."""
+
+    def update(self, x):
+        y = self.w.execute(x)
+        self.V.value = 0.9 * self.V.value + layer_norm(y)
+        self.a.value = 0.8 * self.a.value + y
+        return jnp.tanh(self.V.value)
+
+
+def test_residual_is_absorbed_and_exact():
+    xs, tgs = _seq(0)
+    learner = brainscale.DiagParamDimAlgorithm(Residual()).compile_graph(xs[0])
+    assert "add" in dict(learner.graph.ops[0].attrs)["absorbed"]
+    g, _ = brainscale.online_gradients(learner, xs, tgs, sq_loss)
+    assert _rel(g["w",], bptt_grads(Residual(), xs, sq_loss, targets=tgs)["w",]) < 1e-5
+
+
+def test_what_cannot_be_absorbed_is_still_refused():
+    with pytest.raises(brainscale.UnsupportedModelError, match="non-element-wise.*reduce_sum"):
+        brainscale.DiagParamDimAlgorithm(TwoUses()).compile_graph(jnp.ones(N_IN))
