@@ -29,6 +29,7 @@ from .algorithms import (ETraceAlgorithm as ETraceAlgorithm, DiagIODimAlgorithm 
                          DiagParamDimAlgorithm as DiagParamDimAlgorithm,
                          DiagHybridDimAlgorithm as DiagHybridDimAlgorithm,
                          online_gradients as online_gradients, decay_from as decay_from)
+from ._stepdata import SingleStepData as SingleStepData, MultiStepData as MultiStepData
 from .compiled import Compiled as Compiled
 from .api import compile as compile
 

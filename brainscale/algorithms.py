@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._legacy_api import LegacyAPIMixin
+from ._stepdata import MultiStepData, has_multi_step, is_step_data
 from .errors import BrainscaleError, NotCompiledError
 from .pipeline import AlgorithmOptions, build_graph
 from .passes.select_dims import decay_from as _decay_and_rank
@@ -60,6 +61,10 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         instruments: PassManager instruments (dumps, timing).
         mode: brainscale 0.1's ``brainstate.mixin.Mode`` (``Batching()`` for batched inputs);
             checked against the example inputs of ``compile_graph``. Optional.
+        vjp_method: ``'single-step'`` (default: the learning signal of step t is
+            ``∂L^t/∂h^t``) or ``'multi-step'``: a call with :class:`MultiStepData` runs a
+            window of steps and back-propagates the learning signal through all of them
+            (brainscale 0.1's option; see :mod:`brainscale.backends.window`).
         norm_stats: a normalisation between a trace op and the neurons is absorbed into the
             op (``absorb-normalization``): ``'exact'`` (default) differentiates through its
             statistics, ``'constant'`` treats them as constants (the common approximation).
@@ -70,7 +75,8 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def __init__(self, model, *, decay_or_rank=None, pipeline=None, backend="jax",
                  param_ratio: float | None = None, memory_budget_mb: float | None = None,
                  dim_overrides: dict | None = None, instruments: Sequence = (),
-                 name: str | None = None, mode=None, norm_stats: str | None = None):
+                 name: str | None = None, mode=None, norm_stats: str | None = None,
+                 vjp_method: str = "single-step"):
         super().__init__(name=name)
         if not callable(model):
             raise TypeError(f"model must be a callable brainstate module, got {type(model).__name__}")
@@ -84,8 +90,12 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self.memory_budget_mb = memory_budget_mb
         self.dim_overrides = dict(dim_overrides or {})
         self.instruments = tuple(instruments)
+        if vjp_method not in ("single-step", "multi-step"):
+            raise ValueError(f"vjp_method must be 'single-step' or 'multi-step', got "
+                             f"{vjp_method!r}")
         self.mode = mode
         self.norm_stats = norm_stats
+        self.vjp_method = vjp_method
         self.graph = None
         self.stages: list = []
         self.records: tuple = ()
@@ -190,8 +200,19 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
 
     # -- running --------------------------------------------------------------------------
     def update(self, *args, **kwargs):
-        """Advance the model one step (hidden states and traces); return its output."""
+        """Advance the model one step (hidden states and traces); return its output.
+
+        With ``vjp_method='multi-step'``, inputs wrapped in :class:`brainscale.MultiStepData`
+        (leading axis = steps) run that window of steps in one call and return the outputs
+        stacked over it; :class:`brainscale.SingleStepData` marks an input that is the same
+        at every step (see :mod:`brainscale.backends.window`).
+        """
         self._require()
+        if has_multi_step(args, kwargs):
+            return self._run_window(args, kwargs)
+        if any(is_step_data(a) for a in jax.tree.leaves((args, kwargs), is_leaf=is_step_data)):
+            args, kwargs = jax.tree.map(lambda a: a.data if is_step_data(a) else a, (args, kwargs),
+                                        is_leaf=is_step_data)
         sig = _sig(args, kwargs)
         if sig != self._sig:
             raise BrainscaleError(
@@ -218,6 +239,44 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
 
     def __call__(self, *args, **kwargs):
         return self.update(*args, **kwargs)
+
+    def _run_window(self, args, kwargs):
+        """A window of steps (multi-step data): see :mod:`brainscale.backends.window`."""
+        from .backends.window import make_window
+        if self.vjp_method != "multi-step":
+            raise BrainscaleError(
+                f"{type(self).__name__} got MultiStepData, which needs vjp_method='multi-step' "
+                f"(the learning signal back-propagated through the window); with "
+                f"vjp_method='single-step' call it once per step")
+        wrapped = jax.tree.leaves((args, kwargs), is_leaf=is_step_data)
+        mask, leaves, step_leaves = [], [], []
+        for w in wrapped:
+            multi = isinstance(w, MultiStepData)
+            for leaf in jax.tree.leaves(w.data if is_step_data(w) else w):
+                mask.append(multi)
+                leaves.append(leaf)
+                step_leaves.append(leaf[0] if multi else leaf)
+        lengths = {int(np.shape(l)[0]) for l, m in zip(leaves, mask) if m}
+        if len(lengths) != 1:
+            raise BrainscaleError(f"the MultiStepData inputs must have one number of steps on "
+                                  f"their leading axis, got {sorted(lengths)}")
+        sig = ", ".join(f"{jnp.result_type(a)}{list(np.shape(a))}" for a in step_leaves)
+        if sig != self._sig:
+            raise BrainscaleError(
+                f"{type(self).__name__} was compiled for inputs {self._sig} but one step of the "
+                f"window is {sig}; call compile_graph with the inputs of one step")
+        fn = self._cached_driver(("window", tuple(mask)),
+                                 lambda: make_window(self._step.program, tuple(mask)))
+        b = self._step.binding
+        states = self._bound_states()
+        theta_t, theta_p, hidden, others = b.gather(states)
+        traces = tuple(t.value for t in self._traces)
+        outs, new_hidden, new_others, new_traces = fn(theta_t, theta_p, tuple(leaves), hidden,
+                                                      others, traces)
+        b.scatter(new_hidden, new_others, states)
+        for t, v in zip(self._traces, new_traces):
+            t.value = v
+        return jax.tree.unflatten(self.graph.info.out_treedef, list(outs))
 
     # -- copying --------------------------------------------------------------------------
     def __deepcopy__(self, memo):
