@@ -65,6 +65,11 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
             ``∂L^t/∂h^t``) or ``'multi-step'``: a call with :class:`MultiStepData` runs a
             window of steps and back-propagates the learning signal through all of them
             (brainscale 0.1's option; see :mod:`brainscale.backends.window`).
+        mesh / batch_axis / neuron_axis: a ``jax.sharding.Mesh`` to run on: the ``shard``
+            pass splits the batch axis of inputs, states and traces over mesh axis
+            ``batch_axis`` (default ``'data'`` when the mesh has it) and the output-neuron axis
+            of states, dense weights and their traces over ``neuron_axis`` (default
+            ``'model'`` when present); see :meth:`shard`.
         norm_stats: a normalisation between a trace op and the neurons is absorbed into the
             op (``absorb-normalization``): ``'exact'`` (default) differentiates through its
             statistics, ``'constant'`` treats them as constants (the common approximation).
@@ -76,7 +81,8 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
                  param_ratio: float | None = None, memory_budget_mb: float | None = None,
                  dim_overrides: dict | None = None, instruments: Sequence = (),
                  name: str | None = None, mode=None, norm_stats: str | None = None,
-                 vjp_method: str = "single-step"):
+                 vjp_method: str = "single-step", mesh=None, batch_axis: str | None = None,
+                 neuron_axis: str | None = None):
         super().__init__(name=name)
         if not callable(model):
             raise TypeError(f"model must be a callable brainstate module, got {type(model).__name__}")
@@ -96,6 +102,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self.mode = mode
         self.norm_stats = norm_stats
         self.vjp_method = vjp_method
+        self.mesh, self.batch_axis, self.neuron_axis = mesh, batch_axis, neuron_axis
         self.graph = None
         self.stages: list = []
         self.records: tuple = ()
@@ -114,6 +121,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
                                 memory_budget_mb=self.memory_budget_mb,
                                 norm_stats=self.norm_stats,
                                 dim_overrides=self.dim_overrides or None,
+                                shard=shard_pass(self.mesh, self.batch_axis, self.neuron_axis),
                                 who=type(self).__name__)
 
     def compile_graph(self, *args, **kwargs):
@@ -137,7 +145,49 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self._initial = {p: st.value for p, st in uncovered_states(self.model).items()}
         self._sig = _sig(args, kwargs)
         self._drivers = OrderedDict()
+        self._place()
         return self
+
+    def shard(self, mesh, batch_axis: str | None = None, neuron_axis: str | None = None):
+        """Run the compiled step on a device mesh (``jax.sharding.Mesh``).
+
+        Runs the ``shard`` pass on the compiled graph (its shardings are then printed per
+        array by :meth:`ir`), re-emits the step and places the model's states and the traces
+        with those shardings; XLA's SPMD partitioner keeps them between steps and reduces
+        the gradients over the batch axis. ``batch_axis`` defaults to ``'data'`` and
+        ``neuron_axis`` to ``'model'`` when the mesh has such an axis. Returns ``self``.
+        """
+        from .passes import PassContext, PassManager, Recorder
+        self._require()
+        p = shard_pass(mesh, batch_axis, neuron_axis)
+        base = self.graph
+        if "sharding" in base.facts:           # re-shard from the graph before the 'shard'
+            base = next(g for spec, g in reversed(self.stages) if not spec.startswith("shard"))
+        rec, ctx = Recorder(), PassContext()
+        graph = PassManager((p,), instruments=(rec,)).run(base, ctx)
+        self.mesh, self.batch_axis, self.neuron_axis = mesh, p.batch, p.neurons
+        self.graph = graph
+        self.stages = [s for s in self.stages if not s[0].startswith("shard")] + list(rec.stages)
+        self.records = tuple(r for r in self.records if r.name != "shard") + tuple(ctx.records)
+        values = tuple(t.value for t in self._traces)
+        self._step = self._backend_obj.emit(graph)
+        for t, v in zip(self._traces, values):
+            t.value = v
+        self._drivers = OrderedDict()
+        self._place()
+        return self
+
+    def _place(self):
+        """Bind the mesh to the compiled step and put the states and traces on it with the
+        IR's shardings (if the graph has any)."""
+        if self.mesh is None or "sharding" not in self.graph.facts:
+            return
+        self._step.program.bind_mesh(self.mesh)
+        b = self._step.binding
+        b.place_states(self._bound_states(), self.mesh)
+        for t, v in zip(self._traces, b.place_traces(tuple(t.value for t in self._traces),
+                                                      self.mesh)):
+            t.value = v
 
     @property
     def decay(self) -> float | None:
@@ -229,6 +279,8 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         states = self._bound_states()
         theta_t, theta_p, hidden, others = b.gather(states)
         args_l = tuple(jax.tree.leaves((args, kwargs)))
+        if self.mesh is not None and "sharding" in self.graph.facts:
+            args_l = b.place_args(args_l, self.mesh)
         traces = tuple(t.value for t in self._traces)
         outs, new_hidden, new_others, new_traces = step.fn(theta_t, theta_p, args_l, hidden,
                                                            others, traces)
@@ -330,6 +382,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def reset_traces(self):
         for t in self._traces:
             t.value = jnp.zeros_like(t.value)
+        self._place()
 
     # -- inspection -----------------------------------------------------------------------
     def trace_states(self) -> dict:
@@ -460,6 +513,43 @@ class DiagHybridDimAlgorithm(ETraceAlgorithm):
         super().__init__(model, decay_or_rank=decay_or_rank, **kw)
 
 
+def _place_sequence(learner, inputs, targets):
+    """``(T, ...)`` inputs with the IR's input shardings; targets split like the batch."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    b = learner._step.binding
+    leaves, treedef = jax.tree.flatten(inputs)
+    inputs = jax.tree.unflatten(treedef, list(b.place_args(leaves, learner.mesh, time_axis=True)))
+    batch = learner.graph.batch
+    ax = learner.batch_axis
+
+    def put(t):
+        shape = np.shape(t)
+        if ax and batch and len(shape) >= 2 and shape[1] == batch:
+            spec = (None, ax) + (None,) * (len(shape) - 2)
+            return jax.device_put(t, NamedSharding(learner.mesh, PartitionSpec(*spec)))
+        return t
+    return inputs, jax.tree.map(put, targets)
+
+
+def shard_pass(mesh, batch_axis: str | None = None, neuron_axis: str | None = None):
+    """The ``shard`` pass for ``mesh`` (None without a mesh), with the default axis names."""
+    if mesh is None:
+        if batch_axis is not None or neuron_axis is not None:
+            raise BrainscaleError("batch_axis / neuron_axis need mesh=jax.sharding.Mesh(...)")
+        return None
+    from .passes.shard import ShardPass, parse_mesh
+    axes = [n for n, _ in parse_mesh(mesh)]
+    if batch_axis is None and neuron_axis is None:
+        batch_axis = "data" if "data" in axes else None
+        neuron_axis = "model" if "model" in axes else None
+        if batch_axis is None and neuron_axis is None:
+            raise BrainscaleError(
+                f"the mesh has axes {axes}: say which one splits the batch (batch_axis=...) "
+                f"and/or which one splits the neurons (neuron_axis=...)")
+    return ShardPass(mesh=tuple(f"{n}={k}" for n, k in parse_mesh(mesh)), batch=batch_axis,
+                     neurons=neuron_axis)
+
+
 def _own(cls, name: str) -> bool:
     """``cls`` (a Module class) defines ``name`` itself or below ``brainstate.nn.Module``."""
     return getattr(cls, name, None) is not getattr(brainstate.nn.Module, name, None)
@@ -532,7 +622,8 @@ def reset_model_states(model, batch_size: int | None = None, initial: dict | Non
 
 
 def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callable,
-                     params=None, jit: bool = True, chunk: int = 1, reset: bool = True):
+                     params=None, jit: bool = True, chunk: int = 1, reset: bool = True,
+                     mesh=None, batch_axis: str | None = None, neuron_axis: str | None = None):
     """Run a sequence through ``learner`` and sum the online gradients over time.
 
     Args:
@@ -547,6 +638,11 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
             gradient is large). The loop then owns the step (no ``brainstate`` grad); the
             per-step traces, states and losses are the same. Only for summed gradients:
             to apply an update every step, use 1.
+        mesh / batch_axis / neuron_axis: run on a device mesh (see
+            :meth:`ETraceAlgorithm.shard`; a learner compiled or sharded with this mesh
+            already keeps it). The inputs and targets are split over ``batch_axis`` on their
+            batch dimension (axis 1 after time), the states and traces as the IR says; the
+            summed gradients equal the single-device ones.
         reset: True (default) starts the sequence from reset model states and zero traces
             (``learner.reset_state()``), so two identical calls give identical results; False
             continues from the current states and traces (a long sequence fed in pieces).
@@ -560,8 +656,13 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
     learner._require()
     from .backends.online_driver import callable_key, check_chunk, drive_online
     check_chunk(chunk)
+    if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
+            (None, None), (learner.batch_axis, learner.neuron_axis))):
+        learner.shard(mesh, batch_axis, neuron_axis)
     if reset:
         learner.reset_state()
+    if learner.mesh is not None and "sharding" in learner.graph.facts:
+        inputs, targets = _place_sequence(learner, inputs, targets)
     if chunk != 1:
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             jit=jit)

@@ -49,7 +49,8 @@ def _class_for(algorithm, pipeline):
 def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=None,
             pipeline=None, backend="jax", instruments: Sequence = (),
             param_ratio: float | None = None, memory_budget_mb=None, dim_overrides=None,
-            norm_stats: str | None = None, **kwargs) -> Compiled:
+            norm_stats: str | None = None, mesh=None, batch_axis: str | None = None,
+            neuron_axis: str | None = None, **kwargs) -> Compiled:
     """Compile ``model`` for online learning.
 
     Args:
@@ -64,6 +65,9 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
         instruments: PassManager instruments (``DumpDir``, ``PrintAfterAll``, ``Timing``).
         param_ratio / memory_budget_mb / dim_overrides: ``select-dims`` options.
         norm_stats: ``absorb-normalization{stats=...}``: ``'exact'`` or ``'constant'``.
+        mesh / batch_axis / neuron_axis: shard the step over a ``jax.sharding.Mesh`` (the
+            ``shard`` pass; data parallel over ``batch_axis``, neuron parallel over
+            ``neuron_axis``).
 
     Returns:
         :class:`Compiled` with ``graph``, ``stages``, ``records``, ``log``, ``learner`` (the
@@ -75,7 +79,8 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
     cls = _class_for(algorithm, pipeline)
     kw = dict(pipeline=pipeline, backend=backend, instruments=instruments,
               param_ratio=param_ratio, memory_budget_mb=memory_budget_mb,
-              dim_overrides=dim_overrides, norm_stats=norm_stats)
+              dim_overrides=dim_overrides, norm_stats=norm_stats, mesh=mesh,
+              batch_axis=batch_axis, neuron_axis=neuron_axis)
     learner = cls(model, decay_or_rank=decay_or_rank, **kw)
     learner.compile_graph(*example_inputs, **kwargs)
     return learner.compiled()

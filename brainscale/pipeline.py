@@ -51,6 +51,7 @@ class AlgorithmOptions:
     memory_budget_mb: float | None = None
     dim_overrides: dict | None = None
     norm_stats: str | None = None           # absorb-normalization: 'exact' | 'constant'
+    shard: Any = None                       # a ShardPass appended after layout-traces
     who: str = "the algorithm"
 
     def is_empty(self) -> bool:
@@ -117,6 +118,7 @@ def configure_pipeline(pipeline, opts: AlgorithmOptions) -> tuple:
     if opts.norm_stats is not None:
         passes = _configure_absorb(passes, opts)
         opts = dataclasses.replace(opts, norm_stats=None)
+    opts = dataclasses.replace(opts, shard=None)       # full_pipeline places it
     if opts.is_empty():
         return passes
     if not any(isinstance(p, SelectDimsPass) for p in passes):
@@ -152,13 +154,23 @@ def _configure_absorb(passes: tuple, opts: AlgorithmOptions) -> tuple:
     return tuple(out)
 
 
-def full_pipeline(passes: Sequence, backend=None) -> tuple:
+def full_pipeline(passes: Sequence, backend=None, shard=None) -> tuple:
     """``passes`` (+ ``layout-traces`` when they choose trace dims but no pass lays the
-    traces out) + the backend's passes."""
+    traces out) (+ the ``shard`` pass of a mesh) + the backend's passes."""
     passes = tuple(passes)
     if any("trace-dims" in p.provides for p in passes) and \
             not any("trace-arrays" in p.provides for p in passes):
         passes += (LayoutTracesPass(),)
+    if shard is not None:
+        mine = [p for p in passes if p.name == "shard"]
+        if mine and mine[0] != shard:
+            raise PipelineError(f"the pipeline's {mine[0].spec()} conflicts with the mesh of "
+                                f"the algorithm ({shard.spec()}); set it in one place only")
+        if not mine:
+            passes += (shard,)
+        if backend is not None and getattr(backend, "name", "") != "jax":
+            raise PipelineError(f"sharding over a mesh runs on the 'jax' backend; backend "
+                                f"{getattr(backend, 'name', backend)!r} does not support it")
     if backend is not None:
         passes += tuple(backend.pipeline())
     return passes
@@ -183,7 +195,7 @@ def build_graph(model, *args, pipeline=None, instruments: Sequence = (),
     g0 = lower(model, *args, **kwargs)
     t_lower = time.perf_counter() - t0
     passes = configure_pipeline(pipeline, algorithm or AlgorithmOptions())
-    passes = full_pipeline(passes, backend)
+    passes = full_pipeline(passes, backend, shard=(algorithm or AlgorithmOptions()).shard)
     rec = Recorder()
     ctx = PassContext()
     pm = PassManager(passes, instruments=(rec,) + tuple(instruments))

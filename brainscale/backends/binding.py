@@ -210,6 +210,44 @@ class StepBinding:
             pos += b - a
         return tuple(out)
 
+    # -- placement on a device mesh (the IR's shardings, from the 'shard' pass) ------------
+    @staticmethod
+    def _sharding(mesh, spec):
+        from jax.sharding import NamedSharding, PartitionSpec
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def place_states(self, states, mesh) -> None:
+        """Put the hidden states and parameters on ``mesh`` with their IR shardings."""
+        from .._group_states import ComponentView
+        for h in self.graph.hidden:
+            st = states[h.state_index]
+            if h.sharding is not None and not isinstance(st, ComponentView):
+                st.value = jax.device_put(st.value, self._sharding(mesh, h.sharding))
+        for p in self.graph.params:
+            if p.sharding is None:
+                continue
+            st = states[p.state_index]
+            leaves, treedef = jax.tree.flatten(st.value)
+            placed = [jax.device_put(l, self._sharding(mesh, sp if sp is not None else ()))
+                      for l, sp in zip(leaves, p.sharding)]
+            st.value = jax.tree.unflatten(treedef, placed)
+
+    def place_traces(self, values, mesh) -> tuple:
+        """Trace array values on ``mesh`` with their IR shardings."""
+        return tuple(jax.device_put(v, self._sharding(mesh, a.sharding))
+                     if a.sharding is not None else v for v, a in zip(values, self.arrays))
+
+    def place_args(self, leaves, mesh, time_axis: bool = False) -> tuple:
+        """The step's argument leaves on ``mesh`` (``time_axis``: a leading axis of steps)."""
+        out = []
+        for v, inp in zip(leaves, self.graph.inputs):
+            if inp.sharding is None:
+                out.append(v)
+                continue
+            spec = ((None,) if time_axis else ()) + tuple(inp.sharding)
+            out.append(jax.device_put(v, self._sharding(mesh, spec)))
+        return tuple(out)
+
     def init_traces(self) -> tuple:
         """Zero trace arrays, one per :class:`~brainscale.ir.TraceArray`, in storage dtype."""
         return tuple(jnp.zeros(a.type.shape, a.storage) for a in self.arrays)

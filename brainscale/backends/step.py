@@ -76,6 +76,25 @@ class Program:
         self.plan = tuple(PlanEntry(rules[k], tuple(ts), tuple(ps))
                           for k, (ts, ps) in groups.items())
 
+    # -- the device mesh (runtime: the IR names its axes and sizes) ----------------------
+    mesh = None
+
+    def bind_mesh(self, mesh) -> None:
+        """Run on ``mesh``: its axes and sizes must be those the graph was sharded for; the
+        new traces and hidden states then keep the IR's shardings inside the step."""
+        from ..passes.shard import parse_mesh
+        if tuple(parse_mesh(mesh)) != tuple(self.g.mesh):
+            raise BackendError(f"the mesh {parse_mesh(mesh)} is not the one the graph was "
+                               f"sharded for ({tuple(self.g.mesh)}); shard again")
+        self.mesh = mesh
+
+    def constrain(self, v, spec):
+        """``v`` laid out as ``spec`` (mesh axis per dimension) on the bound mesh."""
+        if spec is None or self.mesh is None:
+            return v
+        from jax.sharding import NamedSharding, PartitionSpec
+        return jax.lax.with_sharding_constraint(v, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
     # -- pieces ---------------------------------------------------------------------------
     def context(self, theta_t, fwd=None) -> RuleContext:
         return RuleContext(self.g, self.b, self.sig, tuple(theta_t), fwd)
@@ -104,12 +123,17 @@ class Program:
         return out
 
     def forward(self, theta_t, theta_p, args, hidden, others, traces, skip=lambda e: False):
-        """``((outs, new_hidden, new_others, new_traces), fwd)``."""
+        """``((outs, new_hidden, new_others, new_traces), fwd)``. On a mesh (the graph has
+        shardings) the new traces and hidden states keep exactly the IR's shardings."""
         b = self.b
         fwd = self.lin.forward(theta_t, theta_p, args, hidden, others)
         new_traces = self.update_traces(self.context(theta_t, fwd), list(traces), skip)
         outs = fwd.outs
-        return ((tuple(outs[:b.n_out]), tuple(outs[i] for i in b.hidden_out),
+        new_hidden = [outs[i] for i in b.hidden_out]
+        if self.mesh is not None:
+            new_traces = [self.constrain(v, a.sharding) for v, a in zip(new_traces, b.arrays)]
+            new_hidden = [self.constrain(v, h.sharding) for v, h in zip(new_hidden, self.g.hidden)]
+        return ((tuple(outs[:b.n_out]), tuple(new_hidden),
                  tuple(outs[i] for i in b.other_out), tuple(new_traces)), fwd)
 
     @staticmethod

@@ -45,6 +45,7 @@ class Graph:
     relations: tuple[Relation, ...] = ()
     traces: tuple[Trace, ...] = ()
     batch: int = 0                     # leading batch size of the batched ops (0: unbatched)
+    mesh: tuple = ()                   # ((axis name, size), ...) the shardings refer to
     stages: tuple[str, ...] = ()
     facts: frozenset = frozenset()     # facts established by passes ('groups', ...)
     attrs: FrozenAttrs = ()            # notes only (backends read typed fields)

@@ -49,6 +49,7 @@ class Input:
     name: str            # 'u0', 'u1', ... in argument-leaf order
     type: TensorType
     invar: int           # index into the jaxpr invars
+    sharding: tuple | None = None   # mesh axis (or None) per dimension; None: not placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class HiddenState:
     invar: int           # index into the jaxpr invars
     outvar: int          # index into the jaxpr outvars
     state_index: int     # index into the traced states
+    sharding: tuple | None = None   # mesh axis (or None) per dimension; None: not placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class Param:
     invars: tuple[int, ...]     # jaxpr invars of its leaves
     state_index: int
     attrs: FrozenAttrs = ()     # e.g. (('grad', 'adaptive'),)
+    sharding: tuple | None = None   # per leaf: mesh axis (or None) per dimension
 
     def __post_init__(self):
         if self.kind not in ("etrace", "plain"):
@@ -170,6 +173,7 @@ class TraceArray:
     leaf: int | None = None     # index into the parameter's leaves (role 'eps')
     state: int | None = None    # index into the group's states; None: all k stacked
     value: str | None = None    # the op input (role 'eps_x')
+    sharding: tuple | None = None   # mesh axis (or None) per dimension (the 'shard' pass)
 
     def __post_init__(self):
         if self.role not in ARRAY_ROLES:

@@ -11,7 +11,8 @@ from typing import Callable, NamedTuple
 
 from .types import Loc, short_dtype
 
-__all__ = ["PrintSettings", "print_graph", "fmt_attrs", "PP_RULES", "trace_fields", "array_body"]
+__all__ = ["PrintSettings", "print_graph", "fmt_attrs", "PP_RULES", "trace_fields", "array_body",
+           "fmt_spec"]
 
 
 class PrintSettings(NamedTuple):
@@ -77,15 +78,20 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
              "// stages: " + (", ".join(graph.stages) if graph.stages else "(none)")]
     sig = ", ".join(f"%{i.name}: {i.type}" for i in graph.inputs)
     head = f"graph @{graph.name}({sig})"
-    gattrs = tuple(sorted(dict(graph.attrs, batch=graph.batch).items()))
+    gdict = dict(graph.attrs, batch=graph.batch)
+    if graph.mesh:
+        gdict["mesh"] = tuple(f"{n}:{k}" for n, k in graph.mesh)
+    gattrs = tuple(sorted(gdict.items()))
     if s.print_attrs and gattrs:
         head += " " + fmt_attrs(gattrs)
     lines.append(head + " {")
     for h in graph.hidden:
-        lines.append(_line(f"hidden %{h.name} : {h.type}", (), None, s))
+        lines.append(_line(f"hidden %{h.name} : {h.type}", _shard_attr(h.sharding), None, s))
     for p in graph.params:
-        lines.append(_line(f"param  %{p.name} : {p.type}", (("kind", p.kind),) + tuple(p.attrs),
-                           None, s))
+        a = (("kind", p.kind),) + tuple(p.attrs)
+        if p.sharding is not None:
+            a += (("shard", tuple(fmt_spec(x) for x in p.sharding)),)
+        lines.append(_line(f"param  %{p.name} : {p.type}", a, None, s))
     if graph.values or graph.ops:
         lines.append("")
     for v in graph.values:
@@ -165,8 +171,18 @@ def array_body(graph, a) -> str:
     return f"{a.role}({', '.join(parts)})"
 
 
+def fmt_spec(spec) -> str:
+    """``[data,.,model]``: the mesh axis of each dimension ('.' = not sharded)."""
+    return "[" + ",".join("." if x is None else str(x) for x in spec) + "]"
+
+
+def _shard_attr(spec) -> tuple:
+    return () if spec is None else (("shard", fmt_spec(spec)),)
+
+
 def _array_line(graph, t, a, s):
     extra = (("storage", short_dtype(a.storage)),) if a.storage != a.type.dtype else ()
+    extra += _shard_attr(a.sharding)
     body = f"  array {a.id} = {array_body(graph, a)}"
     if s.print_types:
         body += f" : {a.type}"

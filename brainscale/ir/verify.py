@@ -29,6 +29,7 @@ def verify(graph) -> None:
     Raises:
         IRVerificationError: naming the first violated invariant with an IR excerpt.
     """
+    _verify_sharding(graph)
     names: dict[str, str] = {}
     for kind, items in (("input", graph.inputs), ("hidden", graph.hidden),
                         ("param", graph.params), ("value", graph.values), ("op", graph.ops)):
@@ -174,3 +175,47 @@ def _verify_trace(graph, t, covered) -> None:
             _fail(graph, f"trace {t.id} ({t.dim}{', layout=' + t.layout if t.layout else ''}): "
                          f"{why}. Recompute its arrays with brainscale.passes.layout_trace(graph, "
                          f"trace) after changing it", here)
+
+
+def _check_spec(graph, what: str, shape, spec, needle) -> None:
+    sizes = dict(graph.mesh)
+    if len(spec) != len(shape):
+        _fail(graph, f"{what} has sharding {list(spec)} for {len(shape)} dimension(s)", needle)
+    used = [a for a in spec if a is not None]
+    if len(set(used)) != len(used):
+        _fail(graph, f"{what} shards two dimensions over one mesh axis ({list(spec)})", needle)
+    for d, a in zip(shape, spec):
+        if a is None:
+            continue
+        if a not in sizes:
+            _fail(graph, f"{what} is sharded over mesh axis {a!r}, which the graph's mesh "
+                         f"{[n for n, _ in graph.mesh]} does not have", needle)
+        if d % sizes[a]:
+            _fail(graph, f"{what}: dimension of size {d} does not divide over mesh axis {a!r} "
+                         f"of size {sizes[a]}", needle)
+
+
+def _verify_sharding(graph) -> None:
+    """Shardings (``shard`` pass) name the graph's mesh axes, one per dimension, dividing."""
+    for i in graph.inputs:
+        if i.sharding is not None:
+            _check_spec(graph, f"input %{i.name}", i.type.shape, i.sharding, f"%{i.name}")
+    for h in graph.hidden:
+        if h.sharding is not None:
+            _check_spec(graph, f"hidden state %{h.name}", h.type.shape, h.sharding,
+                        f"hidden %{h.name}")
+    for p in graph.params:
+        if p.sharding is None:
+            continue
+        leaves = [t for _, t in p.type.fields] if hasattr(p.type, "fields") else [p.type]
+        if len(p.sharding) != len(leaves):
+            _fail(graph, f"param %{p.name} has {len(p.sharding)} leaf sharding(s) for "
+                         f"{len(leaves)} leaves", f"param  %{p.name}")
+        for t, spec in zip(leaves, p.sharding):
+            if spec is not None:
+                _check_spec(graph, f"param %{p.name}", t.shape, spec, f"param  %{p.name}")
+    for t in graph.traces:
+        for a in t.arrays:
+            if a.sharding is not None:
+                _check_spec(graph, f"trace array {a.id}", a.type.shape, a.sharding,
+                            f"array {a.id} =")

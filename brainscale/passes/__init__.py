@@ -14,6 +14,7 @@ from .hidden_groups import HiddenGroupsPass as HiddenGroupsPass
 from .relations import RelationsPass as RelationsPass
 from .select_dims import SelectDimsPass as SelectDimsPass, relation_costs as relation_costs
 from .fuse_traces import FuseTracesPass as FuseTracesPass
+from .shard import ShardPass as ShardPass
 from .layout import (LayoutTracesPass as LayoutTracesPass, trace_arrays as trace_arrays,
                      layout_trace as layout_trace, retrace as retrace,
                      renumber_traces as renumber_traces)
