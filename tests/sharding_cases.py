@@ -95,8 +95,37 @@ def case(name, algo, mesh_shape, names, how):
               (("/".join(map(str, p)), s) for p, s in net2.states(brainstate.HiddenState).items())}
     weights = {"/".join(map(str, p)): [spec(l) for l in jax.tree.leaves(s.value)]
                for p, s in net2.states(brainstate.ParamState).items()}
-    return {"name": name, "algo": algo, "mesh": list(names), "how": how, "err": err,
+    nse = {o.name: l2.graph.op_object(o.name).nse for o in l2.graph.ops if o.kind == "sparse"}
+    return {"name": name, "algo": algo, "mesh": list(names), "how": how, "err": err, "nse": nse,
             "traces": traces, "hidden": hidden, "weights": weights, "ir": l2.ir()}
+
+
+def windows():
+    """online_gradients(chunk=3) and a multi-step window on a data-parallel mesh."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    out = {}
+    for how in ("chunk", "multi-step"):
+        res = []
+        for m in (None, mesh):
+            net, x0 = build("lif")
+            rng = np.random.RandomState(0)
+            xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
+            ys = jnp.asarray(rng.randn(T, B, N), jnp.float32)
+            if how == "chunk":
+                lr = learner(net, "io", mesh=m).compile_graph(x0)
+                g, _ = brainscale.online_gradients(lr, xs, ys, loss, chunk=3)
+            else:
+                lr = learner(net, "param", mesh=m, vjp_method="multi-step").compile_graph(x0)
+                params = net.states(brainstate.ParamState)
+                g = brainstate.transform.grad(lambda: jnp.sum(jax.vmap(loss)(
+                    lr(brainscale.MultiStepData(xs)), ys)), params)()
+            res.append((g, [spec(t.value) for t in lr._traces] if m is not None else None))
+        (g1, _), (g2, specs) = res
+        err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) /
+                  max(float(np.max(np.abs(np.asarray(a)))), 1e-30)
+                  for k in g1 for a, b in zip(jax.tree.leaves(g1[k]), jax.tree.leaves(g2[k])))
+        out[how] = {"err": err, "specs": specs}
+    return {"windows": out}
 
 
 def memory():
@@ -124,6 +153,7 @@ def memory():
 def main():
     assert len(jax.devices()) >= 4, jax.devices()
     print(json.dumps(memory()), flush=True)
+    print(json.dumps(windows()), flush=True)
     cases = []
     for name in ("lif", "alif", "gru", "sparse"):
         for algo in ("param", "io"):

@@ -76,7 +76,9 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
     s = settings
     lines = ["// brainscale-ir v1  graph=" + graph.name,
              "// stages: " + (", ".join(graph.stages) if graph.stages else "(none)")]
-    sig = ", ".join(f"%{i.name}: {i.type}" for i in graph.inputs)
+    sig = ", ".join(f"%{i.name}: {i.type}" + (f"{{shard={fmt_spec(i.sharding)}}}"
+                                              if i.sharding is not None else "")
+                    for i in graph.inputs)
     head = f"graph @{graph.name}({sig})"
     gdict = dict(graph.attrs, batch=graph.batch)
     if graph.mesh:

@@ -118,8 +118,13 @@ class ShardPass(Pass):
             ops_of.setdefault(o.param, []).append(o)
 
         def columns(op, leaf_shape) -> bool:
-            """The leaf reaches the op's output neurons along its last axis."""
+            """The leaf's last axis splits with the neurons: it reaches the op's output
+            neurons along it (dense columns, element-wise, a bias), or it is a sparse op's
+            synapse (stored element) axis."""
             ns = neuron_shape(op)
+            if op.kind == "sparse" and len(leaf_shape) == 1 and \
+                    leaf_shape[0] == graph.op_object(op.name).nse:
+                return True
             if not leaf_shape or not ns or leaf_shape[-1] != ns[-1]:
                 return False
             return op.kind in _COLUMN_KINDS or tuple(leaf_shape) == tuple(ns)   # a bias
