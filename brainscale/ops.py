@@ -643,9 +643,19 @@ class SpMatMulOp(ETraceOp):
         """Column (output neuron) of each stored element, shape ``(nse,)``."""
         return self._col
 
+    #: above this many stored elements the structure is hidden from XLA's constant folding
+    fold_limit: int = 1 << 20
+
     def _with_data(self, data):
         m = self.sparse_mat
-        return type(m)((data, m.indices, m.indptr), shape=m.shape, backend=m.backend,
+        indices, indptr = m.indices, m.indptr
+        if self.nse > self.fold_limit:
+            # the structure is a constant of the traced step; XLA would constant-fold the
+            # kernel's index arithmetic on it, which takes minutes at 10^7 synapses (and saves
+            # a third of a step); the barrier keeps the compile in seconds
+            indices, indptr = jax.lax.optimization_barrier((jnp.asarray(indices),
+                                                           jnp.asarray(indptr)))
+        return type(m)((data, indices, indptr), shape=m.shape, backend=m.backend,
                        buffers=m.buffers, check_structure=False)
 
     def xw_to_y(self, x, w):
