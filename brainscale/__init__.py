@@ -28,8 +28,15 @@ from .passes import (Pass as Pass, PassManager as PassManager, PassContext as Pa
 from .algorithms import (ETraceAlgorithm as ETraceAlgorithm, DiagIODimAlgorithm as DiagIODimAlgorithm,
                          DiagParamDimAlgorithm as DiagParamDimAlgorithm,
                          DiagHybridDimAlgorithm as DiagHybridDimAlgorithm,
-                         online_gradients as online_gradients, decay_from as decay_from)
+                         online_gradients as online_gradients, decay_from as decay_from,
+                         EligibilityTrace as EligibilityTrace)
 from ._stepdata import SingleStepData as SingleStepData, MultiStepData as MultiStepData
+# brainscale 0.1's names (docs/compat.md)
+from .legacy import (IODimVjpAlgorithm as IODimVjpAlgorithm, ES_D_RTRL as ES_D_RTRL,
+                     ParamDimVjpAlgorithm as ParamDimVjpAlgorithm, D_RTRL as D_RTRL,
+                     HybridDimVjpAlgorithm as HybridDimVjpAlgorithm,
+                     ElemWiseParam as ElemWiseParam, NonTempParam as NonTempParam,
+                     FakeETraceParam as FakeETraceParam, FakeElemWiseParam as FakeElemWiseParam)
 from .compiled import Compiled as Compiled
 from .api import compile as compile
 
