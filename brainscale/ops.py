@@ -644,7 +644,7 @@ class SpMatMulOp(ETraceOp):
         return self._col
 
     #: above this many stored elements the structure is hidden from XLA's constant folding
-    fold_limit: int = 1 << 20
+    fold_limit: int = 1 << 16
 
     def _with_data(self, data):
         m = self.sparse_mat
