@@ -40,9 +40,20 @@ from .legacy import (IODimVjpAlgorithm as IODimVjpAlgorithm, ES_D_RTRL as ES_D_R
 from .compiled import Compiled as Compiled
 from .api import compile as compile
 
+# brainscale 0.1's deprecated names for brainstate's grouped hidden states
+_BRAINSTATE_ALIASES = {"ETraceGroupState": "HiddenGroupState", "ETraceTreeState": "HiddenTreeState"}
+
+
 # brainscale.nn is imported lazily (it pulls in neuron models)
 def __getattr__(name):
     if name == "nn":
         import importlib
         return importlib.import_module(".nn", __name__)
+    if name in _BRAINSTATE_ALIASES:
+        import warnings
+        import brainstate
+        new = _BRAINSTATE_ALIASES[name]
+        warnings.warn(f"brainscale.{name} is brainscale 0.1's name of brainstate.{new}; use "
+                      f"brainstate.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(brainstate, new)
     raise AttributeError(f"module 'brainscale' has no attribute {name!r}")

@@ -426,3 +426,22 @@ def test_tutorial_show_graph(capsys):
             leaves = [np.asarray(u.get_mantissa(l)) for l in jax.tree.leaves(grads)]
             assert leaves and all(np.all(np.isfinite(l)) for l in leaves)
             assert any(np.any(l != 0) for l in leaves)
+
+
+# ---------------------------------------------------------------------------------------
+# docs/compat.md's example
+# ---------------------------------------------------------------------------------------
+
+def test_compat_page_example_runs(capsys, monkeypatch):
+    import pathlib
+    import re
+    monkeypatch.setenv("BRAINSCALE_DOT_RENDERER", "none")
+    page = pathlib.Path(__file__).resolve().parents[2] / "docs" / "compat.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    ns: dict = {}
+    exec(compile(blocks[0], "compat.md[python block 0]", "exec"), ns)
+    assert "graph @Net.update" in capsys.readouterr().out
+    xs, dfs = ns["xs"], ns["dfs"]
+    assert len(xs) == 1 and len(dfs) == 1
+    assert np.shape(next(iter(dfs.values()))) == (4, 8, 1)     # (batch, neurons, states)

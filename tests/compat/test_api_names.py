@@ -72,6 +72,16 @@ def test_signature_and_defaults(name):
         assert p.kind == p.KEYWORD_ONLY, (name, p)
 
 
+@pytest.mark.parametrize("old,new", [("ETraceGroupState", "HiddenGroupState"),
+                                     ("ETraceTreeState", "HiddenTreeState")])
+def test_grouped_state_aliases_warn_and_are_brainstates(old, new):
+    with pytest.warns(DeprecationWarning, match=f"brainstate.{new}"):
+        assert getattr(brainscale, old) is getattr(brainstate, new)
+    assert issubclass(brainscale.ETraceState, brainstate.HiddenState)
+    with pytest.raises(AttributeError, match="no attribute 'ETraceNopeState'"):
+        brainscale.ETraceNopeState  # noqa: B018
+
+
 def test_algorithm_aliases_are_the_diag_classes():
     assert brainscale.ES_D_RTRL is brainscale.IODimVjpAlgorithm
     assert brainscale.D_RTRL is brainscale.ParamDimVjpAlgorithm
