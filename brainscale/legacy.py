@@ -14,6 +14,8 @@ Code written for the published brainscale 0.1 runs on this package with these na
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable
 
@@ -29,9 +31,21 @@ __all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "ParamDimVjpAlgorithm", "D_RTRL",
            "FakeElemWiseParam", "SingleStepData", "MultiStepData"]
 
 
+def _caller_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside brainscale and brainstate (the
+    line constructing the algorithm, past brainstate's module metaclass)."""
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (sys.modules[__package__], brainstate))
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(skip):
+        f, level = f.f_back, level + 1
+    return level
+
+
 def _renamed(old: str, new: str) -> None:
     warnings.warn(f"brainscale.{old} is brainscale 0.1's name; use brainscale.{new} (same "
-                  f"arguments as keywords; see docs/compat.md)", DeprecationWarning, stacklevel=3)
+                  f"arguments as keywords; see docs/compat.md)", DeprecationWarning,
+                  stacklevel=_caller_stacklevel())
 
 
 def _identity(w):

@@ -105,8 +105,9 @@ def test_algorithm_aliases_are_the_diag_classes():
 ])
 def test_algorithm_alias_warns_with_new_name(cls, args, new):
     net, _x = models.gru3()
-    with pytest.warns(DeprecationWarning, match=new):
+    with pytest.warns(DeprecationWarning, match=new) as rec:
         getattr(brainscale, cls)(net, *args)
+    assert rec[0].filename == __file__               # points at the constructing line
 
 
 def test_positional_arguments_as_in_01():
