@@ -368,16 +368,8 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def batch_size(self) -> int | None:
         """The leading batch size the step was compiled for (None: unbatched)."""
         self._require()
-        from .ir.layout import batch_shape
-        g = self.graph
-        if g.batch:
-            return int(g.batch)
-        for r in g.relations:
-            for gid in r.groups:
-                b = batch_shape(g, gid, g.op_by_name[r.op])
-                if len(b) == 1:
-                    return int(b[0])
-        return None
+        from ._legacy_api import _graph_batch
+        return _graph_batch(self.graph) or None
 
     def reset_traces(self):
         for t in self._traces:
