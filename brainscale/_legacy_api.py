@@ -38,20 +38,6 @@ def _batching_of(mode):
     return None
 
 
-def _graph_batch(graph) -> int:
-    """The leading batch size of the compiled step (0: unbatched): the batched ops' batch,
-    else one per-example axis of a group in front of an op's neurons."""
-    if graph.batch:
-        return int(graph.batch)
-    from .ir.layout import batch_shape
-    for r in graph.relations:
-        for gid in r.groups:
-            b = batch_shape(graph, gid, graph.op_by_name[r.op])
-            if len(b) == 1:
-                return int(b[0])
-    return 0
-
-
 def _check_mode_type(mode) -> None:
     import brainstate
     if mode is not None and not isinstance(mode, brainstate.mixin.Mode):
@@ -95,7 +81,7 @@ class LegacyAPIMixin:
             return
         _check_mode_type(mode)
         batching = _batching_of(mode) is not None
-        batch = _graph_batch(graph)
+        batch = graph.batch_size
         if batching and not batch:
             raise BrainscaleError(
                 f"mode={mode!r} says the inputs are batched, but the example inputs "
@@ -115,7 +101,6 @@ class LegacyAPIMixin:
         rest, keyed by their path in ``model.states()`` (a tuple)."""
         import brainstate
         from ._group_states import ComponentView
-        from .algorithms import EligibilityTrace
         self._require()
         try:
             paths = {id(st): tuple(p) for p, st in self.model.states().items()}
@@ -126,7 +111,7 @@ class LegacyAPIMixin:
         for st, name in zip(self._bound_states(), self.graph.info.state_paths):
             if isinstance(st, ComponentView):          # a component of a group state
                 st, name = st.group, st.group_path
-            if id(st) in seen or isinstance(st, EligibilityTrace):
+            if id(st) in seen or any(st is t for t in self._traces):
                 continue
             seen.add(id(st))
             path = paths.get(id(st), tuple(str(name).split(".")))

@@ -368,8 +368,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
     def batch_size(self) -> int | None:
         """The leading batch size the step was compiled for (None: unbatched)."""
         self._require()
-        from ._legacy_api import _graph_batch
-        return _graph_batch(self.graph) or None
+        return self.graph.batch_size or None
 
     def reset_traces(self):
         for t in self._traces:

@@ -99,6 +99,21 @@ class Graph:
     def array_by_id(self) -> dict:
         return {a.id: a for t in self.traces for a in t.arrays}
 
+    @property
+    def batch_size(self) -> int:
+        """The leading batch size of the step (0: unbatched): :attr:`batch` (the batched ops'
+        batch), else the one per-example axis a hidden group has in front of the neurons of
+        an op driving it (an op with an unbatched input feeding batched states)."""
+        if self.batch:
+            return int(self.batch)
+        from .layout import batch_shape
+        for r in self.relations:
+            for gid in r.groups:
+                b = batch_shape(self, gid, self.op_by_name[r.op])
+                if len(b) == 1:
+                    return int(b[0])
+        return 0
+
     def op_object(self, op_name: str):
         """The :class:`~brainscale.ETraceOp` applied by the op ``op_name`` (from the traced step)."""
         if self.info is None:

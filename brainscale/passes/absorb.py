@@ -150,7 +150,8 @@ def _mixing_eqns(eqns, y_var) -> frozenset:
 @dataclass(frozen=True)
 class _Region:
     op_name: str
-    eqn_indices: tuple          # into the step's jaxpr, the absorbed equations
+    eqn_indices: tuple          # into the step's jaxpr: the composite's equations, in order
+    absorbed: tuple             # those of them that leave the step (not shared constants)
     z_var: object
     mixing: frozenset           # indices into eqn_indices
 
@@ -162,16 +163,25 @@ def find_regions(graph) -> list[_Region]:
     consts = set(jaxpr.constvars)
     eqns = jaxpr.eqns
     op_eqns = {o.eqn for o in graph.ops}
+    # values computed from literals and constants only (e.g. jnp.var's divisor), by producer
+    const_eqn: dict = {}
+    for i, e in enumerate(eqns):
+        if i in op_eqns or C.eqn_subjaxprs(e) or getattr(e, "effects", None):
+            continue
+        if all(C.is_literal(v) or v in consts or v in const_eqn for v in e.invars):
+            for v in e.outvars:
+                const_eqn[v] = i
     out = []
     for o in graph.ops:
         y = eqns[o.eqn].outvars[0]
         inside, idx = {y}, []
         for i in range(o.eqn + 1, len(eqns)):
             e = eqns[i]
-            if i in op_eqns or C.eqn_subjaxprs(e):
+            if i in op_eqns or C.eqn_subjaxprs(e) or i in const_eqn.values():
                 continue
             vs = [v for v in e.invars if not C.is_literal(v)]
-            if vs and any(v in inside for v in vs) and all(v in inside or v in consts for v in vs):
+            if vs and any(v in inside for v in vs) and \
+                    all(v in inside or v in consts or v in const_eqn for v in vs):
                 idx.append(i)
                 inside.update(e.outvars)
         if not idx:
@@ -189,10 +199,10 @@ def find_regions(graph) -> list[_Region]:
         mixing = _mixing_eqns(region_eqns, y)
         if not mixing:
             continue          # element-wise after the op: nothing to absorb
-        # keep only the equations the output needs
+        # keep only the equations the output needs (with the constants they read)
         (z,) = used_later
         need, keep = {z}, []
-        for i in reversed(idx):
+        for i in sorted(set(idx) | set(const_eqn.values()), reverse=True):
             if any(v in need for v in eqns[i].outvars):
                 keep.append(i)
                 need.update(v for v in eqns[i].invars if not C.is_literal(v))
@@ -200,7 +210,7 @@ def find_regions(graph) -> list[_Region]:
         mixing = _mixing_eqns([eqns[i] for i in keep], y)
         if not mixing:
             continue
-        out.append(_Region(o.name, keep, z, mixing))
+        out.append(_Region(o.name, keep, tuple(i for i in keep if i in set(idx)), z, mixing))
     return out
 
 
@@ -237,7 +247,7 @@ class AbsorbNormalizationPass(Pass):
             comp = NormalizedOp(graph.op_object(o.name), region_eqns, used_consts,
                                 marker.outvars[0], r.z_var, r.mixing, self.stats)
             replace_at[o.eqn] = self._marker(info, graph, o, marker, comp, r.z_var)
-            drop.update(r.eqn_indices)
+            drop.update(r.absorbed)
             ctx.note(self.name, f"{o.name}: absorbed {len(region_eqns)} equation(s) "
                                 f"({', '.join(sorted({e.primitive.name for e in region_eqns}))}) "
                                 f"into {type(comp.base).__name__}+norm, stats={self.stats}")
