@@ -9,11 +9,14 @@ from typing import Sequence
 
 from .algorithms import (DiagHybridDimAlgorithm, DiagIODimAlgorithm, DiagParamDimAlgorithm,
                          ETraceAlgorithm)
+from .backends import zoo_step as _zoo_step  # noqa: F401  (registers backend 'jax-zoo')
 from .compiled import Compiled
 from .errors import BrainscaleError
 from .passes.base import parse_pipeline
 from .passes.select_dims import SelectDimsPass
 from .pipeline import build_graph
+from .zoo import (DNIAlgorithm, EPropAlgorithm, OSTLAlgorithm, RTRLAlgorithm, RULE_OPTIONS,
+                  RuleAlgorithm, SnApAlgorithm, ThreeFactorAlgorithm, UOROAlgorithm)
 
 __all__ = ["compile", "Compiled", "ALGORITHMS", "build_graph"]
 
@@ -22,9 +25,12 @@ ALGORITHMS = {
     "io": DiagIODimAlgorithm, "es-d-rtrl": DiagIODimAlgorithm,
     "param": DiagParamDimAlgorithm, "d-rtrl": DiagParamDimAlgorithm,
     "hybrid": DiagHybridDimAlgorithm,
+    "rtrl": RTRLAlgorithm, "snap": SnApAlgorithm, "uoro": UOROAlgorithm,
+    "eprop": EPropAlgorithm, "e-prop": EPropAlgorithm, "ostl": OSTLAlgorithm,
+    "three-factor": ThreeFactorAlgorithm, "dni": DNIAlgorithm,
 }
 _BY_POLICY = {"io": DiagIODimAlgorithm, "param": DiagParamDimAlgorithm,
-              "auto": DiagHybridDimAlgorithm}
+              "auto": DiagHybridDimAlgorithm, "random": UOROAlgorithm}
 
 
 def _class_for(algorithm, pipeline):
@@ -43,6 +49,9 @@ def _class_for(algorithm, pipeline):
     if len(policies) > 1:
         raise BrainscaleError(f"the pipeline's select-dims passes disagree on the policy "
                               f"({', '.join(sorted(policies))}); pass algorithm=...")
+    defaults = {f: SelectDimsPass.__dataclass_fields__[f].default for f in RULE_OPTIONS}
+    if any(getattr(p, f) != d for p in sel for f, d in defaults.items()):
+        return RuleAlgorithm            # the pipeline's select-dims places the rule on axes
     return _BY_POLICY[policies.pop()]
 
 
@@ -56,12 +65,15 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
     Args:
         model: a brainstate model with initialised states.
         *example_inputs: inputs of one step (batched or not).
-        algorithm: 'io' (ES-D-RTRL), 'param' (D-RTRL), 'hybrid', or None: the policy of the
-            pipeline's ``select-dims`` (hybrid when it has none set; with no ``select-dims``
-            at all, the pipeline's own passes choose the trace dims).
+        algorithm: 'io' (ES-D-RTRL), 'param' (D-RTRL), 'hybrid', a rule of
+            :mod:`brainscale.zoo` ('rtrl', 'snap', 'uoro', 'eprop', 'ostl', 'three-factor',
+            'dni'; with their defaults), or None: the policy and rule axes of the pipeline's
+            ``select-dims`` (hybrid when it has none set; with no ``select-dims`` at all, the
+            pipeline's own passes choose the trace dims).
         decay_or_rank: α (float in (0,1)) or rank (int) of io-dim traces.
         pipeline: passes after ``lower`` (names, spec string or Pass objects).
-        backend: 'jax', 'pallas', 'auto' or a Backend instance.
+        backend: 'jax', 'jax-zoo' (every rule axis; the zoo's default), 'pallas', 'auto' or
+            a Backend instance.
         instruments: PassManager instruments (``DumpDir``, ``PrintAfterAll``, ``Timing``).
         param_ratio / memory_budget_mb / dim_overrides: ``select-dims`` options.
         norm_stats: ``absorb-normalization{stats=...}``: ``'exact'`` or ``'constant'``.

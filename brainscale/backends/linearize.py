@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from .. import _compat as C
 
-__all__ = ["Linearizer", "Forward", "sg"]
+__all__ = ["Linearizer", "Forward", "sg", "StepLinearization", "step_function", "full_linearize"]
 
 sg = jax.lax.stop_gradient
 
@@ -166,3 +166,38 @@ class Linearizer:
             dx.append(tx)
         stack = lambda seq: tuple(jnp.stack(list(col)) for col in zip(*seq))  # noqa: E731
         return stack(dh), stack(dx), jdir, fdir
+
+
+# -- the full step (every path, op inputs included): influence-matrix rules ----------------
+class StepLinearization:
+    """The step linearised in the old hidden states and the trace parameters, with every
+    path kept (op inputs included, nothing cut): what exact RTRL, SnAp, OSTL's coupled
+    scope and UORO propagate their influence with.
+
+    ``outs``: every jaxpr output; ``jvp(dh, dtheta)``: the output tangents for hidden-state
+    tangents ``dh`` (one per ``graph.hidden``) and trace-parameter tangents ``dtheta`` (one
+    tuple of leaves per trace parameter), linear and vmappable (the backward's counterpart is
+    :func:`brainscale.backends.signals.full_vjp`).
+    """
+    __slots__ = ("outs", "jvp")
+
+    def __init__(self, outs, jvp):
+        self.outs, self.jvp = outs, jvp
+
+
+def step_function(lin, theta_p, args, others):
+    """``F(hidden, theta_t) -> all jaxpr outputs`` of ``lin``'s step, the rest held fixed."""
+    b = lin.b
+
+    def F(hidden, theta_t):
+        ins = b.assemble(theta_t, theta_p, args, list(hidden), others)
+        return tuple(lin.eval(ins))
+    return F
+
+
+def full_linearize(lin, theta_t, theta_p, args, hidden, others) -> StepLinearization:
+    """Linearise the whole step at the current values (see :class:`StepLinearization`)."""
+    F = step_function(lin, theta_p, args, others)
+    primals = (tuple(hidden), tuple(tuple(t) for t in theta_t))
+    outs, f_jvp = jax.linearize(F, *primals)
+    return StepLinearization(outs, f_jvp)

@@ -1,7 +1,12 @@
 """The trace-rule table: how each kind of trace is updated and turned into gradients.
 
 A rule runs the traces whose ``(dim, layout, path)`` it is registered for (``layout`` is
-None for io-dim traces). It reads the trace arrays the IR lists (``Trace.arrays``, in their
+None for io-dim traces), and, for a trace off the default rule axes (docs/rules.md), its
+non-default axes: the key is then ``(dim, layout, path, ((axis, value), ...))`` (see
+:func:`rule_key`). The learning-signal axis is not part of a rule: a rule registered without
+it runs a trace with any ``signal`` the backend computes (``Backend.signals``: the plain JAX
+and Pallas backends compute ``symmetric``; the ``jax-zoo`` backend of
+:mod:`brainscale.backends.zoo_step` every value). It reads the trace arrays the IR lists (``Trace.arrays``, in their
 storage dtype) and returns new values for exactly those arrays, and the gradient terms
 they give. Rules are looked up per trace when a step is emitted; a backend adds platform
 variants by registering rules under its own ``path`` (the way ``mlir.register_lowering``
@@ -30,47 +35,102 @@ from ..ir.layout import batch_shape, neuron_shape
 from .linearize import sg
 
 __all__ = ["TraceRule", "RuleContext", "ParamBlock", "TRACE_RULES", "register_trace_rule",
-           "rule_key", "make_rule", "param_blocks", "drtrl_compact", "drtrl_dense",
+           "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal", "param_blocks", "drtrl_compact", "drtrl_dense",
            "contract_param", "ParamCompactRule", "ParamDenseRule", "IORule"]
 
 #: (dim, layout | None, path) -> factory ``(backend) -> TraceRule``
 TRACE_RULES: dict[tuple, Callable[[Any], "TraceRule"]] = {}
 
 
-def register_trace_rule(dim: str, layout: str | None = None, path: str = "jax"):
-    """Decorator registering a rule factory (a class taking the backend) for a trace kind."""
+#: rule axes that select a rule (the learning signal and the schedule do not: see above)
+RULE_AXES = ("recursion", "scope", "filter")
+
+
+def _axes_key(axes) -> tuple:
+    return tuple(sorted((k, v) for k, v in dict(axes).items()))
+
+
+def register_trace_rule(dim: str, layout: str | None = None, path: str = "jax", **axes):
+    """Decorator registering a rule factory (a class taking the backend) for a trace kind;
+    ``axes`` are its non-default rule axes (e.g. ``scope='coupled'``)."""
+    bad = [k for k in axes if k not in RULE_AXES]
+    if bad:
+        raise ValueError(f"register_trace_rule: {bad} do not select a rule; rule axes are "
+                         f"{', '.join(RULE_AXES)}")
+    key = (dim, layout, path) + ((_axes_key(axes),) if axes else ())
+
     def deco(factory):
-        TRACE_RULES[(dim, layout, path)] = factory
+        TRACE_RULES[key] = factory
         return factory
     return deco
 
 
 def rule_key(trace) -> tuple:
-    return (trace.dim, trace.layout if trace.dim == "param" else None, trace.path)
+    """``(dim, layout, path)`` plus, for a trace off the default axes, its non-default rule
+    axes and learning signal: the key a step groups traces by (one rule call per key)."""
+    from ..ir.nodes import AXIS_DEFAULTS
+    base = (trace.dim, trace.layout if trace.dim == "param" else None, trace.path)
+    extra = {k: getattr(trace, k) for k in RULE_AXES + ("signal",)
+             if getattr(trace, k) != AXIS_DEFAULTS[k]}
+    return base + ((_axes_key(extra),) if extra else ())
+
+
+def backend_signals(backend) -> frozenset:
+    """The learning signals a backend's step computes (``symmetric`` unless it says more)."""
+    return frozenset(getattr(backend, "signals", ("symmetric",)))
 
 
 def make_rule(trace, backend) -> "TraceRule":
     """The rule that runs ``trace`` on ``backend``, or a BackendError naming the trace."""
-    key = rule_key(trace)
+    from ..ir.nodes import AXIS_DEFAULTS
+    name = getattr(backend, "name", backend)
+    if trace.signal not in backend_signals(backend):
+        raise BackendError(
+            f"trace {trace.id} has signal={trace.signal}, a learning signal the step of "
+            f"backend {name!r} does not compute (it computes "
+            f"{', '.join(sorted(backend_signals(backend)))}); compile with backend='jax-zoo' "
+            f"or with an algorithm of brainscale.zoo (e.g. EPropAlgorithm, ThreeFactorAlgorithm)")
+    extra = {k: getattr(trace, k) for k in RULE_AXES if getattr(trace, k) != AXIS_DEFAULTS[k]}
+    key = (trace.dim, trace.layout if trace.dim == "param" else None, trace.path) + \
+        ((_axes_key(extra),) if extra else ())
     factory = TRACE_RULES.get(key)
     if factory is None:
-        known = ", ".join(f"{d}/{l or '-'}/{p}" for d, l, p in sorted(TRACE_RULES, key=str))
+        def fmt(k):
+            s = f"{k[0]}/{k[1] or '-'}/{k[2]}"
+            return s + "".join(f" {a}={v}" for a, v in k[3]) if len(k) > 3 else s
+        known = ", ".join(sorted(fmt(k) for k in TRACE_RULES))
+        axes = "".join(f", {a}={v}" for a, v in extra.items())
         raise BackendError(
-            f"trace {trace.id} (dim={trace.dim}, layout={trace.layout}, path={trace.path}) has no "
-            f"trace rule on backend {getattr(backend, 'name', backend)!r}; registered rules "
-            f"(dim/layout/path): {known}")
-    return factory(backend)
+            f"trace {trace.id} (dim={trace.dim}, layout={trace.layout}, path={trace.path}{axes}) "
+            f"has no trace rule on backend {name!r}; registered rules "
+            f"(dim/layout/path axes): {known}")
+    rule = factory(backend)
+    need = getattr(rule, "needs_program", None)
+    if need and need not in getattr(backend, "program_features", ()):
+        raise BackendError(
+            f"trace {trace.id} ({', '.join(f'{a}={v}' for a, v in trace.axes) or trace.dim}) "
+            f"needs a step that {rule.needs_program_why}; backend {name!r} does not emit one. "
+            f"Compile with backend='jax-zoo' or an algorithm of brainscale.zoo (e.g. "
+            f"RTRLAlgorithm)")
+    return rule
 
 
 @dataclass(frozen=True)
 class RuleContext:
     """What a rule may read: the graph, the binding, the op VJPs, the parameters and (in
-    the forward) ``fwd`` = :class:`~brainscale.backends.linearize.Forward`."""
+    the forward) ``fwd`` = :class:`~brainscale.backends.linearize.Forward`.
+
+    A step that runs rules needing more (``TraceRule.needs_program``, the ``jax-zoo``
+    backend) fills ``step``: a dict with the step's inputs, its full linearisation
+    (forward), the old trace arrays and the cotangents and full-step VJP (backward), and the
+    auxiliary per-call inputs (random keys, a modulator, synthetic-gradient parameters).
+    """
     graph: Any
     binding: Any
     signals: Any
     theta_t: tuple
     fwd: Any = None
+    step: Any = None
 
     def op(self, op_name: str):
         return self.graph.op_object(op_name)
@@ -93,6 +153,10 @@ class TraceRule:
     """
     name = "rule"
     one_pass = None
+    #: a program feature the rule needs beyond the plain step (None: runs anywhere); the
+    #: backend lists the features its step offers in ``program_features``
+    needs_program: str | None = None
+    needs_program_why: str = ""
 
     def __init__(self, backend=None):
         self.backend = backend
@@ -193,6 +257,19 @@ def param_blocks(graph, trace) -> list[ParamBlock]:
                               n_leaves, bshape, len(bshape) + len(neuron_shape(op)),
                               tuple(slots[(rid, gid)])))
     return out
+
+
+def check_signal(ctx, traces) -> None:
+    """A trace whose learning signal is not ``symmetric`` gets its δ from a step that
+    computes that signal (``ctx.step`` set, the jax-zoo backend); a driver that computes the
+    symmetric δ itself (chunked online gradients, multi-step windows) must not run it."""
+    if ctx.step is None:
+        for t in traces:
+            if t.signal != "symmetric":
+                raise BackendError(
+                    f"trace {t.id} has signal={t.signal}, but this driver computes the "
+                    f"symmetric learning signal itself (online_gradients(chunk=K>1), "
+                    f"multi-step windows): run the learner one step per call (chunk=1)")
 
 
 def _tree_add(a, b):
@@ -303,6 +380,7 @@ class _ParamRule(TraceRule):
         return out
 
     def grad(self, ctx, traces, arrays, delta):
+        check_signal(ctx, traces)
         out = []
         for t, vals in zip(traces, arrays):
             for blk in param_blocks(ctx.graph, t):
@@ -361,6 +439,7 @@ class IORule(TraceRule):
     def signals(self, ctx, traces, arrays, delta) -> list:
         """``[(trace, relation id, ε_x value, Σ_g Σ_i ε_f ∘ δ), ...]``: the io-dim gradient of a
         relation is ``xy_to_dw(ε_x, signal)`` (a step-owning driver may sum these in windows)."""
+        check_signal(ctx, traces)
         g = ctx.graph
         out = []
         for t, vals in zip(traces, arrays):

@@ -19,7 +19,8 @@ import numpy as np
 from .. import _compat as C
 from .linearize import sg
 
-__all__ = ["Signals", "is_float", "zero_cotangent"]
+__all__ = ["Signals", "is_float", "zero_cotangent", "FeedbackSignals", "full_vjp",
+           "output_cotangents"]
 
 
 def is_float(x) -> bool:
@@ -148,3 +149,110 @@ class Signals:
                                       theta_t[pi])
             out.extend((pi, li, leaf) for li, leaf in enumerate(grads))
         return out
+
+
+# -- additions for the rules of brainscale.zoo (jax-zoo backend) -----------------------------
+def output_cotangents(binding, jaxpr, cts, extra_hidden=None) -> tuple:
+    """Cotangents of every jaxpr output from the step's ``(ct_outs, ct_hidden, ct_others, _)``
+    (parameter outputs and non-float outputs get zeros); ``extra_hidden`` is added to the
+    hidden states' cotangents (a synthetic gradient)."""
+    ct_outs, ct_hidden, ct_others, _ = cts
+    outv = jaxpr.outvars
+    out = [zero_cotangent_aval(v.aval) for v in outv]
+    for i in range(binding.n_out):
+        out[i] = _ct(ct_outs[i], outv[i].aval)
+    for k, i in enumerate(binding.hidden_out):
+        c = _ct(ct_hidden[k], outv[i].aval)
+        if extra_hidden is not None:
+            c = c + extra_hidden[k].astype(c.dtype)
+        out[i] = c
+    for c, i in zip(ct_others, binding.other_out):
+        out[i] = _ct(c, outv[i].aval)
+    return tuple(out)
+
+
+def zero_cotangent_aval(aval):
+    if jnp.issubdtype(aval.dtype, jnp.inexact):
+        return jnp.zeros(aval.shape, aval.dtype)
+    return np.zeros(aval.shape, dtype=jax.dtypes.float0)
+
+
+def _ct(c, aval):
+    if not jnp.issubdtype(aval.dtype, jnp.inexact):
+        return np.zeros(aval.shape, dtype=jax.dtypes.float0)
+    if not is_float(c):
+        return jnp.zeros(aval.shape, aval.dtype)
+    return jnp.broadcast_to(jnp.asarray(c, aval.dtype), aval.shape)
+
+
+def full_vjp(lin, theta_t, theta_p, args, hidden, others, out_cts):
+    """``(dh_prev, dtheta_t)``: the VJP of the whole step (every path kept) in the old hidden
+    states and the trace parameters, for the cotangents of all jaxpr outputs: with the step's
+    cotangents, ``dtheta_t`` is ``∂L^t/∂θ`` at fixed ``h^{t-1}`` and ``dh_prev`` is
+    ``∂L^t/∂h^{t-1}`` (the exact rules add ``dh_prev · M^{t-1}``)."""
+    from .linearize import step_function
+    F = step_function(lin, theta_p, args, others)
+    _, f = jax.vjp(F, tuple(hidden), tuple(tuple(t) for t in theta_t))
+    return f(tuple(out_cts))
+
+
+class FeedbackSignals(Signals):
+    """Learning signals through fixed random feedback weights (``signal=random``).
+
+    In the dual evaluation every op with an input computes ``y = op(x, θ)`` in value, but its
+    derivative in ``x`` is that of ``op(x, B)`` with the op's fixed random feedback weights
+    ``B`` (feedback alignment, as e-prop's random broadcast ``B_jk`` replaces ``W_out^T``):
+    ``y = sg(op(x, θ)) + op(x, B) − sg(op(x, B))``. ``feedback`` maps op names to the list of
+    ``B`` leaves (shaped like the op's parameter leaves); ops must be linear in ``x``.
+    """
+
+    def __init__(self, graph, binding, linearizer, feedback: dict):
+        super().__init__(graph, binding, linearizer)
+        self.feedback = feedback
+
+    def omega(self, hidden, others):
+        g, b = self.g, self.b
+        none_ops = self.none_ops
+        hidden_c = [sg(h) for h in hidden]
+        others_c = [sg(o) if is_float(o) else o for o in others]
+        op_pos = {o.name: q for q, o in enumerate(g.ops)}
+        keep = list(range(b.n_out)) + list(b.other_out)
+        lin, feedback = self.lin, self.feedback
+
+        def omega(eta, zeta, th_t, th_p, a):
+            ins = b.assemble(th_t, th_p, a, hidden_c, others_c)
+            jaxpr = lin.jaxpr
+            env_m: dict = {}
+            env_s: dict = {}
+            for v, c in zip(jaxpr.constvars, lin.consts):
+                env_m[v] = env_s[v] = c
+            for v, x in zip(jaxpr.invars, ins):
+                env_m[v] = env_s[v] = x
+
+            def rd(env, v):
+                return C.literal_value(v) if C.is_literal(v) else env[v]
+            for ei, eqn in enumerate(jaxpr.eqns):
+                o = lin.op_of_eqn.get(ei)
+                if o is not None:
+                    inv = [rd(env_m, v) for v in eqn.invars]
+                    nx = o.n_x_leaves
+                    w = inv[nx:] if o.name in none_ops else [sg(v) for v in inv[nx:]]
+                    y = C.eval_eqn(eqn, inv[:nx] + w)[0]
+                    if o.name in feedback and nx:
+                        yb = C.eval_eqn(eqn, inv[:nx] + list(feedback[o.name]))[0]
+                        y = sg(y) + (yb - sg(yb)).astype(y.dtype)
+                    env_s[eqn.outvars[0]] = y
+                    env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
+                else:
+                    outs_m = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
+                    outs_s = C.eval_eqn(eqn, [rd(env_s, v) for v in eqn.invars])
+                    for v, a_, b_ in zip(eqn.outvars, outs_m, outs_s):
+                        env_m[v] = a_
+                        env_s[v] = b_
+                for v in eqn.outvars:
+                    for k in lin.hid_of_var.get(v, ()):
+                        hm, hs = env_m[v], env_s[v]
+                        env_m[v] = sg(hm) + eta[k] + (hs - sg(hs))
+            outs = [rd(env_m, v) for v in jaxpr.outvars]
+            return tuple(outs[i] if is_float(outs[i]) else jnp.zeros(()) for i in keep)
+        return omega

@@ -17,7 +17,17 @@ role       layout / state                     shape
 ``eps``    dense, states stacked              ``B + S + (k,) + θ_l``
 ``eps_x``  (io) the op input ``x``            ``x.shape`` (real-valued even for spikes)
 ``eps_f``  (io) one (relation, group)         ``varshape + (k,)``
+``eps_bar``  ``filter=kappa``: as its ``eps``    the type of that ``eps`` array
+``m``      scope group/coupled/sparse: one    ``varshape + θ_l`` (``varshape`` of the
+           hidden state (group, state), leaf  state's group, batch axis included)
+``u_h``    dim random: one hidden state       ``varshape``
+``u_p``    dim random: one parameter leaf     ``(batch,) + θ_l`` (``θ_l`` unbatched)
 =========  =================================  =========================================
+
+A trace with a non-diagonal scope or a random projection covers one parameter (all its
+relations): its influence reaches hidden states its ops do not drive directly. Scope
+``coupled`` / ``sparse`` and dim ``random`` keep arrays for every hidden group of the graph,
+scope ``group`` for the groups the parameter's ops drive.
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ from .nodes import TraceArray
 from .types import TensorType, TreeType
 
 __all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
-           "param_leaves", "eps_type", "eps_x_type", "eps_f_type", "FLOAT_STORAGE"]
+           "param_leaves", "eps_type", "eps_x_type", "eps_f_type", "m_type", "u_h_type",
+           "u_p_type", "influence_groups", "FLOAT_STORAGE"]
 
 #: dtypes a trace array may be stored in (the math is done in the array's type dtype)
 FLOAT_STORAGE = ("float32", "float64", "float16", "bfloat16")
@@ -91,6 +102,37 @@ def eps_f_type(graph, group_id: str, op) -> TensorType:
     return TensorType(tuple(g.varshape) + (g.num_state,), _float_dtype(op.type.dtype))
 
 
+def m_type(graph, group_id: str, leaf_type: TensorType) -> TensorType:
+    """The type of an influence block ``∂h/∂θ_leaf`` (role ``m``) of one hidden state."""
+    g = graph.group_by_id[group_id]
+    return TensorType(tuple(g.varshape) + tuple(leaf_type.shape), _float_dtype(leaf_type.dtype))
+
+
+def u_h_type(graph, group_id: str) -> TensorType:
+    """The type of a UORO hidden factor (role ``u_h``): the state's shape."""
+    g = graph.group_by_id[group_id]
+    dt = graph.hidden_by_name[g.states[0]].type.dtype
+    return TensorType(tuple(g.varshape), _float_dtype(dt))
+
+
+def u_p_type(graph, leaf_type: TensorType) -> TensorType:
+    """The type of a UORO parameter factor (role ``u_p``): one per example."""
+    b = (int(graph.batch),) if graph.batch else ()
+    return TensorType(b + tuple(leaf_type.shape), _float_dtype(leaf_type.dtype))
+
+
+def influence_groups(graph, trace) -> tuple[str, ...]:
+    """The hidden groups a non-diagonal (or random) trace keeps influence arrays for."""
+    if trace.dim == "random" or trace.scope in ("coupled", "sparse"):
+        return tuple(g.id for g in graph.groups)
+    want = {gid for rid in trace.relations for gid in graph.relation_by_id[rid].groups}
+    return tuple(g.id for g in graph.groups if g.id in want)
+
+
+def _is_influence(trace) -> bool:
+    return trace.dim == "random" or (trace.dim == "param" and trace.scope != "diagonal")
+
+
 def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool = True,
                  stacked_leaves: Collection[str] = ()) -> tuple[TraceArray, ...]:
     """The arrays ``trace`` keeps, in a canonical order, with ids ``<trace id>.<n>``.
@@ -115,7 +157,20 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
         st = storage or ttype.dtype
         out.append(TraceArray(f"{trace.id}.{len(out)}", role, ttype, st, **kw))
 
-    if trace.dim == "param":
+    if _is_influence(trace):
+        rid = trace.relations[0]
+        leaves = param_leaves(graph, graph.relation_by_id[rid].param)
+        for gid in influence_groups(graph, trace):
+            for si in range(graph.group_by_id[gid].num_state):
+                if trace.dim == "random":
+                    add("u_h", u_h_type(graph, gid), relation=rid, group=gid, state=si)
+                    continue
+                for li, (_, lt) in enumerate(leaves):
+                    add("m", m_type(graph, gid, lt), relation=rid, group=gid, leaf=li, state=si)
+        if trace.dim == "random":
+            for li, (_, lt) in enumerate(leaves):
+                add("u_p", u_p_type(graph, lt), relation=rid, leaf=li)
+    elif trace.dim == "param":
         layout = trace.layout or "compact"
         for rid in trace.relations:
             rel = graph.relation_by_id[rid]
@@ -127,6 +182,10 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
                     for si in (range(k) if split else (None,)):
                         add("eps", eps_type(graph, rid, gid, li, layout, si), relation=rid,
                             group=gid, leaf=li, state=si)
+        if trace.filter == "kappa":
+            for a in list(out):
+                add("eps_bar", a.type, relation=a.relation, group=a.group, leaf=a.leaf,
+                    state=a.state)
     elif trace.dim == "io":
         first = graph.op_by_name[graph.relation_by_id[trace.relations[0]].op]
         x = trace.shared_x or first.x
@@ -142,8 +201,8 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
 def _fmt_key(graph, a) -> str:
     if a.role == "eps_x":
         return f"eps_x of {a.value}"
-    where = f"{a.relation}/{a.group}"
-    if a.role == "eps" and a.relation in graph.relation_by_id and a.leaf is not None:
+    where = f"{a.relation}/{a.group}" if a.group is not None else f"{a.relation}"
+    if a.role in ("eps", "eps_bar", "m", "u_p") and a.relation in graph.relation_by_id and a.leaf is not None:
         leaves = param_leaves(graph, graph.relation_by_id[a.relation].param)
         if 0 <= a.leaf < len(leaves):
             where += f" leaf {leaves[a.leaf][0] or '(array)'}"
@@ -165,6 +224,17 @@ def check_trace_arrays(graph, trace) -> str | None:
     if trace.dim == "none":
         return None if not arrays else (f"dim=none keeps no arrays, but it has "
                                         f"{len(arrays)}; drop them")
+    if _is_influence(trace):
+        return _check_canonical(graph, trace)
+    if trace.dim == "param" and trace.filter == "kappa":
+        eps = tuple(a for a in arrays if a.role == "eps")
+        bars = tuple(a for a in arrays if a.role != "eps")
+        if [a.role for a in arrays] != ["eps"] * len(eps) + ["eps_bar"] * len(bars):
+            return "a kappa-filtered trace keeps its eps arrays, then one eps_bar per eps array"
+        if [(a.relation, a.group, a.leaf, a.state, a.type) for a in eps] != \
+                [(a.relation, a.group, a.leaf, a.state, a.type) for a in bars]:
+            return "its eps_bar arrays must mirror its eps arrays (same keys and types, in order)"
+        arrays = eps
     need: dict = {}      # coverage key -> expected type
     if trace.dim == "param":
         layout = trace.layout
@@ -235,3 +305,35 @@ def check_trace_arrays(graph, trace) -> str | None:
             if (rid, gid) not in seen:
                 return f"no eps_f array for {rid}/{gid}"
     return None
+
+
+def _check_canonical(graph, trace) -> str | None:
+    """Influence / random-projection arrays must be exactly :func:`trace_arrays`'s (any
+    float storage)."""
+    rels = [graph.relation_by_id[r] for r in trace.relations]
+    params = {r.param for r in rels}
+    if len(params) != 1:
+        return (f"a {trace.dim}-dim trace with scope={trace.scope} covers one parameter, but "
+                f"its relations apply {sorted(params)}")
+    p = params.pop()
+    missing = [r.id for r in graph.relations if r.param == p and r.id not in trace.relations]
+    if missing:
+        return (f"it must cover every relation of %{p} (the influence of a parameter is the "
+                f"sum over its ops), but {', '.join(missing)} are not in it")
+    want = trace_arrays(graph, trace)
+    if len(want) != len(trace.arrays):
+        return f"it needs {len(want)} arrays ({_roles(want)}), it has {len(trace.arrays)}"
+    for a, w in zip(trace.arrays, want):
+        if (a.role, a.relation, a.group, a.leaf, a.state, a.value) != \
+                (w.role, w.relation, w.group, w.leaf, w.state, w.value):
+            return f"array {a.id} should be {_fmt_key(graph, w)}, not {_fmt_key(graph, a)}"
+        if a.type != w.type:
+            return f"{_fmt_key(graph, a)} is {a.type} ({a.id}) but needs {w.type}"
+    return None
+
+
+def _roles(arrays) -> str:
+    out: dict = {}
+    for a in arrays:
+        out[a.role] = out.get(a.role, 0) + 1
+    return ", ".join(f"{n} {r}" for r, n in out.items())

@@ -18,11 +18,27 @@ from .types import FrozenAttrs, Loc, TensorType, TreeType
 
 __all__ = ["Input", "HiddenState", "Param", "Value", "Op", "HiddenGroup", "Relation",
            "Trace", "TraceArray", "replace", "TRACE_DIMS", "OP_KINDS", "PARAM_KINDS",
-           "PARAM_LAYOUTS", "ARRAY_ROLES"]
+           "PARAM_LAYOUTS", "ARRAY_ROLES", "TRACE_AXES", "AXIS_DEFAULTS"]
 
-TRACE_DIMS = ("param", "io", "none")
+#: a trace's factorisation: per parameter (param), input x output (io), a rank-1 random
+#: projection (random, UORO), or no trace (none)
+TRACE_DIMS = ("param", "io", "random", "none")
 PARAM_LAYOUTS = ("compact", "dense")
-ARRAY_ROLES = ("eps", "eps_x", "eps_f")
+#: eps / eps_x / eps_f: D-RTRL and ES-D-RTRL; eps_bar: the kappa-filtered copy of an eps
+#: array; m: one block of a dense influence matrix dh/dtheta (coupled / group / sparse
+#: scopes); u_h / u_p: the hidden and parameter factors of a rank-1 (UORO) trace
+ARRAY_ROLES = ("eps", "eps_x", "eps_f", "eps_bar", "m", "u_h", "u_p")
+
+#: the rule axes of a trace besides its factorisation (``dim``) and their legal values; the
+#: first value is the default (D-RTRL / ES-D-RTRL), which the IR does not print
+TRACE_AXES = {
+    "recursion": ("jacobian", "leak", "none"),
+    "scope": ("diagonal", "group", "coupled", "sparse"),
+    "signal": ("symmetric", "random", "modulatory", "synthetic"),
+    "filter": ("none", "kappa"),
+    "schedule": ("step", "window", "end"),
+}
+AXIS_DEFAULTS = {k: v[0] for k, v in TRACE_AXES.items()}
 OP_KINDS = ("dense", "conv", "sparse", "elemwise", "lora", "function", "custom")
 PARAM_KINDS = ("etrace", "plain")
 
@@ -160,12 +176,19 @@ class TraceArray:
       the neuron axes);
     * ``role='eps_x'`` (io-dim, ES-D-RTRL): the low-pass filtered op input ``value``;
     * ``role='eps_f'`` (io-dim): the output trace of one (relation, group), its ``k`` states on
-      the trailing axis.
+      the trailing axis;
+    * ``role='eps_bar'`` (``filter=kappa``): the low-pass filtered copy of the ``eps`` array
+      with the same relation, group, leaf and state;
+    * ``role='m'`` (param-dim, scope ``group`` / ``coupled`` / ``sparse``): the influence
+      ``∂h/∂θ_leaf`` of one parameter leaf on one hidden state (``group``, ``state``), per
+      example: ``varshape + leaf shape``;
+    * ``role='u_h'`` / ``'u_p'`` (dim ``random``, UORO): the hidden factor of one hidden state
+      (``varshape``) and the parameter factor of one leaf (batch axes + leaf shape).
 
     ``type`` is the logical type (the math dtype); ``storage`` the dtype the array is kept in.
     """
     id: str                     # '<trace id>.<n>', e.g. 'T0.1'
-    role: str                   # 'eps' | 'eps_x' | 'eps_f'
+    role: str                   # one of ARRAY_ROLES
     type: TensorType
     storage: str                # numpy dtype name of the stored array
     relation: str | None = None
@@ -191,37 +214,71 @@ class TraceArray:
 
 @dataclass(frozen=True, slots=True)
 class Trace:
-    """An eligibility trace kept by the compiled step.
+    """An eligibility trace kept by the compiled step: a point on the rule axes.
 
-    ``dim='param'``: D-RTRL, one trace per (relation, group) in param space
-    (``layout='compact'`` parameter-shaped, ``'dense'`` per output neuron);
-    ``dim='io'``: ES-D-RTRL, factorised into ``ε_x`` of the op input ``shared_x`` (shared by
-    every relation of the trace) and ``ε_f``, both with the decay ``decay`` (α; ``decay_rank``
-    when α came from a rank r, α = (r-1)/(r+1));
-    ``dim='none'``: the parameter gets only its instantaneous gradient.
+    ``dim`` is the factorisation: ``'param'`` (one trace per parameter element: D-RTRL,
+    ``layout='compact'`` parameter-shaped, ``'dense'`` per output neuron or, for a non-diagonal
+    scope, an influence matrix over hidden states); ``'io'`` (ES-D-RTRL, factorised into
+    ``ε_x`` of the op input ``shared_x``, shared by every relation of the trace, and ``ε_f``,
+    with decay ``decay`` = α; ``decay_rank`` when α came from a rank r, α = (r-1)/(r+1));
+    ``'random'`` (a rank-1 random projection of the influence matrix, UORO); ``'none'`` (the
+    parameter gets only its instantaneous gradient).
+
+    The other axes (docs/rules.md), defaults first: ``recursion`` how the previous trace
+    enters (``jacobian`` J·ε, ``leak`` α·ε with α = ``decay``, ``none``); ``scope`` which
+    hidden-to-hidden paths J keeps (``diagonal`` element-wise inside a neuron, ``group`` the
+    full Jacobian inside the groups the op drives, ``coupled`` every hidden state: exact RTRL,
+    ``sparse`` the SnAp-n pattern, ``snap_n`` = n); ``signal`` the learning signal
+    (``symmetric`` ∂L/∂h, ``random`` through fixed random feedback weights, ``modulatory`` a
+    user-supplied third factor, ``synthetic`` plus a learned synthetic gradient);
+    ``filter`` (``none``, ``kappa``: ē ← κ ē + ε); ``schedule`` when gradients are
+    emitted (``step``, ``window`` of ``window`` steps, ``end`` of the sequence).
 
     Every field but ``attrs`` is read by the backends. ``arrays`` is filled by the
     ``layout-traces`` pass (or a backend's variant); shapes and bytes derive from it.
     ``path`` names the backend rule variant that runs the trace (``'jax'``, ``'pallas'``, ...).
     """
     id: str                         # 'T0', ...
-    dim: str                        # 'param' | 'io' | 'none'
-    relations: tuple[str, ...]      # more than one: fused
+    dim: str                        # 'param' | 'io' | 'random' | 'none'
+    relations: tuple[str, ...]      # more than one: fused (io) or one parameter's ops
     layout: str | None = None       # param-dim: 'compact' | 'dense'
     shared_x: str | None = None     # io-dim: the op input value whose eps_x the trace keeps
-    decay: float | None = None      # io-dim: alpha
+    decay: float | None = None      # io-dim / recursion=leak: alpha
     decay_rank: int | None = None   # io-dim: the rank alpha came from, if any
     path: str = "jax"               # backend rule variant
     arrays: tuple[TraceArray, ...] = ()
     attrs: FrozenAttrs = ()         # notes: reason, costs, ...
+    recursion: str = "jacobian"     # 'jacobian' | 'leak' | 'none'
+    scope: str = "diagonal"         # 'diagonal' | 'group' | 'coupled' | 'sparse'
+    signal: str = "symmetric"       # 'symmetric' | 'random' | 'modulatory' | 'synthetic'
+    filter: str = "none"            # 'none' | 'kappa'
+    schedule: str = "step"          # 'step' | 'window' | 'end'
+    kappa: float | None = None      # filter=kappa: the low-pass factor
+    snap_n: int | None = None       # scope=sparse: the SnAp order n
+    window: int | None = None       # schedule=window: steps per window
 
     def __post_init__(self):
         _check_id("T", self.id)
         if self.dim not in TRACE_DIMS:
             raise ValueError(f"Trace dim must be one of {TRACE_DIMS}, got {self.dim!r}")
+        for axis, legal in TRACE_AXES.items():
+            v = getattr(self, axis)
+            if v not in legal:
+                raise ValueError(f"Trace {axis} must be one of {legal}, got {v!r}")
 
     def attr(self, key: str, default: Any = None) -> Any:
         return dict(self.attrs).get(key, default)
+
+    @property
+    def axes(self) -> tuple[tuple[str, Any], ...]:
+        """The non-default rule axes and their coefficients, in a fixed order: what the IR
+        prints after the dim (``(('scope', 'coupled'),)`` for exact RTRL)."""
+        out = tuple((k, getattr(self, k)) for k in TRACE_AXES
+                    if getattr(self, k) != AXIS_DEFAULTS[k])
+        for k in ("kappa", "snap_n", "window"):
+            if getattr(self, k) is not None:
+                out += ((k, getattr(self, k)),)
+        return out
 
     @property
     def shapes(self) -> tuple[TensorType, ...]:

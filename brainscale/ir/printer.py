@@ -125,7 +125,12 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
 
 def trace_fields(t, laid_out: bool = False) -> tuple:
     """The typed fields of a trace (and its derived bytes), in a fixed order, then its note
-    attributes sorted by key: what the trace line prints."""
+    attributes sorted by key: what the trace line prints.
+
+    The rule axes (:attr:`Trace.axes`) print only where they differ from their defaults
+    (jacobian recursion, diagonal scope, symmetric signal, no filter, per-step schedule:
+    D-RTRL and ES-D-RTRL), so the common traces keep short lines and every other rule reads
+    as the axes it changes, e.g. ``{layout=dense, scope=coupled, bytes=...}``."""
     typed = []
     if t.layout is not None:
         typed.append(("layout", t.layout))
@@ -135,6 +140,7 @@ def trace_fields(t, laid_out: bool = False) -> tuple:
         typed.append(("rank", int(t.decay_rank)))
     if t.shared_x is not None:
         typed.append(("shared_x", t.shared_x))
+    typed.extend(t.axes)
     if t.path != "jax":
         typed.append(("path", t.path))
     if t.arrays or laid_out:
@@ -160,8 +166,8 @@ def array_body(graph, a) -> str:
     """``eps(R0 -> G0, leaf=weight, state=%V)``-style description of a trace array."""
     if a.role == "eps_x":
         return f"eps_x({a.value})"
-    parts = [f"{a.relation} -> {a.group}"]
-    if a.role == "eps" and a.leaf is not None:
+    parts = [f"{a.relation} -> {a.group}" if a.group is not None else f"{a.relation}"]
+    if a.role in ("eps", "eps_bar", "m", "u_p") and a.leaf is not None:
         rel = graph.relation_by_id.get(a.relation)
         p = graph.param_by_name.get(rel.param) if rel is not None else None
         fields = getattr(getattr(p, "type", None), "fields", None)
@@ -169,7 +175,8 @@ def array_body(graph, a) -> str:
             parts.append(f"leaf={fields[a.leaf][0]}")
         elif fields is not None:
             parts.append(f"leaf={a.leaf}")
-    parts.append(_state_names(graph, a))
+    if a.group is not None:
+        parts.append(_state_names(graph, a))
     return f"{a.role}({', '.join(parts)})"
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from ..errors import IRVerificationError
 from .layout import check_trace_arrays
-from .nodes import PARAM_LAYOUTS
+from .nodes import AXIS_DEFAULTS, PARAM_LAYOUTS
 from .printer import print_graph
 
-__all__ = ["verify"]
+__all__ = ["verify", "axes_error"]
 
 
 def _fail(graph, msg: str, needle: str | None = None):
@@ -101,7 +101,85 @@ def verify(graph) -> None:
 
 #: trace note keys that would read like (and print over) a typed field
 _TYPED_KEYS = ("layout", "shared_x", "alpha", "decay", "rank", "decay_rank", "path", "bytes",
-               "arrays", "storage")
+               "arrays", "storage", "recursion", "scope", "signal", "filter", "schedule",
+               "kappa", "snap_n", "window")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def axes_error(t) -> str | None:
+    """Why the rule axes of trace ``t`` do not form a rule (None when they do).
+
+    The message names the axis (and the value) that is wrong and says what fits; the
+    verifier prefixes the trace, ``select-dims`` the relations it was choosing for.
+    """
+    nondefault = [f"{k}={getattr(t, k)}" for k in AXIS_DEFAULTS if getattr(t, k) != AXIS_DEFAULTS[k]]
+    if t.dim == "none":
+        if nondefault or t.kappa is not None or t.snap_n is not None or t.window is not None:
+            return (f"dim=none keeps no trace, so it has no rule axes, but it sets "
+                    f"{', '.join(nondefault) or 'coefficients'}; drop them")
+        return None
+    # coefficients belong to their axis value
+    if (t.filter == "kappa") != (t.kappa is not None):
+        return (f"filter={t.filter} with kappa={t.kappa}: filter=kappa needs the low-pass factor "
+                f"kappa in (0, 1), and kappa needs filter=kappa")
+    if t.kappa is not None and not 0.0 < float(t.kappa) < 1.0:
+        return f"filter=kappa needs kappa in (0, 1), got kappa={t.kappa}"
+    if (t.scope == "sparse") != (t.snap_n is not None):
+        return (f"scope={t.scope} with snap_n={t.snap_n}: scope=sparse needs the SnAp order "
+                f"snap_n (an int >= 1), and snap_n needs scope=sparse")
+    if t.snap_n is not None and not _positive_int(t.snap_n):
+        return f"scope=sparse needs snap_n to be an int >= 1, got snap_n={t.snap_n!r}"
+    if (t.schedule == "window") != (t.window is not None):
+        return (f"schedule={t.schedule} with window={t.window}: schedule=window needs the "
+                f"number of steps per window (window=K), and window needs schedule=window")
+    if t.window is not None and not _positive_int(t.window):
+        return f"schedule=window needs window to be an int >= 1, got window={t.window!r}"
+    # the recursion and its decay
+    if t.recursion == "leak" and (t.decay is None or not 0.0 < float(t.decay) < 1.0):
+        return (f"recursion=leak replaces J by a scalar leak alpha: it needs decay alpha in "
+                f"(0, 1), got decay={t.decay!r}")
+    if t.dim == "param" and t.recursion != "leak" and t.decay is not None:
+        return (f"recursion={t.recursion} on a param-dim trace has no decay, but decay="
+                f"{t.decay} is set: drop it, or use recursion=leak")
+    if t.dim == "io" and t.recursion == "none" and t.decay is not None:
+        return (f"recursion=none keeps no previous trace, so decay={t.decay} has no effect on "
+                f"the io-dim trace; drop it (or use recursion=leak / jacobian)")
+    # scope
+    if t.scope != "diagonal":
+        if t.dim == "io":
+            return (f"scope={t.scope} needs dim=param: an io-dim trace factorises eps into "
+                    f"eps_x x eps_f along the op's own neurons and cannot hold the influence on "
+                    f"other neurons' states; use scope=diagonal, or dim=param")
+        if t.recursion != "jacobian":
+            return (f"scope={t.scope} chooses which paths of the hidden-to-hidden Jacobian the "
+                    f"trace keeps, so it needs recursion=jacobian, not recursion={t.recursion}")
+        if t.dim == "param" and t.layout != "dense":
+            return (f"scope={t.scope} keeps a dense influence matrix: it needs layout=dense, "
+                    f"not layout={t.layout}")
+        if t.filter != "none":
+            return (f"filter={t.filter} applies to a diagonal per-parameter trace (e-prop); "
+                    f"scope={t.scope} needs filter=none")
+        if t.signal != "symmetric" and t.scope != "group":
+            return (f"scope={t.scope} is exact up to its pattern: its gradient is the full VJP "
+                    f"of the step with the trace, so it needs signal=symmetric, not "
+                    f"signal={t.signal}")
+        if t.schedule == "window":
+            return (f"schedule=window back-propagates through a window with the diagonal "
+                    f"rules; scope={t.scope} runs per step (schedule=step or end)")
+    if t.dim == "random":
+        if t.scope != "coupled":
+            return (f"dim=random (UORO) projects the exact influence matrix: it needs "
+                    f"scope=coupled, not scope={t.scope}")
+        if t.layout is not None or t.shared_x is not None or t.decay is not None:
+            return "dim=random keeps a rank-1 pair u_h, u_p: it sets no layout, shared_x or decay"
+    if t.filter == "kappa" and t.dim != "param":
+        return (f"filter=kappa low-pass filters a per-parameter trace; dim={t.dim} keeps "
+                f"factors whose filtered sum is not a product of filtered factors: use "
+                f"dim=param")
+    return None
 
 
 def _verify_trace(graph, t, covered) -> None:
@@ -119,9 +197,13 @@ def _verify_trace(graph, t, covered) -> None:
         if rid in covered:
             _fail(graph, f"relation {rid} is traced by both {covered[rid]} and {t.id}", here)
         covered[rid] = t.id
+    why = axes_error(t)
+    if why:
+        _fail(graph, f"trace {t.id}: {why}", here)
     rels = [graph.relation_by_id[rid] for rid in t.relations]
     ops = [graph.op_by_name[r.op] for r in rels]
-    if t.dim != "none":
+    influence = t.dim == "random" or (t.dim == "param" and t.scope in ("coupled", "sparse"))
+    if t.dim != "none" and not influence:
         for r in rels:
             if not r.groups:
                 _fail(graph, f"trace {t.id} is {t.dim}-dim but relation {r.id} reaches no hidden "
@@ -137,9 +219,9 @@ def _verify_trace(graph, t, covered) -> None:
                     _fail(graph, f"trace {t.id} asks for layout=compact, but op {o.name} "
                                  f"({o.op_class}) is exact only with the dense per-output-"
                                  f"neuron layout{why}; use layout=dense for {t.id}", here)
-        if t.shared_x is not None or t.decay is not None or t.decay_rank is not None:
-            _fail(graph, f"trace {t.id} is param-dim but sets io-dim fields (shared_x / decay)",
-                  here)
+        if t.shared_x is not None or t.decay_rank is not None:
+            _fail(graph, f"trace {t.id} is param-dim but sets io-dim fields (shared_x / "
+                         f"decay_rank)", here)
     elif t.dim == "io":
         for o in ops:
             if o.x is None:
@@ -153,7 +235,7 @@ def _verify_trace(graph, t, covered) -> None:
                 _fail(graph, f"trace {t.id} shares eps_x of {t.shared_x}, but op {o.name} reads "
                              f"{o.x}; io-dim relations of one trace must read the same input",
                       here)
-        if t.decay is None or not 0.0 < float(t.decay) < 1.0:
+        if t.recursion != "none" and (t.decay is None or not 0.0 < float(t.decay) < 1.0):
             _fail(graph, f"trace {t.id} is io-dim and needs a decay alpha in (0, 1), got "
                          f"{t.decay!r}: select-dims{{decay=...}} (or decay_or_rank=... of the "
                          f"algorithm) sets it", here)
@@ -166,7 +248,7 @@ def _verify_trace(graph, t, covered) -> None:
         if t.layout is not None:
             _fail(graph, f"trace {t.id} is io-dim but has layout={t.layout!r} (param-dim only)",
                   here)
-    else:
+    elif t.dim == "none":
         if t.layout is not None or t.shared_x is not None or t.decay is not None:
             _fail(graph, f"trace {t.id} has dim none but sets layout / shared_x / decay", here)
     if t.arrays or "trace-arrays" in graph.facts:

@@ -2,9 +2,9 @@
 
 ES-D-RTRL keeps ``ε_x = α ε_x + x`` per op input (algorithms.md section 4); ops reading the
 same input (e.g. several layers fed by the same spikes, or a GRU's gates) share it. The
-pass merges the io-dim traces whose ops read the same input value with the same decay α
-and backend path into one trace (its ``shared_x``); the backend then keeps one ``ε_x`` per
-trace. Run after ``layout-traces``, the merged traces are laid out again.
+pass merges the io-dim traces whose ops read the same input value with the same decay α,
+backend path and rule axes (recursion, signal, schedule, ...) into one trace (its
+``shared_x``); the backend then keeps one ``ε_x`` per trace. Run after ``layout-traces``, the merged traces are laid out again.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class FuseTracesPass(Pass):
         order: list = []
         for t in graph.traces:
             if t.dim == "io":
-                key = (t.shared_x, t.decay, t.decay_rank, t.path)
+                key = (t.shared_x, t.decay, t.decay_rank, t.path, t.axes)
                 if key not in by_key:
                     by_key[key] = []
                     order.append(("io", key))

@@ -15,6 +15,16 @@ parameter's own ``ETraceGrad`` (``full`` / ``approx``) overrides the policy, and
 ``is_etrace=False`` gives an instantaneous gradient only. With ``memory_budget_mb`` the
 largest param-dim traces move to io-dim until the total fits (an error if it never does).
 Every decision and its reason appears in the dump.
+
+The other rule axes (docs/rules.md) are options too and become fields of every trace:
+``recursion`` (jacobian | leak | none), ``scope`` (diagonal | group | coupled | sparse, with
+``snap_n``), ``signal`` (symmetric | random | modulatory | synthetic), ``filter`` (none | kappa,
+with ``kappa``) and ``schedule`` (step | window, with ``window`` | end); ``policy='random'``
+gives rank-1 random-projection (UORO) traces. A non-diagonal scope or a random projection
+keeps one trace per *parameter* (all its ops: the influence of a weight is the sum over its
+uses) and prices the influence matrix over the hidden states it covers:
+``scope=coupled`` (exact RTRL) costs ``B · N · |θ|`` for ``N`` hidden values per example.
+Combinations that do not form a rule are a :class:`PipelineError` naming the axis.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import numpy as np
 from ..errors import PipelineError, UnsupportedModelError
 from ..ir import Trace
 from ..ir.layout import trace_arrays
+from ..ir.nodes import AXIS_DEFAULTS, TRACE_AXES
+from ..ir.verify import axes_error
 from .base import Pass, register_pass
 
 __all__ = ["SelectDimsPass", "relation_costs", "decay_from"]
@@ -82,10 +94,12 @@ def relation_costs(graph, rel) -> dict:
 class SelectDimsPass(Pass):
     """Choose io-dim or param-dim traces per relation from a memory cost model.
 
-    Options: ``policy`` ('auto' | 'param' | 'io'), ``param_ratio`` (auto only),
+    Options: ``policy`` ('auto' | 'param' | 'io' | 'random'), ``param_ratio`` (auto only),
     ``memory_budget_mb``, ``overrides`` (``[param=dim;...]``) and the io-dim decay, as
     ``decay`` (α in (0, 1)) or ``rank`` (int r, α = (r-1)/(r+1)); the chosen α is a field of
-    every io-dim trace.
+    every io-dim trace (and of param-dim traces with ``recursion=leak``). The rule axes
+    ``recursion``, ``scope``, ``signal``, ``filter``, ``schedule`` and their coefficients
+    ``kappa``, ``snap_n``, ``window`` are fields of every trace the pass makes.
     """
     name = "select-dims"
     requires = frozenset({"relations"})
@@ -96,6 +110,46 @@ class SelectDimsPass(Pass):
     overrides: tuple = ()                 # (('param.path', 'param'|'io'|'none'), ...)
     decay: float | None = None            # alpha of io-dim traces
     rank: int | None = None               # or the rank it comes from
+    recursion: str = "jacobian"           # the rule axes (docs/rules.md)
+    scope: str = "diagonal"
+    signal: str = "symmetric"
+    filter: str = "none"
+    schedule: str = "step"
+    kappa: float | None = None
+    snap_n: int | None = None
+    window: int | None = None
+
+    def axes(self) -> dict:
+        """The rule axes every trace gets (typed as the Trace fields want them)."""
+        out = {k: getattr(self, k) for k in TRACE_AXES}
+        out["kappa"] = None if self.kappa is None else float(self.kappa)
+        out["snap_n"], out["window"] = self.snap_n, self.window
+        return out
+
+    def check_axes(self, alpha) -> None:
+        """The option combination forms a rule (else a PipelineError naming the axis)."""
+        for k, legal in TRACE_AXES.items():
+            if getattr(self, k) not in legal:
+                raise PipelineError(f"select-dims: {k} must be one of {', '.join(legal)}, got "
+                                    f"{getattr(self, k)!r}")
+        ax = self.axes()
+        non_diag = self.scope != "diagonal" or self.policy == "random"
+        if non_diag and self.policy not in ("param", "random"):
+            raise PipelineError(
+                f"select-dims{{scope={self.scope}}} keeps influence matrices, which are "
+                f"per-parameter traces: it needs policy=param (or policy=random with "
+                f"scope=coupled for UORO), not policy={self.policy}")
+        for dim in (("random",) if self.policy == "random" else ("param",) if non_diag
+                    else ("param", "io") if self.policy == "auto" else (self.policy,)):
+            decayed = self.recursion == "leak" or (dim == "io" and self.recursion != "none")
+            layout = None if dim != "param" else "dense" if non_diag else "compact"
+            probe = Trace("T0", dim, ("R0",), layout=layout,
+                          decay=alpha if decayed else None, **ax)
+            why = axes_error(probe)
+            if why:
+                if dim == "io" and self.policy == "auto":
+                    why += " (policy=auto may choose io-dim traces: use policy=param)"
+                raise PipelineError(f"select-dims: {why}")
 
     def alpha(self) -> tuple[float | None, int | None]:
         """``(α, rank)`` of the io-dim traces from the ``decay`` / ``rank`` options."""
@@ -125,10 +179,17 @@ class SelectDimsPass(Pass):
         return over
 
     def run(self, graph, ctx):
-        if self.policy not in ("auto", "param", "io"):
-            raise PipelineError(f"select-dims policy must be 'auto', 'param' or 'io', "
+        if self.policy not in ("auto", "param", "io", "random"):
+            raise PipelineError(f"select-dims policy must be 'auto', 'param', 'io' or 'random', "
                                 f"got {self.policy!r}")
         alpha, rank = self.alpha()
+        if self.recursion == "leak" and alpha is None:
+            raise PipelineError("select-dims{recursion=leak} replaces J by a scalar leak alpha: "
+                                "give it with decay=... (or rank=...), e.g. "
+                                "select-dims{recursion=leak,decay=0.9}")
+        self.check_axes(alpha if alpha is not None else 0.5)
+        if self.scope != "diagonal" or self.policy == "random":
+            return self._run_influence(graph, ctx, alpha)
         over = self.override_map()
         for name in over:
             if name not in graph.param_by_name:
@@ -160,6 +221,8 @@ class SelectDimsPass(Pass):
                 dim, why = "param", "policy=param (D-RTRL)"
             elif self.policy == "io":
                 dim, why = "io", "policy=io (ES-D-RTRL)"
+            elif self.policy == "random":
+                dim, why = "param", "policy=random"          # not reached (_run_influence)
             elif c["io_bytes"] is None:
                 dim, why = "param", "no op input"
             elif c["param_bytes"] <= self.param_ratio * c["io_bytes"]:
@@ -189,20 +252,105 @@ class SelectDimsPass(Pass):
                     f"the traces need {total() / 2 ** 20:.3f} MB even with io-dim wherever "
                     f"possible, above memory_budget_mb={self.memory_budget_mb}")
         io_rels = [ch[0] for ch in choices if ch[1] == "io"]
-        if io_rels and alpha is None:
+        if io_rels and alpha is None and self.recursion != "none":
             raise PipelineError(
                 f"select-dims chose io-dim (ES-D-RTRL) traces for "
                 f"{', '.join(f'{r.id} (%{r.param})' for r in io_rels)} but has no decay alpha: "
                 f"pass decay_or_rank=... to the algorithm (e.g. 0.99 or a rank such as 100), "
                 f"or select-dims{{decay=0.99}} / select-dims{{rank=100}}")
         traces = []
+        axes = self.axes()
+        if any(ch[1] == "io" for ch in choices) and self.filter == "kappa":
+            raise PipelineError(
+                f"select-dims: filter=kappa low-pass filters per-parameter traces, but "
+                f"{', '.join(ch[0].id for ch in choices if ch[1] == 'io')} got io-dim: use "
+                f"policy=param")
         for i, (rel, dim, why, c) in enumerate(choices):
             op = graph.op_by_name[rel.op]
             fields: dict = {}
             if dim == "param":
                 fields["layout"] = op.layout
+                if self.recursion == "leak":
+                    fields["decay"] = alpha
             elif dim == "io":
-                fields.update(shared_x=op.x, decay=alpha, decay_rank=rank)
+                if self.recursion != "none":
+                    fields.update(decay=alpha, decay_rank=rank)
+                fields["shared_x"] = op.x
+            if dim != "none":
+                fields.update(axes)
             traces.append(Trace(f"T{i}", dim, (rel.id,), attrs=(("reason", why),), **fields))
             ctx.note(self.name, f"{rel.id} ({rel.param}): {dim} — {why}")
+        return graph.replace(traces=tuple(traces))
+
+    def _run_influence(self, graph, ctx, alpha):
+        """One trace per parameter with an influence matrix (scope group / coupled / sparse)
+        or a rank-1 random projection of it (policy=random)."""
+        over = self.override_map()
+        for name in over:
+            if name not in graph.param_by_name:
+                raise UnsupportedModelError(
+                    f"dim override names unknown parameter {name!r}; parameters: "
+                    f"{', '.join(p.name for p in graph.params if p.kind == 'etrace')}")
+            if over[name] not in ("none", "param" if self.policy == "param" else "random"):
+                raise PipelineError(
+                    f"dim override {name}={over[name]} under select-dims{{scope={self.scope}}}: "
+                    f"a parameter either gets this rule's trace or none")
+        dim = "random" if self.policy == "random" else "param"
+        axes = self.axes()
+        n_per = {g.id: int(np.prod(g.varshape, dtype=np.int64)) * g.num_state
+                 for g in graph.groups}
+        by_param: dict = {}
+        for rel in graph.relations:
+            by_param.setdefault(rel.param, []).append(rel)
+        traces, total = [], 0
+        for pname, rels in by_param.items():
+            pa = dict(graph.param_by_name[pname].attrs)
+            reach = any(r.groups for r in rels)
+            via = any(dict(r.attrs).get("via_ops") for r in rels)
+            ids = tuple(r.id for r in rels)
+            if not pa.get("is_etrace", True):
+                t_dim, why = "none", "is_etrace=False: instantaneous gradient"
+            elif over.get(pname) == "none":
+                t_dim, why = "none", "user override"
+            elif self.scope == "group" and not reach:
+                t_dim, why = "none", ("scope=group traces the groups a parameter's ops drive; "
+                                      "its ops drive none: instantaneous gradient only")
+            elif not reach and not via:
+                t_dim, why = "none", ("output reaches no hidden state: its instantaneous "
+                                      "gradient is exact")
+            else:
+                t_dim, why = dim, ""
+            if t_dim == "none":
+                for r in rels:
+                    traces.append(Trace("T0", "none", (r.id,), attrs=(("reason", why),)))
+                ctx.note(self.name, f"{', '.join(ids)} ({pname}): none — {why}")
+                continue
+            probe = Trace("T0", dim, ids, layout="dense" if dim == "param" else None, **axes)
+            arr = trace_arrays(graph, probe)
+            nbytes = sum(a.nbytes for a in arr)
+            total += nbytes
+            theta = graph.param_by_name[pname].type.size
+            from ..ir.layout import influence_groups
+            n = sum(n_per[g] for g in influence_groups(graph, probe))
+            what = {"coupled": "exact RTRL", "group": "the groups its ops drive (OSTL)",
+                    "sparse": f"SnAp-{self.snap_n} pattern, stored dense"}.get(self.scope, "")
+            if dim == "random":
+                why = (f"UORO rank-1 pair over {n} hidden values and |θ|={theta} per example: "
+                       f"{nbytes}B (the exact influence would be {n * theta * 4}B)")
+            else:
+                why = (f"scope={self.scope} ({what}): dh/dθ over {n} hidden values x "
+                       f"|θ|={theta} = {nbytes}B")
+            traces.append(Trace("T0", dim, ids, layout="dense" if dim == "param" else None,
+                                attrs=(("reason", why),), **axes))
+            ctx.note(self.name, f"{', '.join(ids)} ({pname}): {dim} — {why}")
+        if self.memory_budget_mb is not None and total > self.memory_budget_mb * 2 ** 20:
+            raise UnsupportedModelError(
+                f"the {self.scope} traces need {total / 2 ** 20:.3f} MB, above "
+                f"memory_budget_mb={self.memory_budget_mb}: the influence matrix grows as "
+                f"hidden values x parameters; use a diagonal scope (D-RTRL) or a smaller model")
+        order = {r.id: i for i, r in enumerate(graph.relations)}
+        traces.sort(key=lambda t: order[t.relations[0]])
+        traces = [Trace(f"T{i}", t.dim, t.relations, layout=t.layout, attrs=t.attrs,
+                        **({k: getattr(t, k) for k in axes} if t.dim != "none" else {}))
+                  for i, t in enumerate(traces)]
         return graph.replace(traces=tuple(traces))

@@ -1,0 +1,369 @@
+"""Influence-matrix trace rules: exact RTRL, SnAp-n, OSTL's coupled scope, and UORO.
+
+These rules keep (an estimate of) the influence matrix ``M = ∂h/∂θ`` of one trace parameter
+on hidden states, propagated with the *full* step Jacobian — paths through op inputs (the
+recurrent weights) included — from the step's linearisation
+(:func:`~brainscale.backends.linearize.full_linearize`). They run on the ``jax-zoo``
+backend (:mod:`.zoo_step`), whose step hands them that linearisation in the forward and,
+in the backward, the full-step VJP and the old trace arrays (docs/rules.md).
+
+* ``scope='coupled'`` (exact RTRL, arrays ``m`` over every hidden state):
+  ``M^t = ∂F/∂h^{t-1} · M^{t-1} + ∂F/∂θ`` (one JVP per parameter element, vmapped), and
+  ``∂L^t/∂θ = ∂L^t/∂θ|_{h^{t-1}} + ∂L^t/∂h^{t-1} · M^{t-1}`` (one VJP of the step): the
+  exact gradient, equal to BPTT's sum over time;
+* ``scope='sparse'`` (SnAp-n): the same with ``M`` kept on the SnAp-n pattern — the entries
+  ``(h_i, θ_j)`` that ``θ_j`` reaches within n steps of the step's Jacobian pattern — and
+  zero elsewhere; at full support it is exact RTRL. The pattern comes from the Jacobians of
+  the step at the compile-time values and two random states (an entry zero at all three is
+  taken as structurally zero); ``M`` is stored dense;
+* ``scope='group'`` (OSTL with the recurrent term): ``M`` over the states of the groups the
+  parameter's ops drive, propagated with the full Jacobian *within* those states (other
+  states held fixed), and contracted with the step's learning signal δ (the spatial signal
+  that crosses layers): exact for a single recurrent layer, OSTL's approximation across
+  layers;
+* ``dim='random'`` (UORO, Tallec & Ollivier 2017): ``M ≈ s̃ θ̃ᵀ`` per example, with fresh
+  Rademacher ``ν`` each step: ``s̃ ← ρ₀ J s̃ + ρ₁ ν``, ``θ̃ ← θ̃/ρ₀ + νᵀ(∂F/∂θ)/ρ₁``,
+  ``ρ₀ = √(‖θ̃‖/‖J s̃‖)``, ``ρ₁ = √(‖νᵀ∂F/∂θ‖/‖ν‖)``; the gradient is the exact formula
+  with ``M^{t-1}`` replaced by ``s̃ θ̃ᵀ``: an unbiased estimate of RTRL's.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import BackendError
+from ..ir.layout import influence_groups, param_leaves
+from .rules import TraceRule, register_trace_rule
+from .signals import zero_cotangent_aval
+
+__all__ = ["InfluenceRule", "UORORule", "snap_pattern"]
+
+_WHY = ("passes its rules the full step linearisation (forward) and the full-step VJP and old "
+        "trace arrays (backward)")
+
+
+def _need(ctx, key: str, what: str):
+    step = ctx.step or {}
+    if step.get(key) is None:
+        raise BackendError(
+            f"this trace rule needs {what}, which only the jax-zoo step provides; "
+            f"online_gradients(chunk=K>1), multi-step windows and the Pallas drivers run the "
+            f"diagonal rules only: use chunk=1 / single steps with a brainscale.zoo algorithm")
+    return step[key]
+
+
+class _Layout:
+    """Where one trace's arrays are: per covered hidden state (``graph.hidden`` index), the
+    array positions of its leaves; the leaf sizes; the parameter's position."""
+
+    def __init__(self, graph, binding, trace):
+        rel = graph.relation_by_id[trace.relations[0]]
+        self.param = rel.param
+        self.pi = binding.tparam_pos(rel.param)
+        leaves = param_leaves(graph, rel.param)
+        self.leaf_shapes = [tuple(lt.shape) for _, lt in leaves]
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.leaf_shapes]
+        self.C = int(sum(self.sizes))
+        hid_pos = {h.name: k for k, h in enumerate(graph.hidden)}
+        self.covered: list = []          # [(hidden index, varshape, {leaf: pos} | pos)]
+        self.p_pos: list = []            # u_p positions (random)
+        for pos, a in enumerate(trace.arrays):
+            if a.role == "u_p":
+                self.p_pos.append(pos)
+                continue
+            grp = graph.group_by_id[a.group]
+            k = hid_pos[grp.states[a.state]]
+            if not self.covered or self.covered[-1][0] != k:
+                self.covered.append((k, tuple(grp.varshape), {}))
+            self.covered[-1][2][a.leaf] = pos
+        self.groups = influence_groups(graph, trace)
+
+    def stack(self, vals, k_entry, dtype):
+        """``(varshape, C)``: one hidden state's blocks of the influence matrix."""
+        k, vs, pos = k_entry
+        return jnp.concatenate([vals[pos[li]].astype(dtype).reshape(vs + (-1,))
+                                for li in range(len(self.sizes))], axis=-1)
+
+    def unstack(self, m, k_entry) -> dict:
+        """``{position: block}`` from a ``(varshape, C)`` matrix."""
+        k, vs, pos = k_entry
+        out, o = {}, 0
+        for li, (shape, n) in enumerate(zip(self.leaf_shapes, self.sizes)):
+            out[pos[li]] = m[..., o:o + n].reshape(vs + shape)
+            o += n
+        return out
+
+    def theta_tangent(self, theta_t, col):
+        """Tangents of every trace parameter: zero but this one's, ``col`` (size C) split
+        into its leaves."""
+        out = []
+        for pi, leaves in enumerate(theta_t):
+            if pi != self.pi:
+                out.append(tuple(jnp.zeros(jnp.shape(l), jnp.result_type(l)) for l in leaves))
+                continue
+            parts, o = [], 0
+            for l, shape, n in zip(leaves, self.leaf_shapes, self.sizes):
+                parts.append(col[o:o + n].reshape(shape).astype(jnp.result_type(l)))
+                o += n
+            out.append(tuple(parts))
+        return tuple(out)
+
+    def split(self, flat, theta_leaves) -> list:
+        """A size-C vector as the parameter's leaves."""
+        out, o = [], 0
+        for l, shape, n in zip(theta_leaves, self.leaf_shapes, self.sizes):
+            out.append(flat[o:o + n].reshape(shape).astype(jnp.result_type(l)))
+            o += n
+        return out
+
+
+def _zeros_like_hidden(hidden):
+    return tuple(jnp.zeros(jnp.shape(h), jnp.result_type(h)) for h in hidden)
+
+
+def snap_pattern(program, trace, n: int) -> dict:
+    """The SnAp-n pattern of ``trace``: ``{hidden index: bool (varshape, C)}``, the entries
+    ``(h_i, θ_j)`` that ``θ_j`` reaches within ``n`` steps (see the module docstring)."""
+    from .linearize import step_function
+    g, b, lin = program.g, program.b, program.lin
+    lay = _Layout(g, b, trace)
+    theta_t, theta_p, hidden, others = b.gather(g.info.states)
+    jaxpr = lin.jaxpr
+    arg_avals = [jaxpr.invars[i].aval for i in b.arg_idx]
+    sizes = [int(np.prod(np.shape(h), dtype=np.int64)) for h in hidden]
+    offs = np.cumsum([0] + sizes)
+    A = np.zeros((offs[-1], offs[-1]), bool)
+    D = np.zeros((offs[-1], lay.C), bool)
+    rng = np.random.RandomState(0)
+    for probe in range(3):
+        if probe == 0:
+            hs = tuple(hidden)
+        else:
+            hs = tuple(jnp.asarray(rng.randn(*np.shape(h)), jnp.result_type(h)) for h in hidden)
+        args = []
+        for av in arg_avals:
+            if jnp.issubdtype(av.dtype, jnp.inexact):
+                args.append(jnp.asarray(rng.randn(*av.shape), av.dtype))
+            else:
+                args.append(jnp.asarray(rng.rand(*av.shape) < 0.5).astype(av.dtype))
+        F = step_function(lin, theta_p, tuple(args), others)
+
+        def new_h(hflat, col, F=F):
+            hh = [hflat[offs[k]:offs[k + 1]].reshape(np.shape(h)).astype(jnp.result_type(h))
+                  for k, h in enumerate(hidden)]
+            th = [list(l) for l in theta_t]
+            th[lay.pi] = list(lay.split(col, theta_t[lay.pi]))
+            outs = F(tuple(hh), tuple(tuple(l) for l in th))
+            return jnp.concatenate([jnp.ravel(outs[i]).astype(jnp.float32) for i in b.hidden_out])
+        h0 = jnp.concatenate([jnp.ravel(h).astype(jnp.float32) for h in hs])
+        c0 = jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in theta_t[lay.pi]])
+        Ja, Jd = jax.jacfwd(new_h, argnums=(0, 1))(h0, c0)
+        A |= np.asarray(Ja) != 0
+        D |= np.asarray(Jd) != 0
+    reach, acc = D.copy(), D.copy()
+    for _ in range(int(n) - 1):
+        reach = (A.astype(np.int64) @ reach.astype(np.int64)) > 0
+        acc |= reach
+    return {k: acc[offs[k]:offs[k + 1]].reshape(vs + (lay.C,)) for k, vs, _ in lay.covered}
+
+
+class InfluenceRule(TraceRule):
+    """Exact RTRL (``scope='coupled'``), SnAp-n (``'sparse'``) and OSTL's ``'group'`` scope:
+    a dense influence matrix per parameter (see the module docstring)."""
+    name = "param/dense influence"
+    needs_program = "full-step"
+    needs_program_why = _WHY
+    #: the gradient is the full-step formula (coupled, sparse); group contracts δ
+    full_vjp = True
+
+    def __init__(self, backend=None):
+        super().__init__(backend)
+        self.masks: dict = {}
+
+    def prepare(self, program, traces) -> None:
+        """SnAp: the patterns of the sparse-scope traces (constants of the step)."""
+        for t in traces:
+            if t.scope == "sparse":
+                self.masks[t.id] = {k: jnp.asarray(m) for k, m in
+                                    snap_pattern(program, t, t.snap_n).items()}
+
+    def notes(self, graph, traces) -> tuple:
+        out = []
+        for t in traces:
+            if t.id in self.masks:
+                nnz = sum(int(m.sum()) for m in self.masks[t.id].values())
+                tot = sum(int(m.size) for m in self.masks[t.id].values())
+                out.append(f"{t.id}: SnAp-{t.snap_n} pattern keeps {nnz} of {tot} entries")
+        return tuple(out)
+
+    def update(self, ctx, traces, arrays):
+        lin = _need(ctx, "full", "the full step linearisation")
+        theta_t = ctx.step["inputs"][0]
+        hidden = ctx.step["inputs"][3]
+        b = ctx.binding
+        out = []
+        for t, vals in zip(traces, arrays):
+            lay = _Layout(ctx.graph, b, t)
+            cov = {e[0]: e for e in lay.covered}
+            dh, axes = [], []
+            for k, h in enumerate(hidden):
+                if k in cov:
+                    dh.append(lay.stack(vals, cov[k], jnp.result_type(h)))
+                    axes.append(-1)
+                else:
+                    dh.append(jnp.zeros(jnp.shape(h), jnp.result_type(h)))
+                    axes.append(None)
+
+            def column(col, dh_col, lay=lay, cov=cov):
+                tang = lin.jvp(tuple(dh_col), lay.theta_tangent(theta_t, col))
+                return tuple(tang[b.hidden_out[k]] for k in cov)
+            eye = jnp.eye(lay.C, dtype=jnp.float32)
+            cols = jax.vmap(column, in_axes=(0, tuple(axes)), out_axes=-1)(eye, tuple(dh))
+            new = list(vals)
+            masks = self.masks.get(t.id)
+            for (k, entry), m in zip(cov.items(), cols):
+                if masks is not None:
+                    m = jnp.where(masks[k], m, jnp.zeros((), m.dtype))
+                for pos, v in lay.unstack(m, entry).items():
+                    new[pos] = v
+            out.append(new)
+        return out
+
+    def grad(self, ctx, traces, arrays, delta):
+        b = ctx.binding
+        out = []
+        for t, vals in zip(traces, arrays):
+            lay = _Layout(ctx.graph, b, t)
+            theta_leaves = ctx.theta_t[lay.pi]
+            if t.scope == "group":
+                # δ (the spatial signal) with the new influence of the traced groups
+                acc = jnp.zeros((lay.C,), jnp.float32)
+                for entry in lay.covered:
+                    m = lay.stack(vals, entry, jnp.float32)
+                    acc = acc + jnp.sum(delta[entry[0]].astype(jnp.float32)[..., None] * m,
+                                        axis=tuple(range(m.ndim - 1)))
+                out.extend((lay.pi, li, g) for li, g in enumerate(lay.split(acc, theta_leaves)))
+                continue
+            g_hprev, g_theta = _need(ctx, "vjp", "the full-step VJP")
+            old = ctx.step["old"][t.id]
+            acc = jnp.zeros((lay.C,), jnp.float32)
+            for entry in lay.covered:
+                m = lay.stack(old, entry, jnp.float32)
+                acc = acc + jnp.sum(g_hprev[entry[0]].astype(jnp.float32)[..., None] * m,
+                                    axis=tuple(range(m.ndim - 1)))
+            for li, (g_inst, g_prev) in enumerate(zip(g_theta[lay.pi],
+                                                      lay.split(acc, theta_leaves))):
+                out.append((lay.pi, li, g_inst + g_prev))
+        return out
+
+
+for _scope in ("coupled", "sparse", "group"):
+    register_trace_rule("param", "dense", scope=_scope)(InfluenceRule)
+
+
+class UORORule(TraceRule):
+    """UORO: a rank-1 unbiased estimate ``s̃ θ̃ᵀ`` of the influence matrix per example (see
+    the module docstring); ``ν`` comes from the step's random key (``aux['key']``)."""
+    name = "random uoro"
+    needs_program = "full-step"
+    needs_program_why = _WHY
+    full_vjp = True
+    eps = 1e-7
+
+    def update(self, ctx, traces, arrays):
+        lin = _need(ctx, "full", "the full step linearisation")
+        aux = ctx.step.get("aux") or {}
+        key = aux.get("key")
+        if key is None:
+            raise BackendError("a UORO trace needs a random key each step: call the learner "
+                               "(brainscale.zoo.UOROAlgorithm), which draws one")
+        theta_t = ctx.step["inputs"][0]
+        hidden = ctx.step["inputs"][3]
+        b, g = ctx.binding, ctx.graph
+        batched = bool(g.batch)
+        zeros_ct = [zero_cotangent_aval(jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)))
+                    for o in lin.outs]
+        zero_h = _zeros_like_hidden(hidden)
+        zero_th = tuple(tuple(jnp.zeros(jnp.shape(l), jnp.result_type(l)) for l in ls)
+                        for ls in theta_t)
+        transpose = jax.linear_transpose(lin.jvp, zero_h, zero_th)
+        out = []
+        for t, vals in zip(traces, arrays):
+            lay = _Layout(g, b, t)
+            kt = jax.random.fold_in(key, int(t.id[1:]))
+            s_old = {e[0]: vals[e[2][None]] for e in lay.covered}
+            p_old = [vals[pos] for pos in lay.p_pos]
+            # J s̃
+            dh = tuple(s_old[k].astype(jnp.result_type(h)) if k in s_old else zero_h[k]
+                       for k, h in enumerate(hidden))
+            tang = lin.jvp(dh, zero_th)
+            Js = {k: tang[b.hidden_out[k]] for k in s_old}
+            nu = {k: jax.random.rademacher(jax.random.fold_in(kt, k), jnp.shape(hidden[k]),
+                                           jnp.result_type(hidden[k])) for k in s_old}
+
+            def nu_dtheta(mask):
+                cts = list(zeros_ct)
+                for k, v in nu.items():
+                    cts[b.hidden_out[k]] = v * mask.reshape(mask.shape + (1,) * (v.ndim - 1)) \
+                        if batched else v
+                _, dth = transpose(tuple(cts))
+                return jnp.concatenate([jnp.ravel(l) for l in dth[lay.pi]])
+            if batched:
+                B = int(g.batch)
+                nd = jax.vmap(nu_dtheta)(jnp.eye(B, dtype=jnp.float32))         # (B, C)
+            else:
+                nd = nu_dtheta(jnp.ones((), jnp.float32))                        # (C,)
+            lead = (int(g.batch),) if batched else ()
+            p_flat = jnp.concatenate([p.astype(jnp.float32).reshape(lead + (-1,))
+                                      for p in p_old], axis=-1)
+
+            def norm_h(d):        # per example, over every covered state
+                tot = 0.
+                for v in d.values():
+                    v = v.astype(jnp.float32)
+                    tot = tot + jnp.sum(v * v, axis=tuple(range(len(lead), v.ndim)))
+                return jnp.sqrt(tot)
+            n_p = jnp.sqrt(jnp.sum(p_flat * p_flat, axis=-1))
+            n_js, n_nu = norm_h(Js), norm_h(nu)
+            n_nd = jnp.sqrt(jnp.sum(nd * nd, axis=-1))
+            rho0 = jnp.sqrt((n_p + self.eps) / (n_js + self.eps))
+            rho1 = jnp.sqrt((n_nd + self.eps) / (n_nu + self.eps))
+
+            def per_ex(r, v):     # a per-example scale on a state / leaf
+                return r.reshape(r.shape + (1,) * (v.ndim - r.ndim))
+            new = list(vals)
+            for k, _, pos in lay.covered:
+                new[pos[None]] = per_ex(rho0, Js[k]) * Js[k] + per_ex(rho1, nu[k]) * nu[k]
+            p_new = p_flat / per_ex(rho0, p_flat) + nd / per_ex(rho1, nd)
+            o = 0
+            for pos, shape, n in zip(lay.p_pos, lay.leaf_shapes, lay.sizes):
+                new[pos] = p_new[..., o:o + n].reshape(lead + shape)
+                o += n
+            out.append(new)
+        return out
+
+    def grad(self, ctx, traces, arrays, delta):
+        g_hprev, g_theta = _need(ctx, "vjp", "the full-step VJP")
+        b, g = ctx.binding, ctx.graph
+        lead = (int(g.batch),) if g.batch else ()
+        out = []
+        for t, vals in zip(traces, arrays):
+            lay = _Layout(g, b, t)
+            old = ctx.step["old"][t.id]
+            proj = 0.
+            for k, _, pos in lay.covered:
+                s = old[pos[None]].astype(jnp.float32)
+                gh = g_hprev[k].astype(jnp.float32)
+                proj = proj + jnp.sum(gh * s, axis=tuple(range(len(lead), s.ndim)))
+            p_flat = jnp.concatenate([old[pos].astype(jnp.float32).reshape(lead + (-1,))
+                                      for pos in lay.p_pos], axis=-1)
+            acc = proj[..., None] * p_flat if lead else proj * p_flat
+            acc = jnp.sum(acc, axis=0) if lead else acc
+            for li, (g_inst, g_prev) in enumerate(zip(g_theta[lay.pi],
+                                                      lay.split(acc, ctx.theta_t[lay.pi]))):
+                out.append((lay.pi, li, g_inst + g_prev))
+        return out
+
+
+register_trace_rule("random", scope="coupled")(UORORule)
