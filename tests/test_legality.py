@@ -19,18 +19,12 @@ import numpy as np
 import pytest
 
 import brainscale
+from helpers import rel_err
 from oracle import DenseOracle, bptt_grads
 
 RTOL = 1e-4
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +71,7 @@ def _oracle_run(make, x_shape, algo, T=8, seed=0):
         g = brainstate.transform.grad(lambda: loss(learner(xs[t]), tg), params)()
         ref = orc.step(xs[t], target=tg)
         for k in g:
-            worst = max(worst, _rel(g[k], ref["grads"][k]))
+            worst = max(worst, rel_err(g[k], ref["grads"][k]))
     return learner, worst
 
 
@@ -169,7 +163,7 @@ def test_non_elementwise_weight_fn_is_found_for_every_weight_value(fn, w0, moved
     g, _ = brainscale.online_gradients(learner, xs, tgs, loss)
     ref_net = SingleLayer(later, fn, n)
     ref = bptt_grads(ref_net, xs, loss, targets=tgs)
-    assert _rel(g["w",], ref["w",]) < 1e-4
+    assert rel_err(g["w",], ref["w",]) < 1e-4
 
 
 @pytest.mark.parametrize("fn", [jnp.abs, jnp.tanh, lambda w: 2 * w ** 3,

@@ -27,19 +27,13 @@ import numpy as np
 import pytest
 
 import brainscale
+from helpers import flat, rel_err
 import models
 from oracle import DenseOracle
 
 RTOL = 1e-4
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
 
 
 def sum_loss(out, tg):
@@ -129,7 +123,7 @@ def test_online_gradients_resets_by_default(chunk):
     g1, l1 = brainscale.online_gradients(learner, xs, ys, sum_loss, chunk=chunk)
     g2, l2 = brainscale.online_gradients(learner, xs, ys, sum_loss, chunk=chunk)
     np.testing.assert_array_equal(l1, l2)
-    assert _rel(g2, g1) == 0
+    assert rel_err(g2, g1) == 0
     g3, l3 = brainscale.online_gradients(learner, xs, ys, sum_loss, chunk=chunk, reset=False)
     assert not np.allclose(l3, l1)
     # continuing equals one call over the concatenated sequence
@@ -170,7 +164,7 @@ def test_recompiling_with_another_decay_drops_the_cached_loops():
     brainstate.nn.init_all_states(other)
     ref = brainscale.DiagIODimAlgorithm(other, 0.5).compile_graph(jnp.ones(3))
     g_ref, _ = brainscale.online_gradients(ref, xs, ys, loss)
-    assert _rel(g, g_ref) < 1e-6
+    assert rel_err(g, g_ref) < 1e-6
     assert "alpha=0.5" in learner.ir()
 
 
@@ -387,9 +381,9 @@ def test_accepted_models_equal_the_oracle(name, batch, algo):
         g = brainstate.transform.grad(lambda: sum_loss(learner(*seq[t]), tg), params)()
         ref = orc.step(*seq[t], target=tg)
         for k in g:
-            if float(np.max(np.abs(_flat(ref["grads"][k])))) > 0:
+            if float(np.max(np.abs(flat(ref["grads"][k])))) > 0:
                 seen.add(k)
-            worst = max(worst, _rel(g[k], ref["grads"][k]))
+            worst = max(worst, rel_err(g[k], ref["grads"][k]))
         for k, st in net_a.states(brainstate.HiddenState).items():
             np.testing.assert_array_equal(np.asarray(st.value),
                                           np.asarray(net_b.states(brainstate.HiddenState)[k].value))

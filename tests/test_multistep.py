@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import brainscale
+from helpers import rel_err
 import models
 from brainscale import MultiStepData, SingleStepData
 from oracle import bptt_grads
@@ -29,13 +30,6 @@ def sq(out, tg):
     return jnp.sum((out - tg) ** 2)
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
 
 
 def _data(name, batch, T, seed=0):
@@ -73,7 +67,7 @@ def test_one_window_over_the_sequence_is_bptt(name, batch, algo):
     _, _, g = _windows(name, batch, algo, xs, tg, K=T)
     ref = bptt_grads(models.make(name, batch)[0], xs, sq, targets=tg)
     for k in ref:
-        assert _rel(g[k], ref[k]) < 1e-5, k
+        assert rel_err(g[k], ref[k]) < 1e-5, k
 
 
 @pytest.mark.parametrize("batch", [0, 2])
@@ -83,7 +77,7 @@ def test_windows_on_an_exact_layer_equal_bptt(batch):
     _, _, g = _windows("single_layer_2state", batch, "param", xs, tg, K)
     ref = bptt_grads(models.make("single_layer_2state", batch)[0], xs, sq, targets=tg)
     for k in ref:
-        assert _rel(g[k], ref[k]) < 1e-5, k
+        assert rel_err(g[k], ref[k]) < 1e-5, k
 
 
 def test_windows_on_a_recurrent_layer_follow_the_equation():
@@ -113,8 +107,8 @@ def test_windows_on_a_recurrent_layer_follow_the_equation():
     op = net.syn.op
     pre = op.yw_to_w(delta0, {"weight": eps["weight"][..., 0], "bias": eps["bias"][..., 0]})
     expect = jax.tree.map(jnp.add, g_in[("syn",)], pre)
-    assert _rel(g[("syn",)], expect) < 1e-5
-    assert _rel(pre, g_in[("syn",)]) > 1e-3          # the trace term is not negligible here
+    assert rel_err(g[("syn",)], expect) < 1e-5
+    assert rel_err(pre, g_in[("syn",)]) > 1e-3          # the trace term is not negligible here
 
 
 def test_single_step_data_and_misuse():

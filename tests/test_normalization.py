@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import brainscale
+from helpers import rel_err
 from oracle import DenseOracle, bptt_grads
 
 N_IN, N, T = 3, 5, 8
@@ -86,13 +87,6 @@ class Net(brainstate.nn.Module):
         return jnp.tanh(self.V.value)
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
 
 
 def _seq(batch, seed=1):
@@ -122,7 +116,7 @@ def test_exact_statistics_drtrl_equals_bptt_on_a_single_layer(norm, batch):
     assert "class=MatMulOp+norm" in learner.ir()
     g, _ = brainscale.online_gradients(learner, xs, tgs, sq_loss)
     ref = bptt_grads(Net(batch, norm=norm), xs, sq_loss, targets=tgs)
-    assert _rel(g["w",], ref["w",]) < 1e-5
+    assert rel_err(g["w",], ref["w",]) < 1e-5
 
 
 def _per_step(learner, net, xs, tgs):
@@ -140,7 +134,7 @@ def test_exact_statistics_recurrent_drtrl_equals_the_oracle(batch):
     mine = _per_step(learner, net, xs, tgs)
     for t in range(T):
         ref = orc.step(xs[t], target=tgs[t])["grads"]["w",]
-        assert _rel(mine[t], ref) < 1e-4, t
+        assert rel_err(mine[t], ref) < 1e-4, t
 
 
 @pytest.mark.parametrize("algo", ["param", "io"])
@@ -165,8 +159,8 @@ def test_absorbed_op_equals_the_hand_written_composite(algo, stats):
                       xs[0], algorithm=algo, decay_or_rank=0.9 if algo == "io" else None,
                       loss_fn=sq_loss)
     for t in range(T):
-        assert _rel(ga[t], gh[t]) < 1e-5, t
-        assert _rel(gh[t], orc.step(xs[t], target=tgs[t])["grads"]["w",]) < 1e-4, t
+        assert rel_err(ga[t], gh[t]) < 1e-5, t
+        assert rel_err(gh[t], orc.step(xs[t], target=tgs[t])["grads"]["w",]) < 1e-4, t
 
 
 def test_norm_stats_options_and_conflicts():
@@ -212,7 +206,7 @@ def test_residual_is_absorbed_and_exact():
     learner = brainscale.DiagParamDimAlgorithm(Residual()).compile_graph(xs[0])
     assert "add" in dict(learner.graph.ops[0].attrs)["absorbed"]
     g, _ = brainscale.online_gradients(learner, xs, tgs, sq_loss)
-    assert _rel(g["w",], bptt_grads(Residual(), xs, sq_loss, targets=tgs)["w",]) < 1e-5
+    assert rel_err(g["w",], bptt_grads(Residual(), xs, sq_loss, targets=tgs)["w",]) < 1e-5
 
 
 def test_what_cannot_be_absorbed_is_still_refused():
