@@ -94,21 +94,6 @@ class _Layout:
             o += n
         return out
 
-    def theta_tangent(self, theta_t, col):
-        """Tangents of every trace parameter: zero but this one's, ``col`` (size C) split
-        into its leaves."""
-        out = []
-        for pi, leaves in enumerate(theta_t):
-            if pi != self.pi:
-                out.append(tuple(jnp.zeros(jnp.shape(l), jnp.result_type(l)) for l in leaves))
-                continue
-            parts, o = [], 0
-            for l, shape, n in zip(leaves, self.leaf_shapes, self.sizes):
-                parts.append(col[o:o + n].reshape(shape).astype(jnp.result_type(l)))
-                o += n
-            out.append(tuple(parts))
-        return tuple(out)
-
     def split(self, flat, theta_leaves) -> list:
         """A size-C vector as the parameter's leaves."""
         out, o = [], 0
@@ -124,44 +109,60 @@ def _zeros_like_hidden(hidden):
 
 def snap_pattern(program, trace, n: int) -> dict:
     """The SnAp-n pattern of ``trace``: ``{hidden index: bool (varshape, C)}``, the entries
-    ``(h_i, θ_j)`` that ``θ_j`` reaches within ``n`` steps (see the module docstring)."""
-    from .linearize import step_function
+    ``(h_i, θ_j)`` that ``θ_j`` reaches within ``n`` steps.
+
+    Immediate pattern ``P₁ = |∂h^t/∂y_p| · |∂y_p/∂θ|`` (the step's response to the op
+    output, through later layers within the step, times the op's own parameter pattern
+    taken at a random nonzero input, so that a silent spike does not hide a synapse), then
+    ``P_n = P_{n-1} ∪ |∂h^t/∂h^{t-1}| P_{n-1}``. The Jacobians are evaluated at the compile-
+    time states and two random ones; an entry zero at all three is taken as structurally zero.
+    """
+    from .. import _compat as C
     g, b, lin = program.g, program.b, program.lin
     lay = _Layout(g, b, trace)
     theta_t, theta_p, hidden, others = b.gather(g.info.states)
     jaxpr = lin.jaxpr
     arg_avals = [jaxpr.invars[i].aval for i in b.arg_idx]
+    ops = [g.op_by_name[g.relation_by_id[r].op] for r in trace.relations]
     sizes = [int(np.prod(np.shape(h), dtype=np.int64)) for h in hidden]
     offs = np.cumsum([0] + sizes)
     A = np.zeros((offs[-1], offs[-1]), bool)
-    D = np.zeros((offs[-1], lay.C), bool)
+    P = np.zeros((offs[-1], lay.C), bool)
     rng = np.random.RandomState(0)
+    flat = lambda outs: jnp.concatenate([jnp.ravel(outs[i]).astype(jnp.float32)  # noqa: E731
+                                         for i in b.hidden_out])
     for probe in range(3):
-        if probe == 0:
-            hs = tuple(hidden)
-        else:
-            hs = tuple(jnp.asarray(rng.randn(*np.shape(h)), jnp.result_type(h)) for h in hidden)
-        args = []
-        for av in arg_avals:
-            if jnp.issubdtype(av.dtype, jnp.inexact):
-                args.append(jnp.asarray(rng.randn(*av.shape), av.dtype))
-            else:
-                args.append(jnp.asarray(rng.rand(*av.shape) < 0.5).astype(av.dtype))
-        F = step_function(lin, theta_p, tuple(args), others)
+        hs = tuple(hidden) if probe == 0 else tuple(
+            jnp.asarray(rng.randn(*np.shape(h)), jnp.result_type(h)) for h in hidden)
+        args = [jnp.asarray(rng.randn(*av.shape), av.dtype)
+                if jnp.issubdtype(av.dtype, jnp.inexact)
+                else jnp.asarray(rng.rand(*av.shape) < 0.5).astype(av.dtype) for av in arg_avals]
+        ins0 = b.assemble(theta_t, theta_p, tuple(args), [None] * len(hidden), others)
 
-        def new_h(hflat, col, F=F):
-            hh = [hflat[offs[k]:offs[k + 1]].reshape(np.shape(h)).astype(jnp.result_type(h))
-                  for k, h in enumerate(hidden)]
-            th = [list(l) for l in theta_t]
-            th[lay.pi] = list(lay.split(col, theta_t[lay.pi]))
-            outs = F(tuple(hh), tuple(tuple(l) for l in th))
-            return jnp.concatenate([jnp.ravel(outs[i]).astype(jnp.float32) for i in b.hidden_out])
+        def new_h(hflat, xis):
+            ins = list(ins0)
+            for i, k in zip(b.hidden_idx, range(len(hidden))):
+                ins[i] = hflat[offs[k]:offs[k + 1]].reshape(np.shape(hidden[k])).astype(
+                    jnp.result_type(hidden[k]))
+
+            def on_op(o, eqn, invals):
+                y = C.eval_eqn(eqn, invals)[0]
+                return [y + xis[o.name].astype(y.dtype)] if o.name in xis else [y]
+            return flat(lin.eval(ins, on_op=on_op))
         h0 = jnp.concatenate([jnp.ravel(h).astype(jnp.float32) for h in hs])
-        c0 = jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in theta_t[lay.pi]])
-        Ja, Jd = jax.jacfwd(new_h, argnums=(0, 1))(h0, c0)
+        xi0 = {o.name: jnp.zeros(o.type.shape, jnp.float32) for o in ops}
+        Ja, Jy = jax.jacfwd(new_h, argnums=(0, 1))(h0, xi0)
         A |= np.asarray(Ja) != 0
-        D |= np.asarray(Jd) != 0
-    reach, acc = D.copy(), D.copy()
+        for o in ops:
+            op = g.op_object(o.name)
+            x_av = g.value_by_name[o.x].type if o.x is not None else None
+            xr = None if x_av is None else jnp.asarray(rng.randn(*x_av.shape), jnp.float32)
+            Gy = jax.jacfwd(lambda col: jnp.ravel(op.xw_to_y(
+                xr, b.w_tree(lay.pi, lay.split(col, theta_t[lay.pi])))).astype(jnp.float32))(
+                jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in theta_t[lay.pi]]))
+            Dy = np.asarray(Jy[o.name]).reshape(offs[-1], -1) != 0
+            P |= (Dy.astype(np.int64) @ (np.asarray(Gy) != 0).astype(np.int64)) > 0
+    reach, acc = P.copy(), P.copy()
     for _ in range(int(n) - 1):
         reach = (A.astype(np.int64) @ reach.astype(np.int64)) > 0
         acc |= reach
@@ -198,36 +199,61 @@ class InfluenceRule(TraceRule):
         return tuple(out)
 
     def update(self, ctx, traces, arrays):
+        """``M ← ∂F/∂h · M + ∂F/∂θ``: one JVP of the step per parameter element. The traces
+        over every hidden state (coupled, sparse) share one vmapped JVP over all their
+        columns; a group-scope trace runs its own, with the other states' tangents zero."""
         lin = _need(ctx, "full", "the full step linearisation")
         theta_t = ctx.step["inputs"][0]
         hidden = ctx.step["inputs"][3]
         b = ctx.binding
-        out = []
-        for t, vals in zip(traces, arrays):
-            lay = _Layout(ctx.graph, b, t)
-            cov = {e[0]: e for e in lay.covered}
+        out = [list(v) for v in arrays]
+        batches = [[i for i, t in enumerate(traces) if t.scope != "group"]]
+        batches += [[i] for i, t in enumerate(traces) if t.scope == "group"]
+        for idx in batches:
+            if not idx:
+                continue
+            lays = [_Layout(ctx.graph, b, traces[i]) for i in idx]
+            cov = {e[0]: e for e in lays[0].covered}       # the same states for the batch
+            offs = np.cumsum([0] + [lay.C for lay in lays])
             dh, axes = [], []
             for k, h in enumerate(hidden):
                 if k in cov:
-                    dh.append(lay.stack(vals, cov[k], jnp.result_type(h)))
+                    dt = jnp.result_type(h)
+                    dh.append(jnp.concatenate(
+                        [lay.stack(arrays[i], {e[0]: e for e in lay.covered}[k], dt)
+                         for i, lay in zip(idx, lays)], axis=-1))
                     axes.append(-1)
                 else:
                     dh.append(jnp.zeros(jnp.shape(h), jnp.result_type(h)))
                     axes.append(None)
+            owner = {lay.pi: (lay, int(o)) for lay, o in zip(lays, offs[:-1])}
 
-            def column(col, dh_col, lay=lay, cov=cov):
-                tang = lin.jvp(tuple(dh_col), lay.theta_tangent(theta_t, col))
+            def theta_tangent(col):
+                tan = []
+                for pi, leaves in enumerate(theta_t):
+                    if pi not in owner:
+                        tan.append(tuple(jnp.zeros(jnp.shape(l), jnp.result_type(l))
+                                         for l in leaves))
+                        continue
+                    lay, o = owner[pi]
+                    tan.append(tuple(lay.split(col[o:o + lay.C], leaves)))
+                return tuple(tan)
+
+            def column(col, dh_col):
+                tang = lin.jvp(tuple(dh_col), theta_tangent(col))
                 return tuple(tang[b.hidden_out[k]] for k in cov)
-            eye = jnp.eye(lay.C, dtype=jnp.float32)
+            dt = jnp.result_type(*[l for lay in lays for l in theta_t[lay.pi]])
+            eye = jnp.eye(int(offs[-1]), dtype=dt)
             cols = jax.vmap(column, in_axes=(0, tuple(axes)), out_axes=-1)(eye, tuple(dh))
-            new = list(vals)
-            masks = self.masks.get(t.id)
-            for (k, entry), m in zip(cov.items(), cols):
-                if masks is not None:
-                    m = jnp.where(masks[k], m, jnp.zeros((), m.dtype))
-                for pos, v in lay.unstack(m, entry).items():
-                    new[pos] = v
-            out.append(new)
+            for k, m in zip(cov, cols):
+                for i, lay, o in zip(idx, lays, offs[:-1]):
+                    mt = m[..., int(o):int(o) + lay.C]
+                    masks = self.masks.get(traces[i].id)
+                    if masks is not None:
+                        mt = jnp.where(masks[k], mt, jnp.zeros((), mt.dtype))
+                    entry = {e[0]: e for e in lay.covered}[k]
+                    for pos, v in lay.unstack(mt, entry).items():
+                        out[i][pos] = v
         return out
 
     def grad(self, ctx, traces, arrays, delta):
@@ -236,21 +262,22 @@ class InfluenceRule(TraceRule):
         for t, vals in zip(traces, arrays):
             lay = _Layout(ctx.graph, b, t)
             theta_leaves = ctx.theta_t[lay.pi]
+            dt = jnp.result_type(*theta_leaves)
             if t.scope == "group":
                 # δ (the spatial signal) with the new influence of the traced groups
-                acc = jnp.zeros((lay.C,), jnp.float32)
+                acc = jnp.zeros((lay.C,), dt)
                 for entry in lay.covered:
-                    m = lay.stack(vals, entry, jnp.float32)
-                    acc = acc + jnp.sum(delta[entry[0]].astype(jnp.float32)[..., None] * m,
+                    m = lay.stack(vals, entry, dt)
+                    acc = acc + jnp.sum(delta[entry[0]].astype(dt)[..., None] * m,
                                         axis=tuple(range(m.ndim - 1)))
                 out.extend((lay.pi, li, g) for li, g in enumerate(lay.split(acc, theta_leaves)))
                 continue
             g_hprev, g_theta = _need(ctx, "vjp", "the full-step VJP")
             old = ctx.step["old"][t.id]
-            acc = jnp.zeros((lay.C,), jnp.float32)
+            acc = jnp.zeros((lay.C,), dt)
             for entry in lay.covered:
-                m = lay.stack(old, entry, jnp.float32)
-                acc = acc + jnp.sum(g_hprev[entry[0]].astype(jnp.float32)[..., None] * m,
+                m = lay.stack(old, entry, dt)
+                acc = acc + jnp.sum(g_hprev[entry[0]].astype(dt)[..., None] * m,
                                     axis=tuple(range(m.ndim - 1)))
             for li, (g_inst, g_prev) in enumerate(zip(g_theta[lay.pi],
                                                       lay.split(acc, theta_leaves))):
@@ -309,19 +336,20 @@ class UORORule(TraceRule):
                         if batched else v
                 _, dth = transpose(tuple(cts))
                 return jnp.concatenate([jnp.ravel(l) for l in dth[lay.pi]])
+            dt = jnp.result_type(*theta_t[lay.pi])
             if batched:
                 B = int(g.batch)
-                nd = jax.vmap(nu_dtheta)(jnp.eye(B, dtype=jnp.float32))         # (B, C)
+                nd = jax.vmap(nu_dtheta)(jnp.eye(B, dtype=dt))                  # (B, C)
             else:
-                nd = nu_dtheta(jnp.ones((), jnp.float32))                        # (C,)
+                nd = nu_dtheta(jnp.ones((), dt))                                 # (C,)
             lead = (int(g.batch),) if batched else ()
-            p_flat = jnp.concatenate([p.astype(jnp.float32).reshape(lead + (-1,))
+            p_flat = jnp.concatenate([p.astype(dt).reshape(lead + (-1,))
                                       for p in p_old], axis=-1)
 
             def norm_h(d):        # per example, over every covered state
                 tot = 0.
                 for v in d.values():
-                    v = v.astype(jnp.float32)
+                    v = v.astype(dt)
                     tot = tot + jnp.sum(v * v, axis=tuple(range(len(lead), v.ndim)))
                 return jnp.sqrt(tot)
             n_p = jnp.sqrt(jnp.sum(p_flat * p_flat, axis=-1))
@@ -351,12 +379,13 @@ class UORORule(TraceRule):
         for t, vals in zip(traces, arrays):
             lay = _Layout(g, b, t)
             old = ctx.step["old"][t.id]
+            dt = jnp.result_type(*ctx.theta_t[lay.pi])
             proj = 0.
             for k, _, pos in lay.covered:
-                s = old[pos[None]].astype(jnp.float32)
-                gh = g_hprev[k].astype(jnp.float32)
+                s = old[pos[None]].astype(dt)
+                gh = g_hprev[k].astype(dt)
                 proj = proj + jnp.sum(gh * s, axis=tuple(range(len(lead), s.ndim)))
-            p_flat = jnp.concatenate([old[pos].astype(jnp.float32).reshape(lead + (-1,))
+            p_flat = jnp.concatenate([old[pos].astype(dt).reshape(lead + (-1,))
                                       for pos in lay.p_pos], axis=-1)
             acc = proj[..., None] * p_flat if lead else proj * p_flat
             acc = jnp.sum(acc, axis=0) if lead else acc
