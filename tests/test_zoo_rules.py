@@ -1,0 +1,437 @@
+"""e-prop, OSTL, three-factor and DNI against literal implementations of their equations.
+
+* ``EPropAlgorithm`` on Bellec et al. (2020)'s recurrent LIF and adaptive-LIF networks
+  (reset with a stopped gradient, piecewise-linear pseudo-derivative ψ, a linear readout):
+  the gradient equals ``Σ_t L^t_j e^t_ji`` with the eligibility vectors of the paper's
+  Methods (LIF: ``ε ← α ε + z_pre``; ALIF: ``ε_v ← α ε_v + z_pre``,
+  ``ε_a ← ψ ε_v + (ρ − ψβ) ε_a``, ``e = ψ(ε_v − β ε_a)``) and ``L = B (y − y*)``, with
+  ``B = W_outᵀ`` (symmetric) or the learner's fixed random feedback weights; with the κ
+  filter, the filtered eligibility vector ``ē ← κ ē + ε`` (docs/rules.md).
+* ``OSTLAlgorithm``: with the recurrent term, equal to BPTT on a single recurrent layer
+  (Bohnstingl et al.: gradient-equivalent for shallow networks) and, on two layers, equal to
+  the literal per-layer traces ``E_l ← J_ll E_l + ∂s_l/∂θ_l`` times the spatial signal
+  ``∂L^t/∂s_l^t``; without it, equal to BPTT on a feed-forward SNN.
+* ``ThreeFactorAlgorithm``: ``Σ_t m^t · E^t`` with the dense D-RTRL trace of the oracle.
+* ``DNIAlgorithm``: ``(δ + ĝ(h^t)) · E^t`` and the synthetic module's regression gradient on
+  its bootstrapped target ``∂(L^t + ĝ(h^t)·h^t)/∂h^{t-1}``, written out on a leaky RNN.
+"""
+from __future__ import annotations
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import brainscale
+from brainscale import zoo
+
+import models
+from oracle import DenseOracle, bptt_grads
+from test_online_oracle import assert_rel_close
+
+ALPHA, RHO, BETA, V_TH, GAMMA = 0.8, 0.9, 0.5, 1.0, 0.3
+N_IN, N_REC, N_OUT = 3, 6, 2
+
+
+def mse(out, target):
+    return 0.5 * jnp.sum((out - target) ** 2)
+
+
+@jax.custom_jvp
+def spike(x):
+    """Heaviside of the scaled voltage, with Bellec's pseudo-derivative γ·max(0, 1−|x|)."""
+    return (x > 0).astype(x.dtype)
+
+
+@spike.defjvp
+def _spike_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return spike(x), GAMMA * jnp.maximum(0.0, 1.0 - jnp.abs(x)) * dx
+
+
+def _shape(batch, *s):
+    return ((batch,) if batch else ()) + s
+
+
+class BellecNet(brainstate.nn.Module):
+    """Bellec et al. (2020), Methods: LIF (``adaptive=False``) or ALIF neurons, input and
+    recurrent weights, a linear readout of the spikes.
+
+    ::
+
+        a^t = ρ a^{t-1} + z^{t-1}                                  (ALIF only)
+        v^t = α v^{t-1} + W_in x^t + W_rec z^{t-1} − sg(z^{t-1}) v_th
+        z^t = H((v^t − v_th − β a^t) / v_th),   y^t = W_out z^t + b
+    """
+
+    def __init__(self, batch=0, seed=0, adaptive=False):
+        super().__init__()
+        rng = np.random.RandomState(seed)
+        f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        self.w_in = brainscale.ETraceParam({"weight": f(rng.randn(N_IN, N_REC) * 1.5)},
+                                           brainscale.MatMulOp())
+        self.w_rec = brainscale.ETraceParam({"weight": f(rng.randn(N_REC, N_REC) * 0.8)},
+                                            brainscale.MatMulOp())
+        self.w_out = brainscale.ETraceParam({"weight": f(rng.randn(N_REC, N_OUT)),
+                                             "bias": f(rng.randn(N_OUT) * 0.1)},
+                                            brainscale.MatMulOp())
+        self.v = brainscale.ETraceState(f(rng.rand(*_shape(batch, N_REC)) * 1.5))
+        self.adaptive = adaptive
+        if adaptive:
+            self.a = brainscale.ETraceState(f(rng.rand(*_shape(batch, N_REC)) * 0.5))
+
+    def thr(self, a):
+        return V_TH + BETA * a if self.adaptive else V_TH
+
+    def update(self, x):
+        a_prev = self.a.value if self.adaptive else 0.0
+        z_prev = spike((self.v.value - self.thr(a_prev)) / V_TH)
+        v = ALPHA * self.v.value + self.w_in.execute(x) + self.w_rec.execute(z_prev) \
+            - jax.lax.stop_gradient(z_prev) * V_TH
+        if self.adaptive:
+            a = RHO * a_prev + z_prev
+            self.a.value = a
+        else:
+            a = 0.0
+        self.v.value = v
+        return self.w_out.execute(spike((v - self.thr(a)) / V_TH))
+
+
+def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0):
+    """Bellec et al. (2020)'s e-prop, written out (no autodiff): the summed weight gradient."""
+    W_in = np.asarray(net_ref.w_in.value["weight"], np.float64)
+    W_rec = np.asarray(net_ref.w_rec.value["weight"], np.float64)
+    W_out = np.asarray(net_ref.w_out.value["weight"], np.float64)
+    b_out = np.asarray(net_ref.w_out.value["bias"], np.float64)
+    B = W_out if B is None else np.asarray(B, np.float64)          # (N_REC, N_OUT)
+    v = np.asarray(net_ref.v.value, np.float64)
+    a = np.asarray(net_ref.a.value, np.float64) if net_ref.adaptive else np.zeros_like(v)
+    thr = lambda a: V_TH + BETA * a if net_ref.adaptive else V_TH + 0 * a  # noqa: E731
+    psi_of = lambda v, a: GAMMA / V_TH * np.maximum(0, 1 - np.abs((v - thr(a)) / V_TH))  # noqa: E731
+    z = ((v - thr(a)) / V_TH > 0).astype(np.float64)
+    psi = psi_of(v, a)
+    # eligibility vectors per (presynaptic input, postsynaptic neuron): (..., n_pre, N_REC)
+    ev = {"in": 0., "rec": 0.}
+    ea = {"in": 0., "rec": 0.}
+    bar = {"in": 0., "rec": 0.}
+    g = {"in": 0., "rec": 0., "out": 0., "b": 0.}
+    for x, y_star in zip(np.asarray(xs, np.float64), np.asarray(ys, np.float64)):
+        pre = {"in": x, "rec": z}
+        a_new = RHO * a + z
+        v = ALPHA * v + x @ W_in + z @ W_rec - z * V_TH
+        for k in ev:                                        # ε^t from ψ^{t-1} (old state)
+            ev_old = ev[k]
+            ev[k] = ALPHA * ev_old + pre[k][..., :, None]
+            if net_ref.adaptive:
+                ea[k] = psi[..., None, :] * ev_old + (RHO - psi[..., None, :] * BETA) * ea[k]
+        a = a_new
+        psi = psi_of(v, a)
+        z = ((v - thr(a)) / V_TH > 0).astype(np.float64)
+        y = z @ W_out + b_out
+        err = y - y_star
+        L = err @ B.T                                       # learning signal (…, N_REC)
+        for k in ev:
+            if kappa:   # the filtered eligibility vector (docs/rules.md)
+                bar[k] = kappa * bar[k] + (ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k])
+                e = psi[..., None, :] * bar[k]
+            else:
+                e = psi[..., None, :] * (ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k])
+            g[k] = g[k] + np.sum((L[..., None, :] * e).reshape(-1, *e.shape[-2:]), axis=0)
+        g["out"] = g["out"] + z.reshape(-1, N_REC).T @ err.reshape(-1, N_OUT)
+        g["b"] = g["b"] + err.reshape(-1, N_OUT).sum(0)
+    return g
+
+
+def _data(batch, T, seed=1):
+    rng = np.random.RandomState(seed)
+    xs = jnp.asarray(rng.randn(T, *_shape(batch, N_IN)) * 1.5, jnp.float32)
+    ys = jnp.asarray(rng.randn(T, *_shape(batch, N_OUT)), jnp.float32)
+    return xs, ys
+
+
+# every (neuron, feedback, filter) once, batched and unbatched in turn
+EPROP = [(adaptive, fb, kappa, (i + adaptive) % 2 * 2) for adaptive in (False, True)
+         for i, (fb, kappa) in enumerate((("symmetric", 0.0), ("random", 0.0),
+                                          ("symmetric", 0.6)))]
+
+
+@pytest.mark.parametrize("adaptive,feedback,kappa,batch", EPROP,
+                         ids=[f"{'alif' if a else 'lif'}-{f}-k{k}-b{b}" for a, f, k, b in EPROP])
+def test_eprop_equals_bellec_equations(adaptive, feedback, kappa, batch):
+    T = 15
+    net, net_ref = BellecNet(batch, adaptive=adaptive), BellecNet(batch, adaptive=adaptive)
+    xs, ys = _data(batch, T)
+    learner = zoo.EPropAlgorithm(net, feedback=feedback, kappa=kappa, feedback_seed=3)
+    learner.compile_graph(xs[0])
+    axes = {t.signal for t in learner.graph.traces if t.dim != "none"}
+    assert axes == {feedback}
+    B = None
+    if feedback == "random":
+        fbw = learner.feedback_weights()
+        out_op = next(o.name for o in learner.graph.ops if o.param == "w_out")
+        B = fbw[out_op][1]                  # leaves in pytree order: bias, weight
+        assert np.shape(B) == (N_REC, N_OUT)
+        assert not np.allclose(B, net.w_out.value["weight"])
+    grads, _ = brainscale.online_gradients(learner, xs, ys, mse)
+    ref = eprop_reference(net_ref, xs, ys, B=B, kappa=kappa)
+    assert float(np.abs(ref["rec"]).max()) > 1e-3          # the recurrent weights learn
+    assert_rel_close(grads[("w_in",)]["weight"], ref["in"], "W_in", rtol=1e-5)
+    assert_rel_close(grads[("w_rec",)]["weight"], ref["rec"], "W_rec", rtol=1e-5)
+    assert_rel_close(grads[("w_out",)]["weight"], ref["out"], "W_out", rtol=1e-5)
+    assert_rel_close(grads[("w_out",)]["bias"], ref["b"], "b_out", rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# OSTL
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [0, 2])
+@pytest.mark.parametrize("name", ["lif_delta", "alif"])
+def test_ostl_recurrent_equals_bptt_on_one_layer(name, batch):
+    T = 10
+    m, x0 = models.make(name, batch)
+    m_ref, _ = models.make(name, batch)
+    rng = np.random.RandomState(2)
+    xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
+    ys = jnp.asarray(rng.randn(T, *np.shape(models.make(name, batch)[0].update(x0))), jnp.float32)
+    learner = zoo.OSTLAlgorithm(m, recurrent=True).compile_graph(x0)
+    assert {t.scope for t in learner.graph.traces if t.dim != "none"} == {"group"}
+    g, _ = brainscale.online_gradients(learner, xs, ys, mse)
+    ref = bptt_grads(m_ref, xs, mse, targets=ys)
+    for k in ref:
+        assert_rel_close(g[k], ref[k], f"OSTL vs BPTT {k}", rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_ostl_feedforward_equals_bptt_on_a_feedforward_snn(batch):
+    T = 12
+    m, x0 = models.single_layer_2state(batch, spiking=True)
+    m_ref, _ = models.single_layer_2state(batch, spiking=True)
+    rng = np.random.RandomState(4)
+    xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
+    ys = jnp.asarray(rng.randn(T, *np.shape(models.single_layer_2state(batch, spiking=True)[0]
+                                            .update(x0))), jnp.float32)
+    learner = zoo.OSTLFeedforward(m).compile_graph(x0)
+    g, _ = brainscale.online_gradients(learner, xs, ys, mse)
+    ref = bptt_grads(m_ref, xs, mse, targets=ys)
+    for k in ref:
+        assert_rel_close(g[k], ref[k], f"OSTL feed-forward vs BPTT {k}", rtol=1e-5)
+
+
+class TwoLayer(brainstate.nn.Module):
+    """Two recurrent leaky tanh layers: ``s_l = 0.7 s_l + tanh(W_l [in_l, s_l^{t-1}])``, the
+    second reading the first's new state; the output is the second's state."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        rng = np.random.RandomState(seed)
+        f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        self.w1 = brainscale.ETraceParam({"weight": f(rng.randn(2 + 3, 3) * 0.8)},
+                                         brainscale.MatMulOp())
+        self.w2 = brainscale.ETraceParam({"weight": f(rng.randn(3 + 2, 2) * 0.8)},
+                                         brainscale.MatMulOp())
+        self.s1 = brainscale.ETraceState(f(rng.randn(3) * 0.3))
+        self.s2 = brainscale.ETraceState(f(rng.randn(2) * 0.3))
+
+    def update(self, x):
+        s1 = 0.7 * self.s1.value + jnp.tanh(self.w1.execute(jnp.concatenate([x, self.s1.value])))
+        s2 = 0.7 * self.s2.value + jnp.tanh(self.w2.execute(jnp.concatenate([s1, self.s2.value])))
+        self.s1.value, self.s2.value = s1, s2
+        return s2
+
+
+def _two_layer_pure(s1p, s2p, x, w1, w2):
+    s1 = 0.7 * s1p + jnp.tanh(jnp.concatenate([x, s1p]) @ w1)
+    s2 = 0.7 * s2p + jnp.tanh(jnp.concatenate([s1, s2p]) @ w2)
+    return s1, s2
+
+
+def test_ostl_two_layers_equals_per_layer_traces():
+    net, ref_net = TwoLayer(), TwoLayer()
+    learner = zoo.OSTLAlgorithm(net).compile_graph(jnp.zeros(2))
+    w1 = jnp.asarray(ref_net.w1.value["weight"])
+    w2 = jnp.asarray(ref_net.w2.value["weight"])
+    s1, s2 = jnp.asarray(ref_net.s1.value), jnp.asarray(ref_net.s2.value)
+    params = net.states(brainstate.ParamState)
+
+    @brainstate.transform.jit
+    def step(x, t):
+        return brainstate.transform.grad(lambda: mse(learner(x), t), params)()
+
+    E1, E2 = jnp.zeros((3, w1.size)), jnp.zeros((2, w2.size))
+    rng = np.random.RandomState(5)
+    for _ in range(8):
+        x = jnp.asarray(rng.randn(2), jnp.float32)
+        tgt = jnp.asarray(rng.randn(2), jnp.float32)
+        f1 = lambda s1p, w: _two_layer_pure(s1p, s2, x, w.reshape(w1.shape), w2)[0]  # noqa: E731
+        # layer 2 with the first layer's new state held fixed
+        s1_new = _two_layer_pure(s1, s2, x, w1, w2)[0]
+        f2 = lambda s2p, w: 0.7 * s2p + jnp.tanh(  # noqa: E731
+            jnp.concatenate([s1_new, s2p]) @ w.reshape(w2.shape))
+        J11, D1 = jax.jacfwd(f1, argnums=(0, 1))(s1, w1.ravel())
+        J22, D2 = jax.jacfwd(f2, argnums=(0, 1))(s2, w2.ravel())
+        E1, E2 = J11 @ E1 + D1, J22 @ E2 + D2
+        # spatial learning signals at this step: ∂L^t/∂s_l^t
+        loss_of = lambda s1n: mse(0.7 * s2 + jnp.tanh(jnp.concatenate([s1n, s2]) @ w2), tgt)  # noqa: E731
+        d1 = jax.grad(loss_of)(s1_new)
+        s2_new = f2(s2, w2.ravel())
+        d2 = s2_new - tgt
+        g = step(x, tgt)
+        assert_rel_close(g[("w1",)]["weight"], (d1 @ E1).reshape(w1.shape), "W1", rtol=1e-5)
+        assert_rel_close(g[("w2",)]["weight"], (d2 @ E2).reshape(w2.shape), "W2", rtol=1e-5)
+        s1, s2 = s1_new, s2_new
+
+
+# ---------------------------------------------------------------------------------------
+# three-factor
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,batch", [("lif_delta", 0), ("alif", 2)])
+def test_three_factor_equals_modulated_eligibility(name, batch):
+    m, x0 = models.make(name, batch)
+    m_ref, _ = models.make(name, batch)
+    learner = zoo.ThreeFactorAlgorithm(m).compile_graph(x0)
+    assert {t.signal for t in learner.graph.traces if t.dim != "none"} == {"modulatory"}
+    orc = DenseOracle(m_ref, x0, algorithm="param", loss_fn=lambda o: jnp.sum(o))
+    params = m.states(brainstate.ParamState)
+
+    @brainstate.transform.jit
+    def step(x, mod):
+        return brainstate.transform.grad(lambda: jnp.sum(learner(x, modulator=mod)), params)()
+
+    rng = np.random.RandomState(6)
+    n = int(np.prod(np.shape(m.V.value)))
+    for s in range(6):
+        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
+        # a scalar reward, then a per-neuron modulator
+        mod = jnp.asarray(rng.randn(), jnp.float32) if s % 2 == 0 else \
+            jnp.asarray(rng.randn(*np.shape(m.V.value)), jnp.float32)
+        g = step(x, mod)
+        r = orc.step(x)
+        mvec = np.concatenate([np.broadcast_to(np.asarray(mod), np.shape(m.V.value)).ravel()]
+                              * (len(r["hidden_names"])))
+        assert mvec.size == sum(int(np.prod(s_)) for _, s_ in r["hidden_names"]) == \
+            n * len(r["hidden_names"])
+        ((_, path),) = [(k, p) for k, p in r["traces"]]
+        E = r["traces"][(0, path)]
+        flat = mvec @ E
+        want = jax.tree.unflatten(jax.tree.structure(m_ref.syn.value),
+                                  [flat[:5], flat[5:].reshape(8, 5)])
+        assert_rel_close(g[("syn",)], want, f"step {s}", rtol=1e-5)
+
+
+def test_three_factor_needs_its_modulator():
+    m, x0 = models.lif_delta(0)
+    learner = zoo.ThreeFactorAlgorithm(m).compile_graph(x0)
+    with pytest.raises(brainscale.BrainscaleError, match="needs a modulator"):
+        learner(x0)
+    learner.modulator = 0.5
+    learner(x0)                      # a standing modulator
+
+
+# ---------------------------------------------------------------------------------------
+# DNI
+# ---------------------------------------------------------------------------------------
+
+class LeakyRNN(brainstate.nn.Module):
+    """``h = 0.8 h + 0.2 tanh(W [x, h] + b)``; the output is ``h``."""
+
+    def __init__(self, batch=0, seed=0):
+        super().__init__()
+        rng = np.random.RandomState(seed)
+        f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        self.w = brainscale.ETraceParam({"weight": f(rng.randn(2 + 4, 4)),
+                                         "bias": f(rng.randn(4) * 0.1)}, brainscale.MatMulOp())
+        self.h = brainscale.ETraceState(f(rng.randn(*_shape(batch, 4)) * 0.5))
+
+    def update(self, x):
+        h = self.h.value
+        self.h.value = 0.8 * h + 0.2 * jnp.tanh(self.w.execute(jnp.concatenate([x, h], -1)))
+        return self.h.value
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_dni_equals_literal_synthetic_gradient_equations(batch):
+    net, ref = LeakyRNN(batch), LeakyRNN(batch)
+    x0 = jnp.zeros(_shape(batch, 2))
+    learner = zoo.DNIAlgorithm(net).compile_graph(x0)
+    (sg_state,) = learner.synthetic_params().values()
+    rng = np.random.RandomState(8)
+    A = jnp.asarray(rng.randn(4, 4) * 0.3, jnp.float32)
+    c = jnp.asarray(rng.randn(4) * 0.1, jnp.float32)
+    sg_state.value = {"weight": A, "bias": c}
+    params = {**net.states(brainstate.ParamState), **learner.synthetic_params()}
+
+    @brainstate.transform.jit
+    def step(x, t):
+        return brainstate.transform.grad(lambda: jnp.sum(learner(x) * t), params)()
+
+    W, b = ref.w.value["weight"], ref.w.value["bias"]
+    h = jnp.asarray(ref.h.value)
+
+    def F(hp, x, W, b):
+        return 0.8 * hp + 0.2 * jnp.tanh(jnp.concatenate([x, hp], -1) @ W + b)
+
+    def ghat(h):
+        return h @ A + c
+    theta = jnp.concatenate([b, W.ravel()])
+    E = jnp.zeros(np.shape(h) + (theta.size,))
+    for s in range(6):
+        x = jnp.asarray(rng.randn(*_shape(batch, 2)), jnp.float32)
+        tgt = jnp.asarray(rng.randn(*_shape(batch, 4)), jnp.float32)
+        # D-RTRL trace: J = 0.8 (element-wise), df ∂y/∂θ with y = [x, h] W + b
+        pre = jnp.concatenate([x, h], -1)
+        y = pre @ W + b
+        df = 0.2 * (1 - jnp.tanh(y) ** 2)                                  # (..., 4)
+        dy = jnp.concatenate([jnp.broadcast_to(jnp.eye(4), np.shape(h) + (4,)),
+                              jnp.einsum("...i,jk->...jik", pre, jnp.eye(4)).reshape(
+                                  np.shape(h) + (-1,))], -1)             # (..., 4, |θ|)
+        E = 0.8 * E + df[..., None] * dy
+        h_new = F(h, x, W, b)
+        sig = tgt + ghat(h_new)                                            # δ + ĝ(h^t)
+        g_theta = jnp.einsum("...n,...nc->c", sig, E)
+        # the synthetic module's target and regression gradient
+        _, vjp = jax.vjp(lambda hp: F(hp, x, W, b), h)
+        (target,) = vjp(tgt + ghat(h_new))
+        err = ghat(h) - target
+        gA = h.reshape(-1, 4).T @ err.reshape(-1, 4)
+        gc = err.reshape(-1, 4).sum(0)
+        g = step(x, tgt)
+        assert_rel_close(g[("w",)]["bias"], g_theta[:4], f"step {s} bias", rtol=1e-5)
+        assert_rel_close(g[("w",)]["weight"], g_theta[4:].reshape(6, 4), f"step {s} W",
+                         rtol=1e-5)
+        gs = g[("synthetic", "G0")]
+        assert_rel_close(gs["weight"], gA, f"step {s} synthetic weight", rtol=1e-5)
+        assert_rel_close(gs["bias"], gc, f"step {s} synthetic bias", rtol=1e-5)
+        h = h_new
+
+
+# ---------------------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------------------
+
+def test_braintrace_names_and_compile_names():
+    m, x0 = models.lif_delta(0)
+    cases = [(zoo.SnAp(m, n=2), {"scope": "sparse", "snap_n": 2}),
+             (zoo.UORO(m, projection_key=3), {"scope": "coupled"}),
+             (zoo.EProp(m, feedback="random", kappa_filter_decay=0.5, random_feedback_key=1),
+              {"signal": "random", "filter": "kappa", "kappa": 0.5}),
+             (zoo.OSTLRecurrent(m), {"scope": "group"}),
+             (zoo.OSTLFeedforward(m), {}),
+             (zoo.ThreeFactor(m), {"signal": "modulatory"}),
+             (zoo.DNI(m), {"signal": "synthetic"})]
+    for learner, axes in cases:
+        learner.compile_graph(x0)
+        (t,) = learner.graph.traces
+        for k, v in axes.items():
+            assert getattr(t, k) == v, (type(learner).__name__, k)
+    assert zoo.RandomProjectionVjpAlgorithm is zoo.UORO
+    for name, cls in (("rtrl", zoo.RTRLAlgorithm), ("eprop", zoo.EPropAlgorithm),
+                      ("uoro", zoo.UOROAlgorithm), ("ostl", zoo.OSTLAlgorithm)):
+        c = brainscale.compile(models.lif_delta(0)[0], x0, algorithm=name)
+        assert type(c.learner) is cls
+    with pytest.raises(ValueError, match="random_feedback_key"):
+        zoo.EProp(m, feedback="random")
+    with pytest.raises(ValueError, match="SnAp order"):
+        zoo.SnApAlgorithm(m, n=0)
