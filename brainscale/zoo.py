@@ -211,6 +211,34 @@ class RuleAlgorithm(ETraceAlgorithm):
         return self.update(*args, **kwargs)
 
     # -- inspection -----------------------------------------------------------------------
+    def etrace_of(self, param) -> dict:
+        """The traces of a parameter, as :meth:`ETraceAlgorithm.etrace_of`; a κ-filtered
+        trace gives ``{'eps': ε, 'eps_bar': ē}`` per (relation, group), and an influence or
+        random-projection trace the dict of :meth:`influence_of` under ``'influence'``."""
+        self._require()
+        g = self.graph
+        name = param if isinstance(param, str) else self._param_name(param)
+        traces = {g.trace_of_relation[r.id].id: g.trace_of_relation[r.id]
+                  for r in g.relations if r.param == name}
+        if any(t.dim == "random" or t.scope != "diagonal" for t in traces.values()):
+            return {"influence": self.influence_of(name)}
+        if not any(t.filter == "kappa" for t in traces.values()):
+            return super().etrace_of(param)
+        values = {a.id: st.value for a, st in zip(self._step.binding.arrays, self._traces)}
+        out: dict = {}
+        for t in traces.values():
+            for role in ("eps", "eps_bar"):
+                per: dict = {}
+                for a in t.arrays:
+                    if a.role == role:
+                        per.setdefault((a.relation, a.group), {}).setdefault(a.leaf, {})[
+                            a.state] = values[a.id]
+                for key, leaves in per.items():
+                    stacked = [v[None] if None in v else jnp.stack([v[s] for s in sorted(v)], -1)
+                               for _, v in sorted(leaves.items())]
+                    out.setdefault(key, {})[role] = self._step.binding.w_tree(name, stacked)
+        return out
+
     def influence_of(self, param) -> dict:
         """The influence matrix of a parameter under an influence scope:
         ``{hidden state name: {leaf name: ∂h/∂θ_leaf}}`` (per example: ``varshape + leaf``);

@@ -259,3 +259,23 @@ def test_diagonal_rule_equals_its_literal_equations(name, dim, recursion, kappa,
         g_ref, _ = ref.step(x, tgt)
         for k in params:
             assert_rel_close(g[k], g_ref[k], f"step {s} {k}", rtol=2e-5)
+
+
+def test_etrace_of_shows_the_filtered_and_the_influence_traces():
+    m, x0 = models.alif(2)
+    learner = zoo.EPropAlgorithm(m, kappa=0.5).compile_graph(x0)
+    learner(x0)
+    (tr,) = learner.etrace_of(m.syn).values()
+    # after one step from zero: ē = ε
+    for k in ("bias", "weight"):
+        np.testing.assert_allclose(tr["eps_bar"][k], tr["eps"][k])
+        assert tr["eps"][k].shape == m.syn.value[k].shape[:0] + (2,) + \
+            m.syn.value[k].shape + (2,)
+    learner(x0)
+    assert not np.allclose(tr["eps_bar"]["weight"], learner.etrace_of(m.syn)[("R0", "G0")]
+                           ["eps_bar"]["weight"])
+    rt = zoo.RTRLAlgorithm(models.alif(2)[0]).compile_graph(x0)
+    rt(x0)
+    inf = rt.etrace_of(rt.model.syn)["influence"]
+    assert set(inf) == {"V", "a"}
+    assert inf["V"]["weight"].shape == (2, 5, 8, 5)          # (batch, neurons) + leaf
