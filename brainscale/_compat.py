@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -18,8 +19,8 @@ from jax.extend import source_info_util
 __all__ = [
     "Var", "Literal", "Primitive", "ClosedJaxpr", "Jaxpr", "JaxprEqn",
     "open_jaxpr", "closed_consts", "make_closed", "is_literal", "literal_value",
-    "eqn_subjaxprs", "inline_calls", "eval_eqn", "eqn_location", "JIT_NAMES",
-    "jax_version",
+    "eqn_subjaxprs", "inline_calls", "eval_eqn", "eqn_location", "JIT_NAMES", "CALL_NAMES",
+    "LIBRARY_PACKAGES", "library_paths", "primitive_names", "eqn_jvp_jaxpr", "jax_version",
 ]
 
 Var = jcore.Var
@@ -31,33 +32,49 @@ JaxprEqn = jcore.JaxprEqn
 
 #: names of the jit primitive across versions ('pjit' before jax 0.7)
 JIT_NAMES = frozenset({"jit", "pjit"})
-#: call-like primitives whose body can be inlined without changing semantics
-#: (``jax.checkpoint`` / ``jax.remat`` bind ``remat2`` on jax 0.10-0.12; its body is an open
-#: jaxpr on 0.10)
-_INLINABLE = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
-                        "checkpoint"})
+#: call-like primitives whose body can be inlined without changing semantics: jit (pjit on
+#: old jax), ``closed_call`` (renamed ``eval_jaxpr`` in jax 0.12, where ``closed_call_p`` is an
+#: alias of it), and ``jax.checkpoint`` / ``jax.remat``, which bind ``remat2`` (its body is
+#: an open jaxpr on jax 0.10)
+_INLINABLE = frozenset({"jit", "pjit", "closed_call", "eval_jaxpr", "remat2"})
 
 jax_version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-# Report the user's frame, not ours or a library's, in error messages and --locs: frames in
-# brainscale and in the brain-dynamics libraries a model is written with are skipped.
-source_info_util.register_exclusion(os.path.dirname(os.path.abspath(__file__)))
+#: packages whose frames are never "the user's line": brainscale itself and the libraries a
+#: model is written with (brainunit is implemented in ``saiunit`` on brainunit >= 0.5).
+#: jax excludes its own frames and the standard library.
+LIBRARY_PACKAGES = ("brainscale", "brainstate", "braintools", "brainunit", "saiunit",
+                    "brainevent", "brainpy", "brainpy_state", "jax", "jaxlib")
 
 
-def _exclude_library_frames():
+def _package_dirs(name: str) -> list[str]:
     import importlib.util
-    for name in ("brainstate", "braintools", "brainunit", "brainevent", "brainpy",
-                 "brainpy_state"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        if spec is not None and spec.submodule_search_locations:
-            for loc in spec.submodule_search_locations:
-                source_info_util.register_exclusion(os.path.abspath(loc))
+    try:
+        spec = importlib.util.find_spec(name)      # does not import the package
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    out = []
+    for loc in spec.submodule_search_locations:
+        for p in {os.path.abspath(loc), os.path.realpath(loc)}:
+            out.append(p.rstrip(os.sep) + os.sep)  # a sibling 'brainstate_x/' stays the user's
+    return out
 
 
-_exclude_library_frames()
+def library_paths() -> tuple[str, ...]:
+    """Directory prefixes (ending in a path separator) whose frames are skipped when a
+    source location is reported (:func:`eqn_location`), for every installed package of
+    :data:`LIBRARY_PACKAGES`."""
+    return tuple(p for name in LIBRARY_PACKAGES for p in _package_dirs(name))
+
+
+# Report the user's frame, not ours or a library's, in error messages and --locs: the first
+# frame outside the packages above (jax skips its own and the standard library's). An
+# equation's traceback ends at the traced function, so a launcher (the brainscale-opt script,
+# a test runner) never appears in it; a model made only of library modules has no location.
+for _p in dict.fromkeys(library_paths()):
+    source_info_util.register_exclusion(_p)
 
 
 def open_jaxpr(closed: Any) -> Any:
@@ -94,11 +111,28 @@ def eqn_subjaxprs(eqn: Any) -> list:
     return out
 
 
-#: jax primitive names by what they are, across jax 0.10 - 0.12 (the dependency rules and
-#: the inliner are keyed by these; tests/test_rule_table.py checks every one is reachable)
-CALL_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
-                        "checkpoint", "custom_jvp_call", "custom_vjp_call",
-                        "custom_vjp_call_jaxpr"})
+#: call-like primitives (a body jaxpr whose outputs are the equation's), across jax releases
+#: ('pjit' and 'custom_vjp_call_jaxpr' are older releases' names); those in ``_INLINABLE``
+#: are inlined by :func:`inline_calls`, the custom-derivative ones are analysed through their
+#: primal body and their derivative rule (tests/test_rule_table.py checks every name that
+#: exists on the installed jax is one or the other)
+CALL_NAMES = frozenset({"jit", "pjit", "closed_call", "eval_jaxpr", "remat2",
+                        "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def primitive_names() -> frozenset:
+    """Names of the primitives defined by the installed jax and brain-dynamics libraries
+    (module-level ``Primitive`` objects of their loaded modules): which names of the rule
+    tables exist on this version."""
+    names = set()
+    roots = tuple(LIBRARY_PACKAGES)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or mod_name.split(".", 1)[0] not in roots:
+            continue
+        for val in list(getattr(mod, "__dict__", {}).values()):
+            if isinstance(val, Primitive):
+                names.add(val.name)
+    return frozenset(names)
 
 
 def _is_marked_name(name: str) -> bool:
@@ -178,12 +212,124 @@ def inline_calls(closed: Any) -> Any:
     return make_closed(new, new_consts)
 
 
+#: custom_vjp applications across jax versions (evaluated with a derived JVP by eval_eqn)
+CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
 def eval_eqn(eqn: Any, invals: Sequence[Any]) -> list:
     """Evaluate one equation on concrete or traced values (the core of eval_jaxpr).
 
     ``get_bind_params`` returns ``params`` on recent jax and ``(subfuns, params)`` on older
     releases; both forms are handled. The equation's context (e.g. source info) is entered.
+    A ``jax.custom_vjp`` application also gets forward-mode derivatives (the compiled step is
+    linearised): see :func:`_eval_custom_vjp`.
     """
+    if eqn.primitive.name in CUSTOM_VJP_NAMES:
+        return _eval_custom_vjp(eqn, invals)
+    return _bind(eqn, invals)
+
+
+def _eval_custom_vjp(eqn: Any, invals: Sequence[Any]) -> list:
+    """A ``jax.custom_vjp`` application that JAX can also differentiate forward.
+
+    JAX refuses forward-mode autodiff of a custom_vjp function, yet the compiled step is
+    linearised (``jax.linearize``) to get the traces' Jacobians. The user's backward rule is
+    linear in the cotangent, so its transpose is the JVP that matches it exactly:
+    ``t_out = (v -> vjp(v))^T (t_in)`` (``jax.linear_transpose``). Reverse mode through the
+    result transposes back to the user's rule, so both directions agree with BPTT. A backward
+    rule JAX cannot transpose (it branches on the cotangent, calls back to Python, ...) is an
+    error naming the function's line.
+    """
+    from .errors import UnsupportedPrimitiveError
+
+    float_in = [i for i, x in enumerate(invals) if _is_float(x)]
+
+    def call(*args):
+        return tuple(_bind(eqn, args))
+
+    f = jax.custom_jvp(call)
+
+    def jvp(primals, tangents):
+        outs, vjp_fn = jax.vjp(call, *primals)
+
+        def vjp_float(cts):                 # cotangents of the float inputs only
+            res = vjp_fn(tuple(cts))
+            return tuple(res[i] for i in float_in)
+        float_outs = [i for i, o in enumerate(outs) if _is_float(o)]
+        try:
+            transposed = jax.linear_transpose(
+                lambda *cts: vjp_float(_fill(cts, float_outs, outs)),
+                *[outs[i] for i in float_outs])
+            t_float = transposed(tuple(tangents[i] for i in float_in))
+        except Exception as e:  # noqa: BLE001 - JAX's reason is kept in the message
+            raise UnsupportedPrimitiveError(
+                f"the jax.custom_vjp function at {eqn_location(eqn) or 'unknown location'} "
+                f"needs a forward-mode derivative (brainscale linearises the step), derived by "
+                f"transposing its backward rule, which failed ({type(e).__name__}: {e}). Write "
+                f"the backward rule as a function linear in the cotangent, or define the "
+                f"function with jax.custom_jvp (for a surrogate spike: braintools.surrogate)"
+            ) from e
+        t_it = iter(t_float)
+        return outs, tuple(next(t_it) if _is_float(o) else _float0_like(o) for o in outs)
+
+    f.defjvp(jvp)
+    return list(f(*invals))
+
+
+def eqn_jvp_jaxpr(eqn: Any) -> tuple[Any, list[int], list[int]]:
+    """The JVP of one equation as a closed jaxpr, with its custom derivative rule traced.
+
+    Inputs are the equation's primal inputs followed by tangents of its float inputs; outputs
+    are its primal outputs followed by tangents of its float outputs. Returns ``(closed
+    jaxpr, float input positions, float output positions)``. For ``custom_jvp_call`` this is
+    the user's jvp rule, for ``custom_vjp_call`` the JVP derived from the backward rule (see
+    :func:`eval_eqn`): what the compiled step's linearisation really differentiates, so the
+    dependency analysis can check that it is element-wise like the primal body.
+    """
+    import numpy as np
+    avals = [v.aval for v in eqn.invars]
+    fl_in = [i for i, a in enumerate(avals) if _is_float_dtype(a.dtype)]
+    fl_out = [i for i, v in enumerate(eqn.outvars) if _is_float_dtype(v.aval.dtype)]
+    n = len(avals)
+
+    def f(*args):
+        prim, tan = args[:n], iter(args[n:])
+        tangents = [next(tan) if i in fl_in else np.zeros(a.shape, jax.dtypes.float0)
+                    for i, a in enumerate(avals)]
+        outs, touts = jax.jvp(lambda *a: tuple(eval_eqn(eqn, a)), tuple(prim), tuple(tangents))
+        return (*outs, *(touts[i] for i in fl_out))
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    specs += [jax.ShapeDtypeStruct(avals[i].shape, avals[i].dtype) for i in fl_in]
+    return jax.make_jaxpr(f)(*specs), fl_in, fl_out
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    try:
+        return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+    except TypeError:       # extended dtypes (PRNG keys)
+        return False
+
+
+def _is_float(x: Any) -> bool:
+    return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)
+
+
+def _fill(cts, float_outs, outs):
+    """Cotangents for every output: the given ones for float outputs, float0 zeros else."""
+    full, it = [], iter(cts)
+    pos = set(float_outs)
+    for i, o in enumerate(outs):
+        full.append(next(it) if i in pos else _float0_like(o))
+    return full
+
+
+def _float0_like(x):
+    import numpy as np
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list:
     bp = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(bp, tuple) and len(bp) == 2 and isinstance(bp[1], dict):
         subfuns, params = bp

@@ -22,11 +22,13 @@ traced step on exactly what it depends on (the inputs, hidden states and ops of 
 """
 from __future__ import annotations
 
+import contextvars
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from .. import _compat as C
+from ..errors import BrainscaleError
 
 __all__ = ["Dep", "RuleContext", "DependencyRule", "DEP_RULES", "register_dependency_rule",
            "analyze", "DepAnalysis", "EMPTY", "elementwise_error"]
@@ -166,6 +168,41 @@ def _call_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
     return _unsupported_rule(ctx, deps)
 
 
+#: set while a custom derivative rule's JVP is analysed
+_IN_DERIVATIVE: contextvars.ContextVar = contextvars.ContextVar("_IN_DERIVATIVE", default=False)
+
+
+def _custom_derivative_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """custom_jvp_call / custom_vjp_call: the primal body and the derivative rule.
+
+    The compiled step is linearised through the *custom* derivative (the user's jvp rule, or
+    the JVP derived from a custom_vjp's backward rule), which need not have the primal's
+    structure: a backward rule that centres the cotangent across neurons makes an
+    element-wise forward mix neurons. Both are analysed (the traced JVP with each tangent
+    carrying its primal's dependence) and their dependences united.
+    """
+    outs = _call_rule(ctx, deps)
+    if all(d.empty for d in deps) or _IN_DERIVATIVE.get():
+        # nothing reaching it is differentiated; or this is the primal inside a derivative
+        # rule being analysed (its own derivative is not taken: no second order)
+        return outs
+    name = ctx.eqn.primitive.name
+    try:
+        closed, fl_in, fl_out = C.eqn_jvp_jaxpr(ctx.eqn)
+    except BrainscaleError:
+        raise                        # a custom_vjp whose backward rule cannot be transposed
+    except Exception as e:  # noqa: BLE001 - a derivative JAX cannot trace here
+        why = f"{name}: its derivative rule could not be traced ({type(e).__name__})"
+        return [union([o, mix(deps, ctx.index, why)]) for o in outs]
+    token = _IN_DERIVATIVE.set(True)
+    try:
+        res = ctx.analyze_sub(closed, list(deps) + [deps[i] for i in fl_in])
+    finally:
+        _IN_DERIVATIVE.reset(token)
+    tangent = dict(zip(fl_out, res[len(ctx.out_shapes):]))
+    return [union([o, tangent[i]]) if i in tangent else o for i, o in enumerate(outs)]
+
+
 def _cond_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
     branches = ctx.eqn.params["branches"]
     pred, ops = deps[0], deps[1:]
@@ -176,28 +213,84 @@ def _cond_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
     return res
 
 
+def passthrough_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """Output ``i`` is input ``i`` (``optimization_barrier``, ``device_put``)."""
+    return [deps[i] if i < len(deps) else EMPTY for i in range(len(ctx.out_shapes))]
+
+
+def bitcast_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """``bitcast_convert_type``: element-wise between types of one width; between widths the
+    shape gains or loses a last axis and entries are split or merged (mixing)."""
+    if tuple(ctx.in_shapes[0]) == tuple(ctx.out_shapes[0]):
+        return elementwise_rule(ctx, deps)
+    return mixing_rule(ctx, deps)
+
+
+def random_gamma_rule(ctx: RuleContext, deps: list[Dep]) -> list[Dep]:
+    """``random_gamma(key, alpha)``: sample ``n`` reads ``alpha[n]`` (element-wise) and the
+    whole key (mixing): gamma noise whose shape follows a neuron's state stays per-neuron."""
+    key, rest = deps[0], list(deps[1:])
+    inner = RuleContext(ctx.eqn, ctx.index, ctx.in_shapes[1:], ctx.out_shapes, ctx.analyze_sub)
+    parts = elementwise_rule(inner, rest) if rest else [EMPTY] * len(ctx.out_shapes)
+    return [union([p, mix([key], ctx.index, ctx.eqn.primitive.name)]) for p in parts]
+
+
+# The rule table, audited on jax 0.10.2 and 0.12 against what jax.numpy / jax.lax / jax.nn /
+# brainunit.math / braintools.surrogate emit inside a neuron or synapse update (sub-jaxprs
+# included). Names that exist only on some versions are marked; tests/test_rule_table.py
+# builds a function emitting every name on the installed jax and checks its classification.
+
+#: per-element, shape-preserving (scalar / leading-axis operands broadcast): output entry n
+#: depends on the inputs' entry n only
 _ELEMENTWISE = """add sub mul div neg max min pow integer_pow exp exp2 log log1p expm1 tanh
 logistic sin cos tan sqrt rsqrt cbrt abs sign floor ceil round select_n clamp
 convert_element_type erf erfc erf_inv atan2 sinh cosh asinh acosh atanh asin acos atan square
-gt ge lt le eq ne and or not xor is_finite nextafter rem stop_gradient copy copy_p real imag
-conj reduce_precision heaviside_surrogate_gradient exprel sign custom_lin add_any
-shift_left shift_right_logical shift_right_arithmetic population_count clz""".split()
-_IDENTITY = "reshape squeeze expand_dims".split()
+gt ge lt le eq ne and or not xor is_finite nextafter rem stop_gradient copy real imag complex
+conj reduce_precision add_any shift_left shift_right_logical shift_right_arithmetic
+population_count clz lgamma digamma polygamma igamma igammac igamma_grad_a
+zeta bessel_i0e bessel_i1e regularized_incomplete_beta
+log2 one_minus_square polynomial
+heaviside_surrogate_gradient exprel""".split()
+# jax 0.12 only: log2 (jnp.log2), one_minus_square, polynomial (jnp.sinc); library primitives:
+# heaviside_surrogate_gradient (braintools.surrogate), exprel (brainunit 0.5: u.math.exprel)
+#: keep every element's identity (equal element count, same order): reshape, squeeze,
+#: checkpoint_name, with_sharding_constraint
+_IDENTITY = "reshape squeeze name sharding_constraint".split()
+#: output i is input i
+_PASSTHROUGH = "optimization_barrier device_put".split()
+#: an output entry reads several input entries (or moves them elsewhere): contractions,
+#: reductions, scans along an axis, permutations, slicing / padding / concatenation (jnp.roll
+#: is slice + concatenate), gathers and scatters (indexing, .at[]), sorting, pooling
 _MIXING = """dot_general conv_general_dilated reduce_sum reduce_max reduce_min reduce_prod
-reduce_and reduce_or argmax argmin cumsum cumprod cummax cummin cumlogsumexp transpose
-concatenate slice dynamic_slice dynamic_update_slice gather scatter scatter-add scatter_add
-pad rev sort top_k iota split""".split()
+reduce_and reduce_or reduce_xor argmax argmin cumsum cumprod cummax cummin cumlogsumexp
+transpose concatenate slice dynamic_slice dynamic_update_slice gather scatter scatter-add
+scatter-mul scatter-min scatter-max scatter-sub pad rev sort top_k iota split stack unstack
+tile reduce_window_sum reduce_window_max reduce_window_min reduce_window""".split()
+# jax 0.12 only: unstack (jnp.unstack)
+#: random numbers: every output depends on the whole key (and on nothing else), so noise drawn
+#: from a key that depends on no hidden state adds no hidden dependence (``random_gamma``'s
+#: shape parameter is read per element: :func:`random_gamma_rule`)
+_RANDOM = """random_seed random_bits random_wrap random_unwrap random_split random_fold_in
+random_clone threefry2x32 rng_bit_generator rng_uniform""".split()
 
 for _n in _ELEMENTWISE:
     DEP_RULES[_n] = elementwise_rule
 for _n in _IDENTITY:
     DEP_RULES[_n] = identity_rule
-for _n in _MIXING:
+for _n in _PASSTHROUGH:
+    DEP_RULES[_n] = passthrough_rule
+for _n in _MIXING + _RANDOM:
     DEP_RULES[_n] = mixing_rule
 DEP_RULES["broadcast_in_dim"] = broadcast_rule
+DEP_RULES["bitcast_convert_type"] = bitcast_rule
+DEP_RULES["random_gamma"] = random_gamma_rule
 for _n in C.CALL_NAMES:
     DEP_RULES[_n] = _call_rule
+for _n in ("custom_jvp_call",) + tuple(C.CUSTOM_VJP_NAMES):
+    DEP_RULES[_n] = _custom_derivative_rule
 DEP_RULES["cond"] = _cond_rule
+# loops are not analysed: a scan / while_loop on a path into a hidden state is refused (with
+# a hint to unroll it); one that only reads inputs or parameters is fine
 for _n in ("scan", "while"):
     DEP_RULES[_n] = _unsupported_rule
 
