@@ -325,6 +325,44 @@ def test_constant_and_random_entries_add_no_dependence(name):
     _assert_kept(fn, name)
 
 
+class NoisyNeuron(brainstate.nn.Module):
+    """Leaky neurons with input noise drawn in ``update`` from the model's own RandomState."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(1)
+        self.w = brainscale.ETraceParam(jnp.asarray(rng.randn(3, N) * 0.5, F32),
+                                        brainscale.MatMulOp())
+        self.V = brainscale.ETraceState(jnp.zeros(N, F32))
+        self.rng = brainstate.random.RandomState(0)
+
+    def update(self, x):
+        noise = self.rng.normal(size=(N,)) * 0.3
+        self.V.value = 0.9 * jnp.tanh(self.V.value) + self.w.execute(x) + noise
+        return self.V.value
+
+
+def test_noise_inside_update_compiles_and_matches_bptt():
+    """brainstate's RandomState inside ``update`` (random_bits & co. on a key state): not
+    refused, the key advances every step, and D-RTRL equals BPTT on the same noise (no
+    recurrent weight: the diagonal traces are exact)."""
+    from oracle import bptt_grads
+    xs = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    m = NoisyNeuron()
+    learner = brainscale.DiagParamDimAlgorithm(m).compile_graph(xs[0])
+    m.rng.seed(0)
+    p = m.states(brainstate.ParamState)
+    got = sum(np.asarray(brainstate.transform.grad(lambda: jnp.sum(learner(x) ** 2), p)()[("w",)])
+              for x in xs)
+    ref_model = NoisyNeuron()
+    ref_model.rng.seed(0)
+    ref = bptt_grads(ref_model, xs, lambda out: jnp.sum(out ** 2))[("w",)]
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-5, atol=1e-6)
+    key = np.asarray(jax.random.key_data(m.rng.value))
+    learner(xs[0])
+    assert not np.array_equal(np.asarray(jax.random.key_data(m.rng.value)), key)
+
+
 def test_random_output_depends_on_its_key():
     """A key made from V carries V's dependence into every random number (mixed)."""
     def fn(v, x):
