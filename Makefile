@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (Python >= 3.11):
 #   make demo   - create .venv, install, train an SNN online on embedded data, dump graph + plot
 #   make test   - create .venv, install, run the test suite
+#   make long-delay - an adaptive-LIF RSNN remembers a cue over 500 steps, trained online
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean long-delay
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out outputs/demo
+
+long-delay: $(STAMP)
+	$(BIN)/python examples/long_delay.py --out outputs/long-delay
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

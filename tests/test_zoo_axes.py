@@ -279,3 +279,18 @@ def test_etrace_of_shows_the_filtered_and_the_influence_traces():
     inf = rt.etrace_of(rt.model.syn)["influence"]
     assert set(inf) == {"V", "a"}
     assert inf["V"]["weight"].shape == (2, 5, 8, 5)          # (batch, neurons) + leaf
+
+
+def test_rules_page_runs_and_quotes_what_it_prints(capsys):
+    """docs/rules.md: its code runs as written and the IR lines it quotes are printed."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text()
+    ns: dict = {}
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.S)):
+        exec(compile(code, f"rules.md[python block {i}]", "exec"), ns)
+    printed = capsys.readouterr().out
+    quoted = re.search(r"```text\n(.*?)```", text, flags=re.S).group(1)
+    for line in quoted.splitlines():
+        assert line in printed, line
+    assert np.all(np.isfinite(np.asarray(ns["losses"])))
