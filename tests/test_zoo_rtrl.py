@@ -224,3 +224,19 @@ def test_uoro_is_unbiased(name, batch, S):
     print(f"UORO {name}: |mean-RTRL| {err(S):.3g}, sigma/sqrt(S) {se(S):.3g}, "
           f"|RTRL| {np.linalg.norm(exact):.3g}, |D-RTRL - RTRL| {np.linalg.norm(diag - exact):.3g}")
     assert 0.1 * np.linalg.norm(exact) > 4.0 * se(S)
+
+
+@pytest.mark.parametrize("cls", [zoo.RTRLAlgorithm, zoo.OSTLAlgorithm])
+def test_column_route_equals_bptt(cls, monkeypatch):
+    """The influence rules have two routes to ``J M + ∂F/∂θ``: per-example Jacobians (the
+    small-net default used above) and one JVP per parameter element (chosen when there are
+    fewer parameter elements than hidden values x (B + 1)); the second one is exact too."""
+    from brainscale.backends.rules_rtrl import InfluenceRule
+    monkeypatch.setattr(InfluenceRule, "_dense_route", staticmethod(lambda *a: False))
+    T = 8
+    xs, ys = _data("alif", 2, T)
+    _, grads = online(cls, "alif", 2, xs, ys)
+    m_ref, _ = models.make("alif", 2)
+    ref = bptt_grads(m_ref, xs, loss_fn, targets=ys)
+    for k in ref:
+        assert rel_err(grads[k], ref[k]) < 1e-5, k

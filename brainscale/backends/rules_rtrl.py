@@ -213,6 +213,9 @@ class InfluenceRule(TraceRule):
             if not idx:
                 continue
             lays = [_Layout(ctx.graph, b, traces[i]) for i in idx]
+            if self._dense_route(ctx.graph, hidden, lays):
+                self._update_dense(ctx, lin, traces, arrays, idx, lays, out)
+                continue
             cov = {e[0]: e for e in lays[0].covered}       # the same states for the batch
             offs = np.cumsum([0] + [lay.C for lay in lays])
             dh, axes = [], []
@@ -255,6 +258,83 @@ class InfluenceRule(TraceRule):
                     for pos, v in lay.unstack(mt, entry).items():
                         out[i][pos] = v
         return out
+
+    @staticmethod
+    def _dense_route(graph, hidden, lays) -> bool:
+        """Whether to form ``J`` and ``∂F/∂θ`` per example (``N + B·N`` JVPs / VJPs) instead
+        of one JVP per parameter element: when that is fewer, and no op couples the
+        examples (a batch-statistics normalisation does)."""
+        if any(getattr(graph.op_object(o.name), "batch_jacobian", None) is not None
+               for o in graph.ops):
+            return False
+        lead = 1 if graph.batch else 0
+        cov = {e[0] for e in lays[0].covered}
+        n_ex = sum(int(np.prod(np.shape(h)[lead:], dtype=np.int64))
+                   for k, h in enumerate(hidden) if k in cov)
+        B = int(graph.batch) if graph.batch else 1
+        return n_ex * (B + 1) < sum(lay.C for lay in lays)
+
+    def _update_dense(self, ctx, lin, traces, arrays, idx, lays, out) -> None:
+        """``M ← J M + D`` with the per-example step Jacobian ``J`` among the covered hidden
+        states (one JVP per hidden value, shared by the examples; the other states' tangents
+        zero) and ``D = ∂F/∂θ`` (one VJP per example and covered hidden value)."""
+        b, g = ctx.binding, ctx.graph
+        theta_t = ctx.step["inputs"][0]
+        hidden = ctx.step["inputs"][3]
+        lead = (int(g.batch),) if g.batch else ()
+        cov = [e[0] for e in lays[0].covered]
+        shapes = {k: tuple(np.shape(hidden[k])) for k in cov}
+        per = {k: shapes[k][len(lead):] for k in cov}
+        sizes = [int(np.prod(per[k], dtype=np.int64)) for k in cov]
+        offs = dict(zip(cov, np.cumsum([0] + sizes)[:-1].tolist()))
+        n_ex = int(sum(sizes))
+        dt = jnp.result_type(*[l for lay in lays for l in theta_t[lay.pi]])
+        zero_h = _zeros_like_hidden(hidden)
+        zero_th = tuple(tuple(jnp.zeros(jnp.shape(l), jnp.result_type(l)) for l in ls)
+                        for ls in theta_t)
+        size = dict(zip(cov, sizes))
+
+        def dir_tangent(e):              # a one-hot over one example's covered values
+            return tuple(jnp.broadcast_to(e[offs[k]:offs[k] + size[k]].reshape(per[k]),
+                                          shapes[k]).astype(jnp.result_type(h))
+                         if k in offs else zero_h[k] for k, h in enumerate(hidden))
+
+        def j_col(e):
+            tang = lin.jvp(dir_tangent(e), zero_th)
+            return jnp.concatenate([tang[b.hidden_out[k]].astype(dt).reshape(lead + (-1,))
+                                    for k in cov], axis=-1)
+        J = jax.vmap(j_col, out_axes=-1)(jnp.eye(n_ex, dtype=dt))       # (lead, out, in)
+        zeros_ct = [zero_cotangent_aval(jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)))
+                    for o in lin.outs]
+        transpose = jax.linear_transpose(lambda th: lin.jvp(zero_h, th), zero_th)
+
+        def d_row(e):                    # e: a one-hot over (lead, n_ex)
+            cts = list(zeros_ct)
+            for k in cov:
+                cts[b.hidden_out[k]] = e[..., offs[k]:offs[k] + size[k]].reshape(
+                    shapes[k]).astype(jnp.result_type(hidden[k]))
+            (dth,) = transpose(tuple(cts))
+            return jnp.concatenate([jnp.ravel(l).astype(dt) for lay in lays
+                                    for l in dth[lay.pi]])
+        rows = int(np.prod(lead, dtype=np.int64)) * n_ex
+        D = jax.vmap(d_row)(jnp.eye(rows, dtype=dt).reshape((rows,) + lead + (n_ex,)))
+        D = D.reshape(lead + (n_ex, -1))                                   # (lead, n_ex, C)
+        offs_c = np.cumsum([0] + [lay.C for lay in lays])
+        M = jnp.concatenate(
+            [jnp.concatenate([lay.stack(arrays[i], {e[0]: e for e in lay.covered}[k], dt)
+                              .reshape(lead + (size[k], lay.C)) for k in cov], axis=-2)
+             for i, lay in zip(idx, lays)], axis=-1)                       # (lead, n_ex, C)
+        M = jnp.einsum("...ij,...jc->...ic", J, M) + D
+        for k in cov:
+            mk = M[..., offs[k]:offs[k] + size[k], :].reshape(shapes[k] + (-1,))
+            for i, lay, o in zip(idx, lays, offs_c[:-1]):
+                mt = mk[..., int(o):int(o) + lay.C]
+                masks = self.masks.get(traces[i].id)
+                if masks is not None:
+                    mt = jnp.where(masks[k], mt, jnp.zeros((), mt.dtype))
+                entry = {e[0]: e for e in lay.covered}[k]
+                for pos, v in lay.unstack(mt, entry).items():
+                    out[i][pos] = v
 
     def grad(self, ctx, traces, arrays, delta):
         b = ctx.binding
