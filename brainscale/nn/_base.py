@@ -1,12 +1,16 @@
 """Base classes of ``brainscale.nn``: input accumulation, neurons and synapses.
 
-Everything here is built on ``brainstate`` alone (no ``brainpy`` dependency).
-:class:`Dynamics` adds to ``brainstate.nn.Dynamics`` the input accumulation that
-``brainpy.state.Dynamics`` offers (``add_current_input`` / ``add_delta_input`` /
-``sum_current_inputs`` / ``sum_delta_inputs``, call-and-pop semantics), so the seed's models
-and projections (``DeltaProj`` etc.) work without brainpy. :class:`Neuron` additionally
-accepts the seed's old signature ``Neuron(size, keep_size=False, name=..., spk_fun=...,
-spk_reset=...)``.
+When ``brainpy`` (``brainpy.state``) is installed, :class:`Dynamics`, :class:`Neuron` and
+:class:`Synapse` are subclasses of ``brainpy.state.Dynamics`` / ``Neuron`` / ``Synapse``:
+brainpy's and brainstate's projections (``brainpy.state.DeltaProj``, ``AlignPostProj``,
+``CurrentProj``; on brainstate 0.5-0.6 ``brainstate.nn.DeltaProj`` is brainpy's) accept
+``brainscale.nn`` neurons and synapses, and the input accumulation is brainpy's own. Without
+brainpy they derive from ``brainstate.nn.Dynamics`` with the same input accumulation
+(``add_current_input`` / ``add_delta_input`` / ``sum_current_inputs`` /
+``sum_delta_inputs``, call-and-pop semantics) written here, so the seed's models and
+``brainscale.nn``'s projections work either way. :class:`Neuron` additionally accepts the
+seed's old signature ``Neuron(size, keep_size=False, name=..., spk_fun=..., spk_reset=...)``,
+which ``brainpy.state.Neuron`` no longer does.
 
 Hidden states of every module in ``brainscale.nn`` are :class:`brainscale.ETraceState`
 objects created in ``init_state(batch_size=None)`` and refilled in
@@ -21,7 +25,25 @@ import braintools
 import brainstate
 import numpy as np
 
-__all__ = ["Dynamics", "Neuron", "Synapse", "to_size", "get_activation", "broadcast_like"]
+try:  # brainpy.state: brainpy >= 2.9, or brainpy 2.8 with the brainpy_state package
+    import brainpy.state as _bp
+except ImportError:  # brainpy is optional: the fallback base below offers the same interface
+    _bp = None
+
+__all__ = ["Dynamics", "Neuron", "Synapse", "to_size", "get_activation", "make_param",
+           "HAS_BRAINPY"]
+
+#: whether ``brainscale.nn``'s neurons and synapses are ``brainpy.state`` dynamics
+HAS_BRAINPY: bool = _bp is not None
+
+
+def _brainpy_mixin(cls_name: str, mixin: str):
+    """brainpy.state's mixin class ``mixin`` (e.g. ``AlignPost``), found on the MRO of its
+    public class ``cls_name`` (the mixins are not exported and their module moved between
+    brainpy 2.8 and 2.9), or None."""
+    if _bp is None:
+        return None
+    return next((c for c in getattr(_bp, cls_name, object).__mro__ if c.__name__ == mixin), None)
 
 
 def to_size(size, what: str = "size") -> tuple:
@@ -60,21 +82,30 @@ def get_activation(activation) -> Callable:
     return activation
 
 
-def broadcast_like(a, like):
-    """``a`` broadcast to ``like``'s shape in one ``broadcast_in_dim``.
+def make_param(param_type, value, op, what: str, **etrace_kwargs):
+    """``param_type(value, op=op)``: brainscale 0.1's ``param_type=`` hook of the layers.
 
-    Combining a per-neuron vector (e.g. an ``ElemWiseOp`` output of shape ``(n,)``) with a
-    batched array ``(B, n)`` through ``*``/``+`` makes jax emit ``broadcast_in_dim`` to
-    ``(1, n)`` and an implicitly broadcasting binary op; brainscale 0.2.0's first dependency
-    rules rejected that on a path into a hidden state. The modules broadcast explicitly (one
-    full ``broadcast_in_dim``, whose trailing axes keep each neuron's identity) so they
-    compile with either rule set.
+    ``param_type`` is :class:`brainscale.ETraceParam` (the default: an eligibility trace),
+    ``brainscale.NonTempParam`` (instantaneous gradient only), ``brainscale.FakeETraceParam``
+    (a fixed weight) or any class taking ``(value, op=...)`` with an ``execute`` method.
+    ``etrace_kwargs`` (e.g. ``grad='full'``) are passed to ETraceParam subclasses only.
     """
-    import brainunit as u
-    shape = tuple(u.math.shape(like))
-    if tuple(u.math.shape(a)) == shape:
-        return a
-    return u.math.broadcast_to(a, shape)
+    from ..concepts import ETraceParam
+    if not callable(param_type):
+        raise TypeError(f"{what}: param_type must be a parameter class such as "
+                        f"brainscale.ETraceParam or brainscale.NonTempParam, got {param_type!r}")
+    kw = etrace_kwargs if isinstance(param_type, type) and issubclass(param_type, ETraceParam) \
+        else {}
+    hint = (f"{what}: param_type={getattr(param_type, '__name__', param_type)!r} must take "
+            f"(value, op=...) and apply the op in execute(x), like brainscale.ETraceParam, "
+            f"NonTempParam or FakeETraceParam (a plain brainstate.ParamState has no op)")
+    try:
+        param = param_type(value, op=op, **kw)
+    except TypeError as e:
+        raise TypeError(f"{hint}: {e}") from e
+    if not callable(getattr(param, "execute", None)):
+        raise TypeError(hint)
+    return param
 
 
 def _label_start(label: str) -> str:
@@ -85,31 +116,13 @@ def _label_key(key: str, label: Optional[str]) -> str:
     return key if label is None else _label_start(label) + str(key)
 
 
-class Dynamics(brainstate.nn.Dynamics):
-    """``brainstate.nn.Dynamics`` with input accumulation (as in ``brainpy.state``).
-
-    Projections register inputs on their target; the target sums them in its ``update``:
-
-    * ``add_current_input(key, inp, label=None)`` / ``sum_current_inputs(init, *args,
-      label=None, pop=True, **kw)``: a *callable* input is called with ``*args, **kw``
-      (e.g. a conductance-based output with the membrane potential) and stays registered; a
-      *value* is added once and then removed (call-and-pop).
-    * ``add_delta_input(key, inp, label=None)`` / ``sum_delta_inputs(init, ...)``: the same
-      for instantaneous jumps of a state (e.g. ``V += W s``).
-
-    Example::
-
-        >>> import brainunit as u
-        >>> d = brainscale.nn.Dynamics(3)
-        >>> d.add_delta_input('a', jnp.ones(3))
-        >>> d.sum_delta_inputs(jnp.zeros(3))       # the value is popped
-        Array([1., 1., 1.], dtype=float32)
-        >>> d.sum_delta_inputs(jnp.zeros(3))
-        Array([0., 0., 0.], dtype=float32)
-    """
+class _InputAccumulation(brainstate.nn.Dynamics):
+    """``brainstate.nn.Dynamics`` with brainpy.state's input accumulation, the base of
+    :class:`Dynamics` when brainpy is not installed (see :class:`Dynamics` for the
+    semantics)."""
 
     def __init__(self, in_size, name: Optional[str] = None):
-        super().__init__(to_size(in_size, "in_size"), name=name)
+        super().__init__(in_size, name=name)
         self._current_inputs = None
         self._delta_inputs = None
 
@@ -178,11 +191,44 @@ class Dynamics(brainstate.nn.Dynamics):
         return self._sum(self._delta_inputs, "delta", init, args, label, pop, kwargs)
 
 
+_DynamicsBase = _bp.Dynamics if _bp is not None else _InputAccumulation
+
+
+class Dynamics(_DynamicsBase):
+    """Base of ``brainscale.nn``'s dynamics: a ``brainpy.state.Dynamics`` when brainpy is
+    installed, else ``brainstate.nn.Dynamics`` with the same input accumulation.
+
+    Projections register inputs on their target; the target sums them in its ``update``:
+
+    * ``add_current_input(key, inp, label=None)`` / ``sum_current_inputs(init, *args,
+      label=None, pop=True, **kw)``: a *callable* input is called with ``*args, **kw``
+      (e.g. a conductance-based output with the membrane potential) and stays registered; a
+      *value* is added once and then removed (call-and-pop).
+    * ``add_delta_input(key, inp, label=None)`` / ``sum_delta_inputs(init, ...)``: the same
+      for instantaneous jumps of a state (e.g. ``V += W s``).
+
+    Example::
+
+        >>> d = brainscale.nn.Dynamics(3)
+        >>> d.add_delta_input('a', jnp.ones(3))
+        >>> d.sum_delta_inputs(jnp.zeros(3))       # the value is popped
+        Array([1., 1., 1.], dtype=float32)
+        >>> d.sum_delta_inputs(jnp.zeros(3))
+        Array([0., 0., 0.], dtype=float32)
+    """
+
+    def __init__(self, in_size, name: Optional[str] = None):
+        # explicit base call: in Neuron/Synapse the MRO puts brainpy's Neuron/Synapse (whose
+        # __init__ takes other arguments) between this class and brainpy.state.Dynamics
+        _DynamicsBase.__init__(self, to_size(in_size, "in_size"), name=name)
+
+
 _SENTINEL = object()
 
 
-class Neuron(Dynamics):
-    """Base class of spiking neuron groups.
+class Neuron(Dynamics, *((_bp.Neuron,) if _bp is not None else ())):
+    """Base class of spiking neuron groups (a ``brainpy.state.Neuron`` when brainpy is
+    installed).
 
     Args:
         in_size: the neuron shape (int or tuple).
@@ -246,7 +292,7 @@ class Neuron(Dynamics):
         self.keep_size = True if keep_size is None else bool(keep_size)
         if keep_size is False and len(shape) > 1:
             shape = (int(np.prod(shape)),)
-        super().__init__(shape, name=name)
+        Dynamics.__init__(self, shape, name=name)
         if spk_fun is _SENTINEL:
             spk_fun = braintools.surrogate.InvSquareGrad()
         if not callable(spk_fun):
@@ -268,8 +314,9 @@ class Neuron(Dynamics):
         raise NotImplementedError(f"{type(self).__name__} must implement get_spike()")
 
 
-class Synapse(Dynamics):
-    """Base class of synapse dynamics (hidden states driven by projections).
+class Synapse(Dynamics, *((_bp.Synapse,) if _bp is not None else ())):
+    """Base class of synapse dynamics (hidden states driven by projections; a
+    ``brainpy.state.Synapse`` when brainpy is installed).
 
     Example::
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..concepts import ETraceParam
 from ..ops import ConvOp
-from ._base import to_size
+from ._base import make_param, to_size
+from ._linear import _mask_value
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -31,9 +32,33 @@ def _tuple(v, n, what):
     if isinstance(v, (numbers.Integral, np.integer)):
         return (int(v),) * n
     v = tuple(int(a) for a in v)
+    if len(v) == 1:
+        return v * n
     if len(v) != n:
         raise ValueError(f"{what} must be an int or {n} ints, got {v}")
     return v
+
+
+def _padding(padding, n, cls):
+    """0.1's padding forms: ``'SAME'``/``'VALID'``, an int, one flat ``(lo, hi)`` pair used
+    for every spatial dim, one pair per dim, or a one-pair sequence ``[(lo, hi)]``."""
+    def is_int(a):
+        return isinstance(a, (numbers.Integral, np.integer)) and not isinstance(a, bool)
+    if isinstance(padding, str):
+        return padding
+    if is_int(padding):
+        return tuple((int(padding), int(padding)) for _ in range(n))
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(map(is_int, padding)):
+        return ((int(padding[0]), int(padding[1])),) * n
+    if isinstance(padding, (tuple, list)) and padding and all(
+            isinstance(p, (tuple, list)) and len(p) == 2 and all(map(is_int, p)) for p in padding):
+        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(pairs) == 1:
+            return pairs * n
+        if len(pairs) == n:
+            return pairs
+    raise ValueError(f"{cls}: padding must be 'SAME', 'VALID', an int, one (lo, hi) pair, or "
+                     f"{n} (lo, hi) pairs (one per spatial dim), got {padding!r}")
 
 
 class _Conv(brainstate.nn.Module):
@@ -42,7 +67,7 @@ class _Conv(brainstate.nn.Module):
     def __init__(self, in_size: Sequence[int], out_channels: int, kernel_size, stride=1,
                  padding="SAME", lhs_dilation=1, rhs_dilation=1, groups: int = 1,
                  w_init=braintools.init.XavierNormal(), b_init=None, w_mask=None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, param_type: type = ETraceParam):
         super().__init__(name=name)
         n = self.num_spatial_dims
         in_size = to_size(in_size, "in_size")
@@ -61,11 +86,12 @@ class _Conv(brainstate.nn.Module):
         self.lhs_dilation = _tuple(lhs_dilation, n, "lhs_dilation")
         self.rhs_dilation = _tuple(rhs_dilation, n, "rhs_dilation")
         self.groups = int(groups)
-        if isinstance(padding, (numbers.Integral, np.integer)):
-            padding = tuple((int(padding), int(padding)) for _ in range(n))
+        padding = _padding(padding, n, type(self).__name__)
         self.padding = padding
         kshape = self.kernel_size + (self.in_channels // self.groups, self.out_channels)
         self.kernel_shape = kshape
+        w_mask = _mask_value(w_mask, kshape, type(self).__name__)
+        self.w_mask = w_mask
         params = {"weight": braintools.init.param(w_init, kshape, allow_none=False)}
         if tuple(np.shape(params["weight"])) != kshape:
             raise ValueError(f"{type(self).__name__}: kernel shape "
@@ -76,7 +102,7 @@ class _Conv(brainstate.nn.Module):
                     padding=padding, lhs_dilation=self.lhs_dilation,
                     rhs_dilation=self.rhs_dilation, feature_group_count=self.groups,
                     weight_mask=w_mask)
-        self.weight_op = ETraceParam(params, op)
+        self.weight_op = make_param(param_type, params, op, type(self).__name__)
         out = jax.eval_shape(lambda x, w: op.xw_to_y(x, w),
                              jax.ShapeDtypeStruct(in_size, jnp.float32), params)
         self.out_size = tuple(out.shape)
@@ -89,7 +115,11 @@ class Conv1d(_Conv):
     r"""1-D convolution, channels last: ``in_size = (L, C)``.
 
     Args: ``in_size, out_channels, kernel_size, stride=1, padding='SAME', lhs_dilation=1,
-    rhs_dilation=1, groups=1, w_init=XavierNormal(), b_init=None, w_mask=None, name``.
+    rhs_dilation=1, groups=1, w_init=XavierNormal(), b_init=None, w_mask=None, name,
+    param_type=ETraceParam`` (0.1's signature). ``padding`` is ``'SAME'``, ``'VALID'``, an
+    int, one ``(lo, hi)`` pair for every spatial dim, or one pair per dim; ``w_mask`` an
+    array of the kernel's shape or a callable called with it; ``b_init`` gives a bias of
+    shape ``(out_channels,)``.
 
     Example::
 

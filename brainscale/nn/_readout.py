@@ -20,6 +20,19 @@ from ._base import Neuron, to_size
 __all__ = ["LeakyRateReadout", "LeakySpikeReadout"]
 
 
+_R_INIT = braintools.init.ZeroInit()
+_V_INIT = braintools.init.ZeroInit(unit=u.mV)
+
+
+def _one_of(cls, name, value, default, alias, alias_value):
+    """0.1's keyword ``name`` or this package's earlier ``alias`` (not both)."""
+    if alias_value is None:
+        return value
+    if value is not default:
+        raise TypeError(f"{cls}: give {name}= or {alias}=, not both")
+    return alias_value
+
+
 class LeakyRateReadout(brainstate.nn.Module):
     r"""Leaky rate readout ``r' = e^{-dt/τ} r + x W``; returns ``r'``.
 
@@ -27,6 +40,8 @@ class LeakyRateReadout(brainstate.nn.Module):
         in_size, out_size: sizes (last entries are the feature counts).
         tau: time constant (the decay uses ``brainstate.environ.get_dt()`` at call time).
         w_init: initializer of ``W`` (``(n_in, n_out)``).
+        r_init: initializer of the state ``r`` (0.1's keyword; ``r_initializer`` is
+            accepted as well).
         name: module name.
 
     Hidden state ``r`` (``k=1``), weight ``self.weight_op = ETraceParam({'weight': W},
@@ -43,13 +58,15 @@ class LeakyRateReadout(brainstate.nn.Module):
 
     def __init__(self, in_size, out_size, tau=5. * u.ms,
                  w_init: Callable = braintools.init.KaimingNormal(),
-                 r_initializer: Callable = braintools.init.ZeroInit(),
-                 name: Optional[str] = None):
+                 r_init: Callable = _R_INIT,
+                 name: Optional[str] = None, *, r_initializer: Optional[Callable] = None):
         super().__init__(name=name)
+        r_initializer = _one_of("LeakyRateReadout", "r_init", r_init, _R_INIT, "r_initializer",
+                                r_initializer)
         self.in_size = to_size(in_size, "in_size")
         self.out_size = to_size(out_size, "out_size")
         self.tau = braintools.init.param(tau, self.out_size)
-        self.r_initializer = r_initializer
+        self.r_init = self.r_initializer = r_initializer
         weight = braintools.init.param(w_init, (self.in_size[-1], self.out_size[-1]),
                                        allow_none=False)
         self.weight_op = ETraceParam({"weight": weight}, MatMulOp())
@@ -75,7 +92,9 @@ class LeakySpikeReadout(Neuron):
 
     .. math:: τ \dot V = -V + x W, \qquad z = \mathcal H((V - V_{th}) / V_{th})
 
-    Returns the (surrogate) spikes. Hidden state ``V`` (``k=1``); the weight is
+    Returns the (surrogate) spikes; ``self.spike`` gives the spikes of the current state.
+    Hidden state ``V`` (``k=1``), initialised by ``V_init`` (0.1's keyword;
+    ``V_initializer`` is accepted as well); the weight is
     ``self.weight_op = ETraceParam({'weight': W}, MatMulOp())`` with ``W`` in mV by default.
 
     Example::
@@ -89,16 +108,18 @@ class LeakySpikeReadout(Neuron):
 
     def __init__(self, in_size, out_size, tau=5. * u.ms, V_th=1. * u.mV,
                  w_init: Callable = braintools.init.KaimingNormal(unit=u.mV),
-                 V_initializer: Callable = braintools.init.ZeroInit(unit=u.mV),
+                 V_init: Callable = _V_INIT,
                  spk_fun: Callable = braintools.surrogate.ReluGrad(), spk_reset: str = "soft",
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, *, V_initializer: Optional[Callable] = None):
+        V_initializer = _one_of("LeakySpikeReadout", "V_init", V_init, _V_INIT, "V_initializer",
+                                V_initializer)
         out = to_size(out_size, "out_size")
         super().__init__(out, spk_fun=spk_fun, spk_reset=spk_reset, name=name)
         self.in_size = to_size(in_size, "in_size")
         self.out_size = out
         self.tau = braintools.init.param(tau, self.varshape)
         self.V_th = braintools.init.param(V_th, self.varshape)
-        self.V_initializer = V_initializer
+        self.V_init = self.V_initializer = V_initializer
         weight = braintools.init.param(w_init, (self.in_size[-1], out[-1]), allow_none=False)
         self.weight_op = ETraceParam({"weight": weight}, MatMulOp())
 
@@ -112,6 +133,11 @@ class LeakySpikeReadout(Neuron):
 
     def reset_state(self, batch_size: int = None, **kwargs):
         self.V.value = braintools.init.param(self.V_initializer, self.varshape, batch_size)
+
+    @property
+    def spike(self):
+        """The (surrogate) spikes of the current state (0.1's property)."""
+        return self.get_spike(self.V.value)
 
     def get_spike(self, V=None):
         V = self.V.value if V is None else V

@@ -14,7 +14,11 @@
   ...). A projection must run before its ``post`` in the network's ``update``.
 
 Projections only need ``post.add_delta_input`` / ``post.add_current_input``, so
-``brainpy.state`` neurons work as ``post`` too (duck typing; brainpy is not imported).
+``brainpy.state`` neurons work as ``post`` too (duck typing). In the other direction, when
+brainpy is installed the synapses are ``brainpy.state.Synapse`` objects with brainpy's
+``AlignPost`` mixin and the outputs are ``brainpy.state.SynOut`` objects, so brainpy's
+projections take them (``brainpy.state.AlignPostProj(comm=..., syn=Expon(...) or
+Expon.desc(...), out=COBA(...) or COBA.desc(...), post=brainscale.nn.LIF(...))``).
 """
 from __future__ import annotations
 
@@ -25,13 +29,17 @@ import brainstate
 import brainunit as u
 
 from ..concepts import ETraceState
-from ._base import Synapse
+from ._base import Synapse, _bp, _brainpy_mixin
 
 __all__ = ["Expon", "Alpha", "SynOut", "CUBA", "COBA", "DeltaProj", "CurrentProj",
            "AlignPostProj"]
 
+# brainpy's marker of synapses a brainpy AlignPostProj may own (its descriptor form checks it)
+_ALIGN_POST = tuple(c for c in (_brainpy_mixin("Expon", "AlignPost"),) if c is not None)
+_SYNOUT_BASE = _bp.SynOut if _bp is not None else brainstate.nn.Module
 
-class Expon(Synapse):
+
+class Expon(Synapse, *_ALIGN_POST):
     r"""Exponential synapse ``tau dg/dt = -g``, inputs added to ``g`` (``k=1``).
 
     ``g`` has the unit of its inputs: the default initializer is unitless; pass e.g.
@@ -69,7 +77,7 @@ class Expon(Synapse):
         return g
 
 
-class Alpha(Synapse):
+class Alpha(Synapse, *_ALIGN_POST):
     r"""Alpha synapse: ``tau dh/dt = -h``, ``tau dg/dt = -g + h``, inputs added to ``h``.
 
     Hidden states ``g`` and ``h`` form one hidden group (``k=2``); ``g`` is the output.
@@ -110,8 +118,9 @@ class Alpha(Synapse):
         return self.g.value
 
 
-class SynOut(brainstate.nn.Module):
-    """Base of synaptic outputs: ``bind_cond(g)`` then ``out(V)`` gives the current.
+class SynOut(_SYNOUT_BASE):
+    """Base of synaptic outputs: ``bind_cond(g)`` then ``out(V)`` gives the current (a
+    ``brainpy.state.SynOut`` when brainpy is installed).
 
     A projection registers the output object as a callable current input of ``post``;
     ``post.sum_current_inputs(x, V)`` then calls ``out(V)``.
@@ -125,7 +134,12 @@ class SynOut(brainstate.nn.Module):
     """
 
     def __init__(self, name: Optional[str] = None):
-        super().__init__(name=name)
+        if _bp is not None:
+            super().__init__()          # brainpy.state.SynOut takes no arguments
+            if name is not None:
+                self.name = name
+        else:
+            super().__init__(name=name)
         self._conductance = None
 
     def bind_cond(self, conductance):
@@ -189,6 +203,13 @@ def _check_post(post, method):
     if not callable(getattr(post, method, None)):
         raise TypeError(f"post must be a neuron/synapse group with {method}() "
                         f"(brainscale.nn or brainpy.state), got {type(post).__name__}")
+
+
+def _check_out(out):
+    # brainscale.nn's outputs, or brainpy.state's (ours derive from it when it is installed)
+    if not isinstance(out, SynOut if _bp is None else _bp.SynOut):
+        raise TypeError(f"out must be a synaptic output, a brainscale.nn.SynOut (CUBA, COBA)"
+                        f"{' or a brainpy.state.SynOut' if _bp is not None else ''}, got {out!r}")
 
 
 def _run_prefetch(prefetch, x):
@@ -264,8 +285,7 @@ class CurrentProj(brainstate.nn.Module):
         super().__init__(name=name)
         if not callable(comm):
             raise TypeError(f"comm must be callable (a trace-op layer), got {comm!r}")
-        if not isinstance(out, SynOut):
-            raise TypeError(f"out must be a brainscale.nn.SynOut (CUBA, COBA), got {out!r}")
+        _check_out(out)
         _check_post(post, "add_current_input")
         self.prefetch = prefetch
         self.comm = comm
@@ -308,8 +328,7 @@ class AlignPostProj(brainstate.nn.Module):
         if not callable(comm):
             raise TypeError(f"comm must be callable (a trace-op layer), got {comm!r}")
         _check_post(syn, "add_delta_input")
-        if not isinstance(out, SynOut):
-            raise TypeError(f"out must be a brainscale.nn.SynOut (CUBA, COBA), got {out!r}")
+        _check_out(out)
         _check_post(post, "add_current_input")
         self.prefetch = prefetch
         self.comm = comm
