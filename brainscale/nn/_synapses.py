@@ -134,12 +134,8 @@ class SynOut(_SYNOUT_BASE):
     """
 
     def __init__(self, name: Optional[str] = None):
-        if _bp is not None:
-            super().__init__()          # brainpy.state.SynOut takes no arguments
-            if name is not None:
-                self.name = name
-        else:
-            super().__init__(name=name)
+        # brainpy.state.SynOut.__init__ takes no name: initialise the module directly
+        brainstate.nn.Module.__init__(self, name=name)
         self._conductance = None
 
     def bind_cond(self, conductance):
