@@ -40,3 +40,17 @@ def test_docstring_example_runs(name):
     runner.run(test)
     res = runner.summarize(verbose=False)
     assert res.failed == 0, f"{name}: {res.failed} of {res.attempted} doctest examples failed"
+
+
+def test_nn_md_code_runs():
+    """docs/nn.md's python blocks run as written, in order, in one namespace."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "nn.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"nn.md[python block {i}]", "exec"), ns)
+    lines = ns["lines"]                 # the last block: NonTempParam keeps the conv traced
+    assert any("io(" in l for l in lines), lines
