@@ -391,3 +391,27 @@ def test_accepted_models_equal_the_oracle(name, batch, algo):
     assert seen == set(params), "a gradient is zero at every step: the test would prove nothing"
     if name == "refractory":
         assert "constant_hidden=[%cnt,%last]" in learner.ir()      # stated in the IR
+
+
+def test_typed_prng_key_input():
+    """Before: a typed key (``jax.random.key``) as a step input crashed lowering with
+    ``Cannot interpret 'key<fry>' as a data type``."""
+    class Noisy(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = brainscale.ETraceParam({"weight": jnp.ones((3, 4)) * 0.1},
+                                            brainscale.MatMulOp())
+            self.V = brainscale.ETraceState(jnp.zeros(4))
+
+        def update(self, x, key):
+            self.V.value = 0.9 * self.V.value + self.w.execute(x) + \
+                0.01 * jax.random.normal(key, (4,))
+            return self.V.value
+    net = Noisy()
+    learner = brainscale.DiagIODimAlgorithm(net, 0.9).compile_graph(jnp.ones(3),
+                                                                    jax.random.key(0))
+    assert "key<fry>[]" in learner.ir()
+    params = net.states(brainstate.ParamState)
+    g = brainstate.transform.grad(lambda: jnp.sum(learner(jnp.ones(3), jax.random.key(1))),
+                                  params)()
+    np.testing.assert_allclose(g[("w",)]["weight"], 0.1, rtol=1e-6)   # (1-α)·1·x at step 1

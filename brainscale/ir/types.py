@@ -16,7 +16,13 @@ _SHORT = {
 
 
 def short_dtype(dtype: Any) -> str:
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:       # an extended dtype such as key<fry>
+            name = str(dtype)
     return _SHORT.get(name, name)
 
 
@@ -41,7 +47,11 @@ class TensorType:
 
     @classmethod
     def from_aval(cls, aval: Any, unit: str | None = None) -> "TensorType":
-        return cls(tuple(int(d) for d in aval.shape), np.dtype(aval.dtype).name, unit)
+        try:
+            dtype = np.dtype(aval.dtype).name
+        except TypeError:       # an extended dtype (a typed PRNG key, key<fry>): no numpy name
+            dtype = str(aval.dtype)
+        return cls(tuple(int(d) for d in aval.shape), dtype, unit)
 
     def __str__(self) -> str:
         s = f"{short_dtype(self.dtype)}[{','.join(str(d) for d in self.shape)}]"

@@ -34,21 +34,27 @@ def mixing_error(graph, target: str, mixed) -> Exception:
     origin, eqn_index, reason = mixed[0]
     jaxpr = C.open_jaxpr(graph.info.jaxpr)
     eqn = jaxpr.eqns[eqn_index]
-    loc = C.eqn_location(eqn) or "unknown location"
+    loc = C.eqn_location(eqn) or (f"an equation of {graph.name} that library code emitted "
+                                  f"(no line of yours in its trace)")
     src = describe_origin(graph, origin)
     hint = ""
     if any(n.endswith("]") and "[" in n for n in (target, src)):
         hint = (" The states are components of a brainstate HiddenGroupState / "
                 "HiddenTreeState: its whole .value stacks and slices them, so read and write "
                 "the components with get_value(...) / set_value({...}) instead.")
+    if reason.startswith("unsupported:") and reason.split(":", 1)[1] in ("scan", "while"):
+        prim = reason.split(":", 1)[1]
+        return UnsupportedPrimitiveError(
+            f"{target} depends on {src} through a loop ('{prim}', eqn {eqn_index}) at {loc}; "
+            f"a lax.scan / while_loop / fori_loop on a path into a hidden state is not analysed "
+            f"(its iterations could mix neurons): unroll it (a Python loop, or "
+            f"fori_loop(..., unroll=True)) or move it out of the step.{hint}")
     if reason.startswith("unsupported:"):
         prim = reason.split(":", 1)[1]
         return UnsupportedPrimitiveError(
             f"{target} depends on {src} through '{prim}' (eqn {eqn_index}), which has no etrace "
             f"dependency rule, at {loc}. If '{prim}' is element-wise, register a rule with "
-            f"@brainscale.passes.register_dependency_rule('{prim}'); lax.scan/while_loop on a "
-            f"path into a hidden state are not supported: unroll the loop or move it out of "
-            f"the step.{hint}")
+            f"@brainscale.passes.register_dependency_rule('{prim}').{hint}")
     return UnsupportedModelError(
         f"{target} depends on {src} through a non-element-wise equation '{reason}' (eqn "
         f"{eqn_index}) at {loc}. brainscale supports models whose hidden states interact "
