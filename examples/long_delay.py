@@ -23,11 +23,15 @@ Learning
 --------
 Online, one gradient per step read off eligibility traces, summed over the trial and applied
 with Adam once per batch (``brainscale.online_gradients``), for each rule of ``--rules``:
-D-RTRL (``param``), ES-D-RTRL (``io``), e-prop (``eprop``: the diagonal trace with
-symmetric feedback) and, optionally, BPTT (``bptt``, for comparison; its memory grows with
-the trial). The per-neuron traces of D-RTRL and e-prop carry the cue's effect on the
-adaptation across the whole delay, which is what the task needs; ES-D-RTRL's input trace
-``ε_x`` fades with its decay α, so it learns the task only with α close to 1.
+D-RTRL (``param``), e-prop with fixed random feedback weights (``eprop_rf``,
+``brainscale.zoo.EPropAlgorithm(feedback='random')``: no weight transport), ES-D-RTRL
+(``io``) and, optionally, BPTT (``bptt``, for comparison; its memory grows with the trial).
+The per-neuron traces of D-RTRL and e-prop carry the cue's effect on the adaptation across
+the whole delay, which is what the task needs. ES-D-RTRL does not learn it: its factorised
+trace ``ε_x ⊗ ε_f`` pairs the cue's (decayed) input trace with the output trace of the
+recall window, a product that does not point along the cue weights' gradient (on
+2026-12-05, 40 batches: D-RTRL 100 % after 12 batches, e-prop with random feedback 100 %
+after 24, ES-D-RTRL 1 %; about 5 minutes in all on a loaded 2-core machine).
 
 Outputs (``--out``): ``metrics.json`` (accuracy and time per rule, memory by T),
 ``memory.png`` (XLA temp memory of the training step vs the trial length, per rule vs
@@ -44,23 +48,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-RULES = {"param": "D-RTRL", "eprop": "e-prop", "io": "ES-D-RTRL", "bptt": "BPTT",
-         "hybrid": "hybrid"}
+RULES = {"param": "D-RTRL", "eprop": "e-prop", "eprop_rf": "e-prop (random B)",
+         "io": "ES-D-RTRL", "bptt": "BPTT", "hybrid": "hybrid"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/long-delay", help="output directory")
-    p.add_argument("--rules", default="param,eprop,io",
-                   help="comma-separated: param (D-RTRL), eprop, io (ES-D-RTRL), hybrid, bptt")
+    p.add_argument("--rules", default="param,eprop_rf,io",
+                   help="comma-separated: param (D-RTRL), eprop (symmetric feedback: the same "
+                        "rule as D-RTRL here), eprop_rf (e-prop with fixed random feedback), "
+                        "io (ES-D-RTRL), hybrid, bptt")
     p.add_argument("--delay", type=int, default=500, help="steps between cue and recall")
     p.add_argument("--cue", type=int, default=20, help="cue steps")
     p.add_argument("--recall", type=int, default=20, help="recall steps")
@@ -68,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=40, help="training batches per rule")
     p.add_argument("--test", type=int, default=256, help="test trials")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--decay", type=float, default=0.999, help="ES-D-RTRL decay alpha")
     p.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
     p.add_argument("--mem-T", default="100,300,1000,3000",
@@ -179,6 +184,8 @@ def make_learner(rule, net, a):
         return brainscale.DiagHybridDimAlgorithm(net, decay_or_rank=a.decay)
     if rule == "eprop":
         return zoo.EPropAlgorithm(net)
+    if rule == "eprop_rf":
+        return zoo.EPropAlgorithm(net, feedback="random", feedback_seed=a.seed)
     raise ValueError(rule)
 
 
@@ -252,7 +259,7 @@ def train(rule, a, data, progress=True) -> dict:
             it = bar
         except ImportError:
             pass
-    curve, t_train = [], 0.0
+    curve, t_train = [(0, accuracy(net, xs_te, lab_te, a, a.batch))], 0.0
     for i in it:
         lo = (i * a.batch) % (xs_tr.shape[1] - a.batch + 1)
         xs, ys = xs_tr[:, lo:lo + a.batch], ys_tr[:, lo:lo + a.batch]
@@ -262,7 +269,7 @@ def train(rule, a, data, progress=True) -> dict:
         if i:                           # the first batch includes compiling
             t_train += time.perf_counter() - t0
         opt.update(g)
-        if (i + 1) % max(1, a.iters // 8) == 0 or i == a.iters - 1:
+        if (i + 1) % max(1, a.iters // 10) == 0 or i == a.iters - 1:
             acc = accuracy(net, xs_te, lab_te, a, a.batch)
             curve.append((i + 1, acc))
             if bar is not None:
@@ -307,9 +314,9 @@ def plots(out_dir: Path, results, mem, a):
         print("matplotlib is not installed: no plots")
         return
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for rule, m in mem.items():
+    for (rule, m), style in zip(mem.items(), ("o-", "s--", "^-", "v-", "d-", "x-")):
         Ts = sorted(m)
-        ax.plot(Ts, [m[T] for T in Ts], "o-", label=RULES[rule])
+        ax.plot(Ts, [m[T] for T in Ts], style, label=RULES[rule])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("trial length T (steps)")
@@ -326,7 +333,7 @@ def plots(out_dir: Path, results, mem, a):
     ax.axhline(a.target, color="gray", ls=":")
     ax.set_xlabel("training batches")
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.4, 1.02)
+    ax.set_ylim(0.0, 1.02)
     ax.set_title(f"delayed cue recall, delay {a.delay}")
     ax.legend()
     fig.tight_layout()
@@ -348,7 +355,8 @@ def main(argv=None) -> int:
     for rule in a.rules:
         r = train(rule, a, data, progress=not a.no_progress)
         print(f"{r['name']:9s}: test accuracy {r['accuracy']:.3f} "
-              f"({r['ms_per_step']:.2f} ms per step, {r['train_s']:.0f} s)", flush=True)
+              f"({r['ms_per_step']:.2f} ms per step, {r['train_s']:.0f} s); after batches "
+              + ", ".join(f"{n}: {acc:.2f}" for n, acc in r["curve"]), flush=True)
         results.append(r)
     print("memory of the training step by trial length (compile only) ...", flush=True)
     mem = {rule: memory_by_T(rule, a) for rule in dict.fromkeys(a.rules + ["bptt"])}
