@@ -76,14 +76,17 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--decay", type=float, default=0.999, help="ES-D-RTRL decay alpha")
     p.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
-    p.add_argument("--mem-T", default="100,300,1000,3000",
-                   help="trial lengths of the memory measurement (compile only)")
+    p.add_argument("--mem-T", default=None,
+                   help="trial lengths of the memory measurement, compile only "
+                        "(default 100,300,1000,3000; 50,100 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.quick:
-        a.delay, a.hidden, a.batch, a.iters, a.test, a.mem_T = 30, 32, 8, 3, 32, "50,100"
+        a.delay, a.hidden, a.batch, a.iters, a.test = 30, 32, 8, 3, 32
+    if a.mem_T is None:
+        a.mem_T = "50,100" if a.quick else "100,300,1000,3000"
     a.rules = [r for r in a.rules.split(",") if r]
     for r in a.rules:
         if r not in RULES:
