@@ -14,6 +14,11 @@ Subcommands (every measured configuration runs in a fresh process,
 * ``compile``  -- ``compile_graph`` time (cold and warm) of 3-layer networks.
 * ``fidelity`` -- per parameter, cosine similarity / relative error / norm ratio of the
   online gradients against BPTT over finite windows, for several N and decays.
+* ``zoo``      -- every rule of ``brainscale.zoo`` (exact RTRL, SnAp-1/2, UORO, e-prop with
+  symmetric / random feedback / κ filter, OSTL with and without the recurrent term,
+  three-factor, DNI) next to BPTT, ES-D-RTRL and D-RTRL on small nets: time per step, XLA
+  temp memory by T, trace bytes, and gradient cosine vs BPTT over finite windows; writes
+  ``zoo.json``, ``zoo_fidelity.json`` and ``zoo.md``.
 * ``report``   -- rebuild ``results.md`` from the ``results.json`` files of a directory.
 * ``all``      -- sweep + compile + fidelity into one directory.
 
@@ -26,6 +31,7 @@ Examples::
     python tools/bench.py sweep --quick --out outputs/bench-quick               # seconds
     python tools/bench.py sweep --models lif --N 256,1024 --T 1000 --mem-T 100,1000
     python tools/bench.py all --out benchmarks/results/gpu-h100        # on a GPU machine
+    python tools/bench.py zoo --out benchmarks/results/cpu             # the rule zoo, small N
 """
 from __future__ import annotations
 
@@ -48,7 +54,13 @@ sys.path.insert(0, str(HERE))
 
 import bench_models as bm  # noqa: E402
 
-ALGO_NAMES = {"bptt": "BPTT", "io": "ES-D-RTRL", "param": "D-RTRL", "hybrid": "hybrid"}
+ALGO_NAMES = {"bptt": "BPTT", "io": "ES-D-RTRL", "param": "D-RTRL", "hybrid": "hybrid",
+              "rtrl": "RTRL (exact)", "snap1": "SnAp-1", "snap2": "SnAp-2", "uoro": "UORO",
+              "eprop": "e-prop", "eprop_rf": "e-prop (random B)", "eprop_k": "e-prop (κ=0.9)",
+              "ostl": "OSTL", "ostl_ff": "OSTL (no rec. term)", "three_factor": "three-factor",
+              "dni": "DNI"}
+ZOO_DEFAULT = ["bptt", "io", "param", "rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf",
+               "eprop_k", "ostl", "ostl_ff", "three_factor", "dni"]
 DEFAULT_N = {"cpu": [128, 512, 1024, 2048], "gpu": [128, 512, 1024, 2048, 4096, 8192]}
 NICE_T = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -585,6 +597,124 @@ def fidelity_markdown(rows) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# the rule zoo
+# ---------------------------------------------------------------------------------------
+
+def cmd_zoo(a, out_dir: Path, dev: dict, meta: dict) -> tuple:
+    """Every rule on small nets (one fresh process per configuration), then the gradient
+    fidelity of each over finite windows (one process per (model, N))."""
+    env = worker_env(a.platform)
+    wd = scratch_dir(a, "zoo")
+    t_start = time.perf_counter()
+    results = []
+    for model in a.models:
+        for N in a.zoo_N:
+            for algo in a.zoo_algos:
+                cfg = {"lib": "ours", "model": model, "algo": algo, "N": N, "B": a.zoo_B,
+                       "T": a.zoo_T, "layers": 1, "seed": a.seed, "decay": a.decay,
+                       "repeats": a.zoo_repeats, "run": True,
+                       "mem_T": sorted(set(a.zoo_mem_T) | {a.zoo_T})}
+                if time_left(t_start, a.budget_s) < 0:
+                    results.append({"config": cfg, "ok": False, "skipped": "time budget spent"})
+                    continue
+                if algo in ("rtrl", "snap1", "snap2", "ostl") and N > a.zoo_exact_max_N:
+                    results.append({"config": cfg, "ok": False, "skipped":
+                                    f"influence matrix: N > --zoo-exact-max-N "
+                                    f"{a.zoo_exact_max_N}"})
+                    continue
+                r = run_worker(cfg, env=env, workdir=str(wd), timeout=a.timeout)
+                results.append(r)
+                msg = (f"{r['ms_per_step']:.3f} ms/step" if r.get("ok") and r.get("ms_per_step")
+                       else f"FAILED {str(r.get('error', ''))[:200]}")
+                print(f"[zoo {time.perf_counter() - t_start:5.0f}s] {model:4s} N={N:<4d} "
+                      f"{ALGO_NAMES.get(algo, algo):20s} {msg}", flush=True)
+                _save(out_dir, "zoo", results, meta)
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    _save(out_dir, "zoo", results, meta)
+    rows = []
+    fid_algos = [x for x in a.zoo_algos if x not in ("bptt", "three_factor")]
+    for model in a.models:
+        for N in a.zoo_N:
+            algos = [x for x in fid_algos if N <= a.zoo_exact_max_N
+                     or x not in ("rtrl", "snap1", "snap2", "ostl")]
+            cfg = {"fidelity": True, "lib": "ours", "model": model, "N": N, "B": a.zoo_B,
+                   "seed": a.seed, "windows": a.zoo_windows, "algos": algos,
+                   "decays": [a.decay]}
+            r = run_worker(cfg, env=env, workdir=str(wd), timeout=a.timeout)
+            if not r.get("ok"):
+                print(f"[zoo fidelity] {model} N={N} failed: {r.get('error')}", flush=True)
+                continue
+            rows.extend(r["rows"])
+            for row in r["rows"]:
+                if "metrics" in row:
+                    print(f"[zoo fidelity] {model} N={N} W={row['W']} "
+                          f"{ALGO_NAMES.get(row['algo'], row['algo'])}: min cos "
+                          f"{min(v['cos'] for v in row['metrics'].values()):.3f}", flush=True)
+    _save(out_dir, "zoo_fidelity", rows, meta)
+    return results, rows
+
+
+def zoo_markdown(results, rows, meta) -> str:
+    """Time, memory and fidelity of every rule (one table each)."""
+    out = [f"Command: `{meta.get('command')}` ({meta.get('date')}; load average "
+           f"{meta.get('machine', {}).get('loadavg_start')} → {meta.get('loadavg_end')}). "
+           "A short run on a shared, loaded 2-core machine: times are indicative, compare "
+           "within a row.\n"]
+    Ts = sorted({int(t) for r in results for t in (r.get("memory_by_T") or {})})
+    hdr = ["model", "N", "rule", "ms / step", "× BPTT", "trace elements"] + \
+          [f"XLA temp MB, T={t}" for t in Ts]
+    tab = []
+    for r in results:
+        c = r["config"]
+        b = _get(results, model=c["model"], N=c["N"], algo="bptt")
+        name = ALGO_NAMES.get(c["algo"], c["algo"])
+        if not r.get("ok"):
+            tab.append([c["model"], c["N"], name, r.get("skipped") or "failed: " +
+                        str(r.get("error", ""))[:60]] + [""] * (len(hdr) - 4))
+            continue
+        ms = r.get("ms_per_step")
+        ratio = ms / b["ms_per_step"] if (b and b.get("ok") and b.get("ms_per_step")
+                                          and ms) else None
+        tab.append([c["model"], c["N"], name, _fmt(ms), _fmt(ratio, 2),
+                    r.get("trace_elems", "–") if c["algo"] != "bptt" else "–"]
+                   + [_fmt(temp_mb(r, t)) for t in Ts])
+    out.append(f"### Time per step and memory (B = {results[0]['config']['B'] if results else '?'}"
+               f", T = {results[0]['config']['T'] if results else '?'} timed steps)\n")
+    out.append(md_table(hdr, tab))
+    if rows:
+        out.append("\n### Gradient cosine against BPTT over a window of W steps\n")
+        out.append("Sum of the per-step online gradients over W steps from the same initial "
+                   "state vs BPTT of the summed loss; the smallest cosine over the parameters "
+                   "(UORO: one random draw, it is unbiased but noisy; DNI with its synthetic "
+                   "module at initialisation, zero, is D-RTRL; e-prop with random feedback "
+                   "follows fixed random weights, not the gradient).\n")
+        Ws = sorted({r["W"] for r in rows})
+        t2 = []
+        for model in a_models(rows):
+            for N in sorted({r["N"] for r in rows if r["model"] == model}):
+                for algo in [x for x in ALGO_NAMES if any(r["algo"] == x and r["model"] == model
+                                                          for r in rows)]:
+                    cells = []
+                    for W in Ws:
+                        rr = [r for r in rows if (r["model"], r["N"], r["algo"], r["W"]) ==
+                              (model, N, algo, W) and "metrics" in r]
+                        cells.append(f"{min(v['cos'] for v in rr[0]['metrics'].values()):.4f}"
+                                     if rr else "–")
+                    if any(c != "–" for c in cells):
+                        t2.append([model, N, ALGO_NAMES[algo]] + cells)
+        out.append(md_table(["model", "N", "rule"] + [f"W={w}" for w in Ws], t2))
+    return "\n".join(out)
+
+
+def a_models(rows) -> list:
+    out = []
+    for r in rows:
+        if r["model"] not in out:
+            out.append(r["model"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------
 
@@ -664,6 +794,15 @@ def write_report(out_dir: Path) -> str:
         parts.append("## Gradient fidelity against BPTT\n")
         parts.append(f"Command: `{meta_f.get('command')}` ({meta_f.get('date')})\n")
         parts.append(fidelity_markdown(fi) + "\n")
+    zo, meta_z = _load(out_dir, "zoo")
+    if zo is not None:
+        zf, _ = _load(out_dir, "zoo_fidelity")
+        dump_json(out_dir / "zoo.json", {"meta": meta_z, "results": zo})
+        ztext = sanitize("# The rule zoo against BPTT\n\n" + meta_markdown(meta_z) + "\n\n"
+                         + zoo_markdown(zo, zf or [], meta_z) + "\n")
+        with open(out_dir / "zoo.md", "w") as f:
+            f.write(ztext)
+        parts.append("## The rule zoo\n\nSee `zoo.md` (`tools/bench.py zoo`).\n")
     text = sanitize("\n".join(parts))
     with open(out_dir / "results.md", "w") as f:
         f.write(text)
@@ -691,7 +830,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("Examples::")[1])
     p.add_argument("command", nargs="?", default="all",
-                   choices=["sweep", "compile", "fidelity", "report", "all"],
+                   choices=["sweep", "compile", "fidelity", "zoo", "report", "all"],
                    help="what to run (default: all)")
     p.add_argument("--out", default=None,
                    help="output directory (default benchmarks/results/cpu, or gpu-<device kind>)")
@@ -720,6 +859,15 @@ def parse_args(argv=None):
     p.add_argument("--fid-B", type=int, default=4)
     p.add_argument("--windows", type=_ints, default=[10, 100])
     p.add_argument("--fid-decays", type=_floats, default=[0.9, 0.99])
+    p.add_argument("--zoo-algos", type=_strs, default=ZOO_DEFAULT, help="zoo: the rules")
+    p.add_argument("--zoo-N", type=_ints, default=[32], help="zoo: hidden sizes")
+    p.add_argument("--zoo-exact-max-N", type=int, default=64,
+                   help="zoo: largest N for the influence-matrix rules (RTRL, SnAp, OSTL)")
+    p.add_argument("--zoo-B", type=int, default=8)
+    p.add_argument("--zoo-T", type=int, default=100)
+    p.add_argument("--zoo-mem-T", type=_ints, default=[10, 100, 1000])
+    p.add_argument("--zoo-repeats", type=int, default=3)
+    p.add_argument("--zoo-windows", type=_ints, default=[10, 50])
     p.add_argument("--work", default=None,
                    help="scratch directory for per-configuration files (default: a temp dir)")
     p.add_argument("--quick", action="store_true",
@@ -731,6 +879,8 @@ def parse_args(argv=None):
         a.B, a.T, a.mem_T, a.repeats = [4], 20, [20, 40], 1
         a.compile_N, a.layers, a.fid_N, a.windows, a.fid_decays = 32, 2, [16], [10], [0.9]
         a.fid_B = 2
+        a.zoo_N, a.zoo_B, a.zoo_T, a.zoo_mem_T, a.zoo_repeats = [16], 2, 10, [10, 20], 1
+        a.zoo_windows = [5]
     return a
 
 
@@ -770,6 +920,8 @@ def main(argv=None):
         cmd_compile(a, out_dir, dev, dict(meta))
     if a.command in ("fidelity", "all"):
         cmd_fidelity(a, out_dir, dev, dict(meta))
+    if a.command == "zoo":
+        cmd_zoo(a, out_dir, dev, meta)
     text = write_report(out_dir)
     print(f"\nwrote {out_dir / 'results.md'} ({len(text)} chars) and the JSON files beside it")
     return 0

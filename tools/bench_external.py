@@ -28,10 +28,16 @@ so every library runs on the same XLA; ``--ext-jax native`` lets pip choose (bra
 gets jax 0.12). Interpreters are found with ``$BENCH_PYTHON311`` / ``$BENCH_PYTHON312``,
 ``--python311`` / ``--python312``, ``python3.X`` on PATH, or pyenv.
 
+``--zoo`` compares the rules of ``brainscale.zoo`` that braintrace also ships (e-prop with
+and without the κ filter, SnAp-2, OSTL with the recurrent term) in ours and braintrace, with
+BPTT: time per step, and the gradient of one window against BPTT and against ours
+(``external_zoo.json`` / ``external_zoo.md``).
+
 Example::
 
     python tools/bench_external.py --out benchmarks/results/cpu       # N = 128, 512, 1024
     python tools/bench_external.py --setup-only                       # just build the venvs
+    python tools/bench_external.py --zoo --libs braintrace --N 32 --T 100
 """
 from __future__ import annotations
 
@@ -263,6 +269,107 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
     return {"results": results, "grads": grads, "compile": comp, "meta": meta}
 
 
+ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl")
+ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9", "snap2": "SnAp-2", "ostl": "OSTL",
+             "bptt": "BPTT"}
+BT_LABEL = {"eprop": "EProp", "eprop_k": "EProp(kappa_filter_decay=0.9)", "snap2": "SnAp(n=2)",
+            "ostl": "OSTLRecurrent"}
+
+
+def run_zoo(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
+    """Ours and braintrace on the same rule, the same model, weights and inputs."""
+    import numpy as np
+    env = bench.worker_env("cpu")
+    wd = Path(bench.scratch_dir(a, "external-zoo"))
+    results, grads = [], []
+    t0 = time.perf_counter()
+    for model in a.zoo_models:
+        for N in a.N:
+            data = wd / f"data_{model}_N{N}_B{a.B}_T{a.T}.npz"
+            write_data(data, model, N, a.B, a.T, a.seed)
+            gp = {}
+            jobs = [("ours", "bptt")] + [(lib, al) for al in a.zoo_algos
+                                         for lib in ["ours"] + a.libs]
+            for lib, algo in jobs:
+                cfg = {"lib": lib, "model": model, "algo": algo, "N": N, "B": a.B, "T": a.T,
+                       "seed": a.seed, "decay": a.decay, "repeats": a.repeats, "run": True,
+                       "data": str(data), "grads_out": str(wd / f"g_{lib}_{algo}_{model}_{N}.npz"),
+                       "mem_T": []}
+                if bench.time_left(t0, a.budget_s) <= 0:
+                    results.append({"config": cfg, "ok": False, "skipped": "time budget spent"})
+                    continue
+                r = bench.run_worker(cfg, python=pythons[lib], env=env, workdir=str(wd),
+                                     timeout=a.timeout)
+                results.append(r)
+                if r.get("ok"):
+                    gp[(lib, algo)] = cfg["grads_out"]
+                msg = (f"{r['ms_per_step']:.3f} ms/step" if r.get("ok") and r.get("ms_per_step")
+                       else f"FAILED {str(r.get('error'))[:300]}")
+                print(f"[zoo {time.perf_counter() - t0:5.0f}s] {model} N={N} {lib:10s} "
+                      f"{ZOO_LABEL[algo]:12s} {msg}", flush=True)
+            ref = gp.get(("ours", "bptt"))
+            for (lib, algo), path in gp.items():
+                if algo == "bptt":
+                    continue
+                g = dict(np.load(path))
+                row = {"model": model, "N": N, "lib": lib, "algo": algo, "T": a.T}
+                if ref:
+                    row["vs_bptt"] = bench.grad_metrics(g, dict(np.load(ref)))
+                if lib != "ours" and ("ours", algo) in gp:
+                    row["vs_ours"] = bench.grad_metrics(g, dict(np.load(gp[("ours", algo)])))
+                grads.append(row)
+            bench.dump_json(out_dir / "external_zoo.json",
+                            {"meta": meta, "results": results, "grads": grads})
+    meta["wall_s"] = time.perf_counter() - t0
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    d = {"meta": meta, "results": results, "grads": grads}
+    bench.dump_json(out_dir / "external_zoo.json", d)
+    return d
+
+
+def zoo_markdown(d) -> str:
+    res, grads, meta = d["results"], d["grads"], d["meta"]
+    f = bench._fmt
+    out = ["# The rule zoo side by side: brainscale (this repo) vs braintrace\n",
+           bench.meta_markdown(meta)]
+    for lib in meta.get("libs", []):
+        v = meta.get("ext_versions", {}).get(lib)
+        if v:
+            out.append(f"- {LIBS[lib]['label']} environment: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    out.append(f"- models from tools/bench_models.py, B = {meta.get('B')}, T = {meta.get('T')} "
+               f"steps per timed call, identical weights/inputs in both libraries; a short run "
+               f"on a shared, loaded 2-core machine (times indicative)\n")
+    out.append("## Time per step (ms) and gradient against BPTT over the T steps\n")
+    out.append("cos = cosine similarity of the summed online gradient with BPTT's, smallest "
+               "over the parameters; ‖Δ‖ = relative error. The last column compares braintrace's "
+               "gradient with ours for the same rule.\n")
+    rows = []
+    for r in res:
+        c = r["config"]
+        if c["algo"] == "bptt":
+            continue
+        b = next((x for x in res if x["config"]["algo"] == "bptt" and x["config"]["N"] == c["N"]
+                  and x["config"]["model"] == c["model"]), None)
+        g = next((x for x in grads if (x["model"], x["N"], x["lib"], x["algo"]) ==
+                  (c["model"], c["N"], c["lib"], c["algo"])), None)
+        name = "ours " + ZOO_LABEL[c["algo"]] if c["lib"] == "ours" else \
+            f"{LIBS[c['lib']]['label']} {BT_LABEL[c['algo']]}"
+        if not r.get("ok"):
+            rows.append([c["model"], c["N"], name, r.get("skipped") or "failed: "
+                         + str(r.get("error"))[:80], "", "", "", ""])
+            continue
+        vb = (g or {}).get("vs_bptt") or {}
+        vo = (g or {}).get("vs_ours") or {}
+        rows.append([c["model"], c["N"], name, f(r.get("ms_per_step")),
+                     f(b["ms_per_step"]) if b and b.get("ok") else "–",
+                     f"{min(m['cos'] for m in vb.values()):.4f}" if vb else "–",
+                     f"{max(m['rel'] for m in vb.values()):.3g}" if vb else "–",
+                     f"{min(m['cos'] for m in vo.values()):.4f}" if vo else "–"])
+    out.append(bench.md_table(["model", "N", "library / rule", "ms / step", "BPTT ms / step",
+                               "cos vs BPTT", "‖Δ‖ vs BPTT", "cos vs ours"], rows))
+    return "\n".join(out) + "\n"
+
+
 def _save(out_dir, results, grads, meta, comp=None):
     p = out_dir / "external.json"
     old = {}
@@ -492,6 +599,10 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--setup-only", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild external.md")
+    p.add_argument("--zoo", action="store_true",
+                   help="compare the zoo rules braintrace also has (see the module docstring)")
+    p.add_argument("--zoo-algos", type=bench._strs, default=list(ZOO_COMPARE))
+    p.add_argument("--zoo-models", type=bench._strs, default=list(bm.MODELS))
     return p.parse_args(argv)
 
 
@@ -531,6 +642,12 @@ def main(argv=None):
             "ext_jax": a.ext_jax, "ext_versions": ext_versions, "rounds": a.rounds,
             "git": bench.git_rev(),
             "versions": {p: md.version(p) for p in ("brainscale", "jax", "brainstate")}}
+    if a.zoo:
+        meta["T"] = a.T
+        d = run_zoo(a, pythons, out_dir, meta)
+        (out_dir / "external_zoo.md").write_text(bench.sanitize(zoo_markdown(d)))
+        print(f"\nwrote {out_dir / 'external_zoo.md'} and external_zoo.json")
+        return 0
     d = run_compare(a, pythons, out_dir, meta)
     text = bench.sanitize(markdown(d))
     (out_dir / "external.md").write_text(text)

@@ -9,7 +9,8 @@ braintrace 0.2.x). It only needs brainstate, braintools, jax, numpy and the libr
 measured; the model code comes from ``tools/bench_models.py``.
 
 Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk':
-ES-D-RTRL summed with ``online_gradients(chunk=...)``), chunk (default 16), N, B, T, layers,
+ES-D-RTRL summed with ``online_gradients(chunk=...)``; the rules of ``brainscale.zoo``:
+``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
 seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
 copy bandwidth), ``build_warm`` (time ``compile_graph`` cold and warm), ``data`` (optional
@@ -124,9 +125,43 @@ def copy_bandwidth(n_bytes: int = 256 * 2 ** 20, repeats: int = 7, loop: int = 1
     return out
 
 
+#: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
+ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "ostl",
+             "ostl_ff", "three_factor", "dni")
+BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
+                  "ostl": "OSTLRecurrent"}
+
+
+def _zoo_learner(algo, net):
+    from brainscale import zoo
+    if algo == "rtrl":
+        return zoo.RTRLAlgorithm(net)
+    if algo in ("snap1", "snap2"):
+        return zoo.SnApAlgorithm(net, n=int(algo[-1]))
+    if algo == "uoro":
+        return zoo.UOROAlgorithm(net, seed=0)
+    if algo == "eprop":
+        return zoo.EPropAlgorithm(net)
+    if algo == "eprop_rf":
+        return zoo.EPropAlgorithm(net, feedback="random")
+    if algo == "eprop_k":
+        return zoo.EPropAlgorithm(net, kappa=0.9)
+    if algo == "ostl":
+        return zoo.OSTLAlgorithm(net, recurrent=True)
+    if algo == "ostl_ff":
+        return zoo.OSTLAlgorithm(net, recurrent=False)
+    if algo == "three_factor":
+        return zoo.ThreeFactorAlgorithm(net, modulator=1.0)
+    if algo == "dni":
+        return zoo.DNIAlgorithm(net)
+    raise ValueError(algo)
+
+
 def _learner(lib, algo, net, decay, x0):
     import brainstate
-    if lib == "ours":
+    if lib == "ours" and algo in ZOO_ALGOS:
+        lr = _zoo_learner(algo, net)
+    elif lib == "ours":
         import brainscale as L
         if algo in ("io", "io_chunk"):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
@@ -156,6 +191,17 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.pp_prop(net, decay_or_rank=decay)
         elif algo == "param":
             lr = L.D_RTRL(net)
+        elif algo == "snap2":
+            lr = L.SnAp(net, n=2)
+        elif algo == "eprop":
+            lr = L.EProp(net)
+        elif algo == "eprop_rf":
+            lr = L.EProp(net, feedback="random",
+                         random_feedback_key=brainstate.random.split_key())
+        elif algo == "eprop_k":
+            lr = L.EProp(net, kappa_filter_decay=0.9)
+        elif algo == "ostl":
+            lr = L.OSTLRecurrent(net)
         else:
             raise ValueError(f"braintrace has no {algo!r} algorithm")
     else:
@@ -410,7 +456,7 @@ def fidelity(cfg: dict) -> dict:
     for W in windows:
         ref = bptt(W)
         for algo in cfg["algos"]:
-            decays = [None] if algo == "param" else list(cfg["decays"])
+            decays = list(cfg["decays"]) if algo in ("io", "hybrid") else [None]
             for d in decays:
                 row = {"model": model, "N": N, "B": B, "W": W, "algo": algo, "decay": d}
                 try:
