@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._stepdata import has_multi_step, is_step_data
 from .algorithms import ETraceAlgorithm, _sig
 from .errors import BrainscaleError, PipelineError
 from .ir.nodes import TRACE_AXES
@@ -182,6 +183,12 @@ class RuleAlgorithm(ETraceAlgorithm):
         (:class:`ThreeFactorAlgorithm`) for this step.
         """
         self._require()
+        if has_multi_step(args, kwargs):
+            raise BrainscaleError(f"{type(self).__name__} runs one step per call; call it once "
+                                  f"per step instead of with MultiStepData")
+        if any(is_step_data(a) for a in jax.tree.leaves((args, kwargs), is_leaf=is_step_data)):
+            args, kwargs = jax.tree.map(lambda a: a.data if is_step_data(a) else a,
+                                        (args, kwargs), is_leaf=is_step_data)
         sig = _sig(args, kwargs)
         if sig != self._sig:
             raise BrainscaleError(
