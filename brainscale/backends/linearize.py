@@ -42,6 +42,8 @@ class Linearizer:
         self.jaxpr = C.open_jaxpr(self.closed)
         self.consts = C.closed_consts(self.closed)
         self.op_of_eqn = {o.eqn: o for o in graph.ops}
+        #: plain-weight linear maps the IR cuts: eqn -> the plain weight's operand position
+        self.cut_weight = {e: w for e, w, _ in graph.cuts}
         self.hid_pos = {h.name: k for k, h in enumerate(graph.hidden)}
         self.hid_of_var: dict = {}
         for k, h in enumerate(graph.hidden):
@@ -50,9 +52,12 @@ class Linearizer:
         self.traced = [r for r in graph.relations if r.id in traced]
 
     # -- evaluation ---------------------------------------------------------------------
-    def eval(self, ins, on_op=None, on_hidden=None) -> list:
+    def eval(self, ins, on_op=None, on_hidden=None, cut: bool = False) -> list:
         """Evaluate the jaxpr on ``ins``; ``on_op(op, eqn, invals) -> outs`` replaces trace-op
-        equations, ``on_hidden(k, value) -> value`` sees every new hidden value."""
+        equations, ``on_hidden(k, value) -> value`` sees every new hidden value; with ``cut``
+        the activity operand of every cut plain-weight map (``graph.cuts``) is
+        ``stop_gradient``-ed (paths through it leave J and df, as through a trace op's
+        input)."""
         jaxpr = self.jaxpr
         env = {}
         for v, c in zip(jaxpr.constvars, self.consts):
@@ -69,6 +74,9 @@ class Linearizer:
             o = op_of_eqn.get(ei)
             if o is not None and on_op is not None:
                 outs = on_op(o, eqn, invals)
+            elif cut and ei in self.cut_weight:
+                w = self.cut_weight[ei]
+                outs = C.eval_eqn(eqn, [v if i == w else sg(v) for i, v in enumerate(invals)])
             else:
                 outs = C.eval_eqn(eqn, invals)
             for v, val in zip(eqn.outvars, outs):
@@ -95,7 +103,7 @@ class Linearizer:
                 xs[o.name] = invals[0] if nx else None
                 y = C.eval_eqn(eqn, [sg(v) for v in invals[:nx]] + list(invals[nx:]))[0]
                 return [y + xi[pos[o.name]]]
-            outs = self.eval(ins, on_op=on_op)
+            outs = self.eval(ins, on_op=on_op, cut=True)
             return outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names]
 
         xi0 = tuple(jnp.zeros(o.type.shape, o.type.dtype) for o in g.ops)

@@ -76,6 +76,12 @@ class Signals:
                     y = C.eval_eqn(eqn, inv[:nx] + w)[0]
                     env_s[eqn.outvars[0]] = y
                     env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
+                elif ei in lin.cut_weight:
+                    # a cut plain-weight map, like a trace op: the signal of the states
+                    # feeding it flows through it to other groups (both environments)
+                    outs = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
+                    for v, a_ in zip(eqn.outvars, outs):
+                        env_m[v] = env_s[v] = a_
                 else:
                     outs_m = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
                     outs_s = C.eval_eqn(eqn, [rd(env_s, v) for v in eqn.invars])
@@ -243,6 +249,12 @@ class FeedbackSignals(Signals):
                         y = sg(y) + (yb - sg(yb)).astype(y.dtype)
                     env_s[eqn.outvars[0]] = y
                     env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
+                elif ei in lin.cut_weight:
+                    # a cut plain-weight map, like a trace op: the signal of the states
+                    # feeding it flows through it to other groups (both environments)
+                    outs = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
+                    for v, a_ in zip(eqn.outvars, outs):
+                        env_m[v] = env_s[v] = a_
                 else:
                     outs_m = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
                     outs_s = C.eval_eqn(eqn, [rd(env_s, v) for v in eqn.invars])

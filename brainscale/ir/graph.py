@@ -46,6 +46,8 @@ class Graph:
     traces: tuple[Trace, ...] = ()
     batch: int = 0                     # leading batch size of the batched ops (0: unbatched)
     mesh: tuple = ()                   # ((axis name, size), ...) the shardings refer to
+    cuts: tuple = ()                   # ((eqn, weight operand, (plain params)), ...): plain-
+                                       # weight linear maps the linearisation cuts
     stages: tuple[str, ...] = ()
     facts: frozenset = frozenset()     # facts established by passes ('groups', ...)
     attrs: FrozenAttrs = ()            # notes only (backends read typed fields)

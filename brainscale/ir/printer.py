@@ -83,6 +83,9 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
     gdict = dict(graph.attrs, batch=graph.batch)
     if graph.mesh:
         gdict["mesh"] = tuple(f"{n}:{k}" for n, k in graph.mesh)
+    if graph.cuts:
+        gdict["cuts"] = tuple(f"eqn {e}: " + " ".join(f"%{p}" for p in ps)
+                              for e, _, ps in graph.cuts)
     gattrs = tuple(sorted(gdict.items()))
     if s.print_attrs and gattrs:
         head += " " + fmt_attrs(gattrs)

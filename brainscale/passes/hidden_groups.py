@@ -104,4 +104,9 @@ class HiddenGroupsPass(Pass):
             groups.append(HiddenGroup(f"G{len(groups)}", tuple(members), hs[0].type.shape,
                                       attrs(recurrent=bool(self_dep))))
         ctx.note(self.name, f"{len(groups)} hidden group(s) from {len(names)} hidden state(s)")
-        return graph.replace(groups=tuple(groups))
+        cuts = tuple((e, w, ps) for e, (w, ps) in sorted(dep.cuts.items()))
+        for e, _, ps in cuts:
+            ctx.note(self.name, f"eqn {e}: the plain weight {', '.join('%' + p for p in ps)} "
+                                f"between hidden states is cut like a trace op without a trace "
+                                f"(one-step gradient only)")
+        return graph.replace(groups=tuple(groups), cuts=cuts)

@@ -301,14 +301,40 @@ class DepAnalysis:
     hidden_out: dict = field(default_factory=dict)   # hidden name -> Dep of h^t
     op_x: dict = field(default_factory=dict)         # op name -> Dep of its input x
     out_direct: frozenset = frozenset()              # op names reaching outputs directly
+    cuts: dict = field(default_factory=dict)         # eqn -> (weight operand, plain params)
 
 
 def _shapes(vs):
     return tuple(tuple(getattr(v.aval, "shape", ())) for v in vs)
 
 
+#: linear maps that mix neurons; with a plain-parameter operand they are a *cut* (below)
+_LINEAR_MAPS = ("dot_general", "conv_general_dilated")
+
+
+def _plain_only(d: Dep) -> bool:
+    """``d`` comes from plain parameters (and constants) only."""
+    return bool(d.src) and not (d.hid or d.ys or d.mixed) and all(k == "p" for k, _ in d.src)
+
+
+def _cut(eqn, deps) -> int | None:
+    """The operand position of the plain weight when ``eqn`` is a linear map applying a plain
+    parameter (``brainstate.ParamState``, not a trace parameter) to activity that depends on
+    hidden states or op outputs element-wise; else None. Such a map is treated like a trace
+    op whose parameter keeps no trace: the paths through it are cut from the element-wise
+    analysis (and from J and df), the weight gets its one-step gradient only (and a
+    NoTemporalCreditWarning)."""
+    if eqn.primitive.name not in _LINEAR_MAPS or len(deps) != 2:
+        return None
+    for w, a in ((0, 1), (1, 0)):
+        if _plain_only(deps[w]) and (deps[a].hid or deps[a].ys) and not deps[a].mixed:
+            return w
+    return None
+
+
 def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
-         hidden_out_vars: dict, env_out: dict | None = None) -> list[Dep]:
+         hidden_out_vars: dict, env_out: dict | None = None,
+         cuts: dict | None = None) -> list[Dep]:
     env: dict = {}
     for v, d in zip(jaxpr.invars, in_deps):
         env[v] = d
@@ -325,6 +351,11 @@ def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
             # the op cuts element-wise dependence, but a path that reaches the outputs
             # through this op (and no new hidden value) is still a direct path
             outs = [Dep(frozenset(), frozenset({q}), (), u.src | {("y", q)}, u.direct | {q})]
+        elif cuts is not None and top_index is None and _cut(eqn, deps) is not None:
+            w = _cut(eqn, deps)
+            cuts[ei] = (w, tuple(sorted(n for _, n in deps[w].src)))
+            u = union(deps)
+            outs = [Dep(frozenset(), frozenset(), (), u.src, u.direct)] * len(eqn.outvars)
         else:
             rule = DEP_RULES.get(eqn.primitive.name, _unsupported_rule)
 
@@ -382,7 +413,8 @@ def analyze(graph) -> DepAnalysis:
     op_of_eqn = {o.eqn: o.name for o in graph.ops}
     hidden_out_vars = {jaxpr.outvars[h.outvar]: h.name for h in graph.hidden}
     env: dict = {}
-    _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env)
+    cuts: dict = {}
+    _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env, cuts)
 
     def rd(v):
         if C.is_literal(v):
@@ -407,7 +439,8 @@ def analyze(graph) -> DepAnalysis:
     # reaches the loss along paths no trace of its own covers (through the other op)
     for o in graph.ops:
         direct |= set(op_x[o.name].direct)
-    res = DepAnalysis(hidden_out=hidden_out, op_x=op_x, out_direct=frozenset(direct))
+    res = DepAnalysis(hidden_out=hidden_out, op_x=op_x, out_direct=frozenset(direct),
+                      cuts=cuts)
     per_info[key] = res
     return res
 
