@@ -212,3 +212,33 @@ def test_residual_is_absorbed_and_exact():
 def test_what_cannot_be_absorbed_is_still_refused():
     with pytest.raises(brainscale.UnsupportedModelError, match="non-element-wise.*reduce_sum"):
         brainscale.DiagParamDimAlgorithm(TwoUses()).compile_graph(jnp.ones(N_IN))
+
+
+class BroadcastDecay(brainstate.nn.Module):
+    """An unbatched ElemWiseOp output broadcast explicitly to the batch (not a mixing)."""
+
+    def __init__(self, batch=2):
+        super().__init__()
+        self.th = brainscale.ETraceParam(jnp.linspace(-1.0, 1.0, N), brainscale.ElemWiseOp(jax.nn.sigmoid))
+        self.V = brainscale.ETraceState(jnp.full((batch, N), 0.3))
+
+    def update(self, x):
+        d = jnp.broadcast_to(self.th.execute(None), (x.shape[0], N))
+        self.V.value = d * self.V.value + x
+        return jnp.tanh(self.V.value)
+
+
+def test_a_batch_broadcast_is_not_absorbed():
+    """Before: the broadcast counted as mixing, was absorbed into a dense composite and the
+    gradient came out B times too large."""
+    rng = np.random.RandomState(0)
+    xs = jnp.asarray(rng.randn(T, 2, N), jnp.float32)
+    tgs = jnp.asarray(rng.randn(T, 2, N), jnp.float32)
+    net = BroadcastDecay()
+    learner = brainscale.DiagParamDimAlgorithm(net).compile_graph(xs[0])
+    assert learner.graph.ops[0].op_class == "ElemWiseOp"
+    orc = DenseOracle(BroadcastDecay(), xs[0], algorithm="param", loss_fn=sq_loss)
+    params = net.states(brainstate.ParamState)
+    for t in range(T):
+        g = brainstate.transform.grad(lambda: sq_loss(learner(xs[t]), tgs[t]), params)()
+        assert rel_err(g[("th",)], orc.step(xs[t], target=tgs[t])["grads"][("th",)]) < 1e-4

@@ -134,14 +134,16 @@ def _mixing_eqns(eqns, y_var) -> frozenset:
     on ``y`` element-wise and an output no longer does, but depends on it through the
     equation (by the dependency rules of :mod:`.rules`). With constant statistics these
     read stopped gradients."""
-    env: dict = {y_var: Dep(frozenset({"y"}))}
+    # y is an op output (``ys``): a leading-axis broadcast of it (an unbatched op output
+    # meeting batched values) keeps each neuron's identity and is no mixing
+    env: dict = {y_var: Dep(ys=frozenset({"y"}))}
     jx = types.SimpleNamespace(invars=[y_var], eqns=list(eqns), outvars=[])
     _run(jx, [env[y_var]], None, {}, {}, env)
     out = set()
     for i, e in enumerate(eqns):
-        elementwise_in = any("y" in env.get(v, Dep()).hid for v in e.invars
+        elementwise_in = any("y" in env.get(v, Dep()).ys for v in e.invars
                              if not C.is_literal(v))
-        mixed_out = any("y" not in env[v].hid and env[v].mixed for v in e.outvars)
+        mixed_out = any("y" not in env[v].ys and env[v].mixed for v in e.outvars)
         if elementwise_in and mixed_out:
             out.add(i)
     return frozenset(out)
@@ -199,8 +201,11 @@ def find_regions(graph) -> list[_Region]:
         mixing = _mixing_eqns(region_eqns, y)
         if not mixing:
             continue          # element-wise after the op: nothing to absorb
-        # keep only the equations the output needs (with the constants they read)
         (z,) = used_later
+        ys, zs = tuple(y.aval.shape), tuple(getattr(z.aval, "shape", ()))
+        if len(zs) != len(ys) or (o.batched and zs[:1] != ys[:1]):
+            continue          # the output gains or loses axes (a broadcast over a batch, ...)
+        # keep only the equations the output needs (with the constants they read)
         need, keep = {z}, []
         for i in sorted(set(idx) | set(const_eqn.values()), reverse=True):
             if any(v in need for v in eqns[i].outvars):
@@ -238,6 +243,9 @@ class AbsorbNormalizationPass(Pass):
         const_vals = dict(zip(jaxpr.constvars, C.closed_consts(info.jaxpr)))
         eqns = list(jaxpr.eqns)
         drop, replace_at = set(), {}
+        # the op registry holds ops weakly: keep every composite alive until the new step
+        # (which holds them in StepInfo.ops) is lowered
+        composites = []
         for r in regions:
             o = graph.op_by_name[r.op_name]
             marker = eqns[o.eqn]
@@ -246,6 +254,7 @@ class AbsorbNormalizationPass(Pass):
                            if not C.is_literal(v) and v in const_vals}
             comp = NormalizedOp(graph.op_object(o.name), region_eqns, used_consts,
                                 marker.outvars[0], r.z_var, r.mixing, self.stats)
+            composites.append(comp)
             replace_at[o.eqn] = self._marker(info, graph, o, marker, comp, r.z_var)
             drop.update(r.absorbed)
             ctx.note(self.name, f"{o.name}: absorbed {len(region_eqns)} equation(s) "
@@ -265,6 +274,10 @@ class AbsorbNormalizationPass(Pass):
                     attrs=tuple(sorted(dict(o.attrs, stats=obj.stats, absorbed=tuple(
                         sorted({e.primitive.name for e in obj._eqns}))).items())))
             new_ops.append(o)
+        missing = [c for c in composites if c not in op_objects.values()]
+        if missing:
+            raise PipelineError("absorb-normalization: a composite op was not found in the "
+                                "rewritten step (internal error)")
         new_info = dataclasses.replace(info, jaxpr=closed, ops=MappingProxyType(op_objects))
         return graph.replace(ops=tuple(new_ops), values=values, params=params, batch=batch,
                              info=new_info)
