@@ -227,7 +227,7 @@ def _warn_no_temporal_credit(graph):
             f"credit: {'; '.join(lost)}. The diagonal traces cannot follow a path through "
             f"another weight (docs/design.md, 'Trace dim none'). Restructure the model if these need "
             f"temporal credit (e.g. a GRU with the reset gate applied after the recurrent "
-            f"matmul, r*(U·h), as brainscale.nn.GRUCell does by default), or mark them "
+            f"matmul, r*(U·h), as brainscale.nn.GRUCell(reset_after=True) does), or mark them "
             f"is_etrace=False to state the intent and silence this warning.",
             NoTemporalCreditWarning, stacklevel=_user_stacklevel())
 
