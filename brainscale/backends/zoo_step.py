@@ -204,9 +204,6 @@ class ZooProgram(Program):
                                             d))
         xs_map = {o.name: x for o, x in zip(self.g.ops, xs)}
         direct = self.sig.direct_grads(theta_t, xs_map, d_zeta)
-        rel_of = {}
-        for r in self.g.relations:
-            rel_of.setdefault(self.b.tparam_pos(r.param), set()).add(r.id)
         exact_params = {self.b.tparam_pos(self.g.relation_by_id[rid].param)
                         for rid in self.exact_rels}
         self.add_grads(g_t, [c for c in direct if c[0] not in exact_params])

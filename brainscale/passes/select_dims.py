@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import PipelineError, UnsupportedModelError
 from ..ir import Trace
 from ..ir.layout import trace_arrays
-from ..ir.nodes import AXIS_DEFAULTS, TRACE_AXES
+from ..ir.nodes import TRACE_AXES
 from ..ir.verify import axes_error
 from .base import Pass, register_pass
 
