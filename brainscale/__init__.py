@@ -37,6 +37,16 @@ from .legacy import (IODimVjpAlgorithm as IODimVjpAlgorithm, ES_D_RTRL as ES_D_R
                      HybridDimVjpAlgorithm as HybridDimVjpAlgorithm,
                      ElemWiseParam as ElemWiseParam, NonTempParam as NonTempParam,
                      FakeETraceParam as FakeETraceParam, FakeElemWiseParam as FakeElemWiseParam)
+# the rule zoo: points on the trace-rule axes (docs/rules.md), braintrace's names too
+from .zoo import (RuleAlgorithm as RuleAlgorithm, RTRLAlgorithm as RTRLAlgorithm,
+                  SnApAlgorithm as SnApAlgorithm, UOROAlgorithm as UOROAlgorithm,
+                  EPropAlgorithm as EPropAlgorithm, OSTLAlgorithm as OSTLAlgorithm,
+                  ThreeFactorAlgorithm as ThreeFactorAlgorithm, DNIAlgorithm as DNIAlgorithm,
+                  SnAp as SnAp, UORO as UORO,
+                  RandomProjectionVjpAlgorithm as RandomProjectionVjpAlgorithm, EProp as EProp,
+                  OSTLRecurrent as OSTLRecurrent, OSTLFeedforward as OSTLFeedforward,
+                  ThreeFactor as ThreeFactor, DNI as DNI)
+from . import zoo as zoo
 from .compiled import Compiled as Compiled
 from .api import compile as compile
 
