@@ -115,6 +115,12 @@ class ETraceOp:
     param_trace: str = "compact"
     x_ndim: int | None = 1
     kind: str = "custom"
+    #: ``y`` is element-wise in ``x`` (``y_n`` depends on ``x_n`` only: an affine
+    #: ``x ⊙ scale + bias``). Proven on the jaxpr of ``xw_to_y`` when the step is lowered;
+    #: then paths through ``x`` stay element-wise (another op's output, or a hidden state,
+    #: reaches the neurons through this op with its factor in ``df`` / ``J``) instead of
+    #: being cut as a trace op's input normally is.
+    x_elementwise: bool = False
 
     def __new__(cls, *args, **kwargs):
         # decorator form: ETraceOp(fn) -> FunctionOp(fn)

@@ -106,6 +106,17 @@ def compact_layout_error(op, value) -> str | None:
     return None
 
 
+def _x_elementwise_error(op, x_aval, w_value) -> str | None:
+    """Why ``y = op(x, w)`` is not element-wise in ``x`` (for every ``x``), or None: the
+    claim ``op.x_elementwise`` is proven on the jaxpr of ``xw_to_y`` in ``x``."""
+    import jax.numpy as jnp
+    from .passes.rules import elementwise_error
+    dtype = x_aval.dtype if jnp.issubdtype(x_aval.dtype, jnp.inexact) else jnp.float32
+    x0 = jnp.zeros(tuple(x_aval.shape), dtype)      # the structure, on a float input
+    return elementwise_error(lambda xx: op.xw_to_y(xx, w_value), x0,
+                             f"{type(op).__name__} in its input")
+
+
 def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
     """Ops, op-input values, params and the batch size of a step's (inlined, open) jaxpr.
 
@@ -193,9 +204,20 @@ def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
                 layout = "dense"
         op_name = f"%y{len(ops)}"
         op_objects[op_name] = op
+        x_ew = bool(getattr(op, "x_elementwise", False)) and bool(x_vars)
+        if x_ew:
+            why_not = _x_elementwise_error(op, x_vars[0].aval, st.value)
+            if why_not is not None:
+                x_ew = False
+                import warnings
+                warnings.warn(
+                    f"{type(op).__name__}.x_elementwise=True is not taken for "
+                    f"{paths[owner[0]]} ({_loc(eqn)}): {why_not}. The op's input is treated "
+                    f"as for any trace op (paths through it are cut); set x_elementwise=False "
+                    f"or make xw_to_y element-wise in x.", UserWarning, stacklevel=2)
         ops.append(Op(op_name, kind, type(op).__name__, x_name, paths[owner[0]],
                       TensorType.from_aval(y_aval), ei, len(x_vars), batched, layout, why,
-                      loc=_loc(eqn)))
+                      x_elementwise=x_ew, loc=_loc(eqn)))
 
     # -- params ---------------------------------------------------------------------------
     params = []

@@ -101,7 +101,8 @@ class Linearizer:
             def on_op(o, eqn, invals):
                 nx = o.n_x_leaves
                 xs[o.name] = invals[0] if nx else None
-                y = C.eval_eqn(eqn, [sg(v) for v in invals[:nx]] + list(invals[nx:]))[0]
+                x_in = invals[:nx] if o.x_elementwise else [sg(v) for v in invals[:nx]]
+                y = C.eval_eqn(eqn, list(x_in) + list(invals[nx:]))[0]
                 return [y + xi[pos[o.name]]]
             outs = self.eval(ins, on_op=on_op, cut=True)
             return outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names]

@@ -74,7 +74,13 @@ class Signals:
                     nx = o.n_x_leaves
                     w = inv[nx:] if o.name in none_ops else [sg(v) for v in inv[nx:]]
                     y = C.eval_eqn(eqn, inv[:nx] + w)[0]
-                    env_s[eqn.outvars[0]] = y
+                    if o.x_elementwise:
+                        # an element-wise path: in the s environment like any element-wise
+                        # equation (its x paths are inside J / df, not counted twice)
+                        x_s = [rd(env_s, v) for v in eqn.invars[:nx]]
+                        env_s[eqn.outvars[0]] = C.eval_eqn(eqn, x_s + w)[0]
+                    else:
+                        env_s[eqn.outvars[0]] = y
                     env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
                 elif ei in lin.cut_weight:
                     # a cut plain-weight map, like a trace op: the signal of the states
@@ -247,7 +253,11 @@ class FeedbackSignals(Signals):
                     if o.name in feedback and nx:
                         yb = C.eval_eqn(eqn, inv[:nx] + list(feedback[o.name]))[0]
                         y = sg(y) + (yb - sg(yb)).astype(y.dtype)
-                    env_s[eqn.outvars[0]] = y
+                    if o.x_elementwise:
+                        x_s = [rd(env_s, v) for v in eqn.invars[:nx]]
+                        env_s[eqn.outvars[0]] = C.eval_eqn(eqn, x_s + w)[0]
+                    else:
+                        env_s[eqn.outvars[0]] = y
                     env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
                 elif ei in lin.cut_weight:
                     # a cut plain-weight map, like a trace op: the signal of the states

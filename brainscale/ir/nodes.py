@@ -126,6 +126,7 @@ class Op:
     batched: bool               # x carries a leading batch axis
     layout: str = "compact"     # the exact param-dim layout: 'compact' | 'dense'
     layout_reason: str | None = None
+    x_elementwise: bool = False  # y is element-wise in x (proven): x's paths pass through
     attrs: FrozenAttrs = ()     # notes only
     loc: Loc | None = field(default=None, compare=False)
 

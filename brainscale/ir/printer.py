@@ -63,6 +63,8 @@ def _op_line(o, s):
         a += (("layout_reason", o.layout_reason),)
     if o.batched:
         a += (("batched", True),)
+    if o.x_elementwise:
+        a += (("x_elementwise", True),)
     a = tuple(sorted(a + tuple(o.attrs)))
     return _line(f"{o.name} = {o.kind}({x}, %{o.param}) : {o.type}", a, o.loc, s)
 

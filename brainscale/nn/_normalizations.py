@@ -119,6 +119,7 @@ class ScaleOp(ETraceOp):
 
     kind = "custom"
     param_trace = "compact"
+    x_elementwise = True      # the affine passes its input's dependence through (proven)
 
     def __init__(self, in_size):
         self.in_size = to_size(in_size, "in_size")

@@ -334,7 +334,7 @@ def _cut(eqn, deps) -> int | None:
 
 def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
          hidden_out_vars: dict, env_out: dict | None = None,
-         cuts: dict | None = None) -> list[Dep]:
+         cuts: dict | None = None, x_elementwise: frozenset = frozenset()) -> list[Dep]:
     env: dict = {}
     for v, d in zip(jaxpr.invars, in_deps):
         env[v] = d
@@ -349,8 +349,10 @@ def _run(jaxpr, in_deps: list[Dep], top_index: int | None, op_of_eqn: dict,
         if q is not None:
             u = union(deps) if deps else EMPTY
             # the op cuts element-wise dependence, but a path that reaches the outputs
-            # through this op (and no new hidden value) is still a direct path
-            outs = [Dep(frozenset(), frozenset({q}), (), u.src | {("y", q)}, u.direct | {q})]
+            # through this op (and no new hidden value) is still a direct path; an op whose
+            # output is element-wise in its input passes the input's dependence through
+            x = deps[0] if ei in x_elementwise and deps else EMPTY
+            outs = [Dep(x.hid, x.ys | {q}, x.mixed, u.src | {("y", q)}, u.direct | {q})]
         elif cuts is not None and top_index is None and _cut(eqn, deps) is not None:
             w = _cut(eqn, deps)
             cuts[ei] = (w, tuple(sorted(n for _, n in deps[w].src)))
@@ -414,7 +416,8 @@ def analyze(graph) -> DepAnalysis:
     hidden_out_vars = {jaxpr.outvars[h.outvar]: h.name for h in graph.hidden}
     env: dict = {}
     cuts: dict = {}
-    _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env, cuts)
+    _run(jaxpr, in_deps, None, op_of_eqn, hidden_out_vars, env, cuts,
+         frozenset(o.eqn for o in graph.ops if o.x_elementwise))
 
     def rd(v):
         if C.is_literal(v):
