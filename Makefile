@@ -4,6 +4,9 @@
 #   make long-delay - an adaptive-LIF RSNN remembers a cue over 500 steps, trained online
 PY ?= python3
 VENV := .venv
+# test processes (pytest-xdist; one file per worker at a time, so module fixtures run once):
+# 2 fits the CI machine (2 cores); each worker holds up to ~4 GB
+WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -22,7 +25,7 @@ long-delay: $(STAMP)
 	$(BIN)/python examples/long_delay.py --out outputs/long-delay
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py

@@ -260,6 +260,11 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self._require()
         if has_multi_step(args, kwargs):
             return self._run_window(args, kwargs)
+        return self._one_step(args, kwargs)
+
+    def _one_step(self, args, kwargs, *extra):
+        """One compiled step on ``(args, kwargs)`` (``extra``: further arguments of the step
+        function, e.g. a rule's auxiliary inputs); checks shapes, updates states and traces."""
         if any(is_step_data(a) for a in jax.tree.leaves((args, kwargs), is_leaf=is_step_data)):
             args, kwargs = jax.tree.map(lambda a: a.data if is_step_data(a) else a, (args, kwargs),
                                         is_leaf=is_step_data)
@@ -283,7 +288,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
             args_l = b.place_args(args_l, self.mesh)
         traces = tuple(t.value for t in self._traces)
         outs, new_hidden, new_others, new_traces = step.fn(theta_t, theta_p, args_l, hidden,
-                                                           others, traces)
+                                                           others, traces, *extra)
         b.scatter(new_hidden, new_others, states)
         for t, v in zip(self._traces, new_traces):
             t.value = v

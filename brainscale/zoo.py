@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stepdata import has_multi_step, is_step_data
-from .algorithms import ETraceAlgorithm, _sig
+from ._stepdata import has_multi_step
+from .algorithms import ETraceAlgorithm
 from .errors import BrainscaleError, PipelineError
 from .ir.nodes import TRACE_AXES
 from .passes.base import parse_pipeline
@@ -186,33 +186,7 @@ class RuleAlgorithm(ETraceAlgorithm):
         if has_multi_step(args, kwargs):
             raise BrainscaleError(f"{type(self).__name__} runs one step per call; call it once "
                                   f"per step instead of with MultiStepData")
-        if any(is_step_data(a) for a in jax.tree.leaves((args, kwargs), is_leaf=is_step_data)):
-            args, kwargs = jax.tree.map(lambda a: a.data if is_step_data(a) else a,
-                                        (args, kwargs), is_leaf=is_step_data)
-        sig = _sig(args, kwargs)
-        if sig != self._sig:
-            raise BrainscaleError(
-                f"{type(self).__name__} was compiled for inputs {self._sig} but got {sig}; a "
-                f"changed input shape or batch size needs `.compile_graph(*new_inputs)`")
-        step, b = self._step, self._step.binding
-        for tr, a in zip(self._traces, b.arrays):
-            if tuple(np.shape(tr.value)) != tuple(a.type.shape):
-                raise BrainscaleError(
-                    f"trace array {a.id} has shape {np.shape(tr.value)} but the compiled step "
-                    f"keeps {a.type}: the batch size changed; call compile_graph with inputs "
-                    f"of the new batch size")
-        states = self._bound_states()
-        theta_t, theta_p, hidden, others = b.gather(states)
-        args_l = tuple(jax.tree.leaves((args, kwargs)))
-        if self.mesh is not None and "sharding" in self.graph.facts:
-            args_l = b.place_args(args_l, self.mesh)
-        traces = tuple(t.value for t in self._traces)
-        outs, new_hidden, new_others, new_traces = step.fn(
-            theta_t, theta_p, args_l, hidden, others, traces, self._aux(modulator))
-        b.scatter(new_hidden, new_others, states)
-        for t, v in zip(self._traces, new_traces):
-            t.value = v
-        return jax.tree.unflatten(self.graph.info.out_treedef, list(outs))
+        return self._one_step(args, kwargs, self._aux(modulator))
 
     def __call__(self, *args, **kwargs):
         return self.update(*args, **kwargs)

@@ -44,6 +44,7 @@ class Signals:
         self.none_ops = {graph.relation_by_id[rid].op for t in graph.traces if t.dim == "none"
                          for rid in t.relations}
         self.hid_pos = linearizer.hid_pos
+        self.feedback: dict = {}     # op name -> fixed feedback leaves (FeedbackSignals)
 
     def omega(self, hidden, others):
         """Ω(η, ζ, θ_trace, θ_plain, args) -> non-hidden outputs (see the module docstring)."""
@@ -53,7 +54,7 @@ class Signals:
         others_c = [sg(o) if is_float(o) else o for o in others]
         op_pos = {o.name: q for q, o in enumerate(g.ops)}
         keep = list(range(b.n_out)) + list(b.other_out)
-        lin = self.lin
+        lin, feedback = self.lin, self.feedback
 
         def omega(eta, zeta, th_t, th_p, a):
             ins = b.assemble(th_t, th_p, a, hidden_c, others_c)
@@ -74,6 +75,9 @@ class Signals:
                     nx = o.n_x_leaves
                     w = inv[nx:] if o.name in none_ops else [sg(v) for v in inv[nx:]]
                     y = C.eval_eqn(eqn, inv[:nx] + w)[0]
+                    if o.name in feedback and nx:
+                        yb = C.eval_eqn(eqn, inv[:nx] + list(feedback[o.name]))[0]
+                        y = sg(y) + (yb - sg(yb)).astype(y.dtype)
                     if o.x_elementwise:
                         # an element-wise path: in the s environment like any element-wise
                         # equation (its x paths are inside J / df, not counted twice)
@@ -221,60 +225,3 @@ class FeedbackSignals(Signals):
     def __init__(self, graph, binding, linearizer, feedback: dict):
         super().__init__(graph, binding, linearizer)
         self.feedback = feedback
-
-    def omega(self, hidden, others):
-        g, b = self.g, self.b
-        none_ops = self.none_ops
-        hidden_c = [sg(h) for h in hidden]
-        others_c = [sg(o) if is_float(o) else o for o in others]
-        op_pos = {o.name: q for q, o in enumerate(g.ops)}
-        keep = list(range(b.n_out)) + list(b.other_out)
-        lin, feedback = self.lin, self.feedback
-
-        def omega(eta, zeta, th_t, th_p, a):
-            ins = b.assemble(th_t, th_p, a, hidden_c, others_c)
-            jaxpr = lin.jaxpr
-            env_m: dict = {}
-            env_s: dict = {}
-            for v, c in zip(jaxpr.constvars, lin.consts):
-                env_m[v] = env_s[v] = c
-            for v, x in zip(jaxpr.invars, ins):
-                env_m[v] = env_s[v] = x
-
-            def rd(env, v):
-                return C.literal_value(v) if C.is_literal(v) else env[v]
-            for ei, eqn in enumerate(jaxpr.eqns):
-                o = lin.op_of_eqn.get(ei)
-                if o is not None:
-                    inv = [rd(env_m, v) for v in eqn.invars]
-                    nx = o.n_x_leaves
-                    w = inv[nx:] if o.name in none_ops else [sg(v) for v in inv[nx:]]
-                    y = C.eval_eqn(eqn, inv[:nx] + w)[0]
-                    if o.name in feedback and nx:
-                        yb = C.eval_eqn(eqn, inv[:nx] + list(feedback[o.name]))[0]
-                        y = sg(y) + (yb - sg(yb)).astype(y.dtype)
-                    if o.x_elementwise:
-                        x_s = [rd(env_s, v) for v in eqn.invars[:nx]]
-                        env_s[eqn.outvars[0]] = C.eval_eqn(eqn, x_s + w)[0]
-                    else:
-                        env_s[eqn.outvars[0]] = y
-                    env_m[eqn.outvars[0]] = y + zeta[op_pos[o.name]]
-                elif ei in lin.cut_weight:
-                    # a cut plain-weight map, like a trace op: the signal of the states
-                    # feeding it flows through it to other groups (both environments)
-                    outs = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
-                    for v, a_ in zip(eqn.outvars, outs):
-                        env_m[v] = env_s[v] = a_
-                else:
-                    outs_m = C.eval_eqn(eqn, [rd(env_m, v) for v in eqn.invars])
-                    outs_s = C.eval_eqn(eqn, [rd(env_s, v) for v in eqn.invars])
-                    for v, a_, b_ in zip(eqn.outvars, outs_m, outs_s):
-                        env_m[v] = a_
-                        env_s[v] = b_
-                for v in eqn.outvars:
-                    for k in lin.hid_of_var.get(v, ()):
-                        hm, hs = env_m[v], env_s[v]
-                        env_m[v] = sg(hm) + eta[k] + (hs - sg(hs))
-            outs = [rd(env_m, v) for v in jaxpr.outvars]
-            return tuple(outs[i] if is_float(outs[i]) else jnp.zeros(()) for i in keep)
-        return omega
