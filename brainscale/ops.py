@@ -361,8 +361,8 @@ class ConvOp(ETraceOp):
     ``xinfo`` describes ONE example: ``(L, C)`` gives a 1-D, ``(H, W, C)`` a 2-D and
     ``(D, H, W, C)`` a 3-D convolution; ``x`` of that shape, or with one more leading batch
     axis. The kernel is ``(*spatial, C_in / feature_group_count, C_out)`` and the optional
-    bias ``(C_out,)``. Implemented with :func:`jax.lax.conv_general_dilated`, by default
-    with dimension numbers ``('NWC','WIO','NWC')``, ``('NHWC','HWIO','NHWC')`` or
+    bias ``(C_out,)`` (or brainscale 0.1's ``(1, ..., 1, C_out)``). Implemented with
+    :func:`jax.lax.conv_general_dilated`, by default with dimension numbers ``('NWC','WIO','NWC')``, ``('NHWC','HWIO','NHWC')`` or
     ``('NDHWC','DHWIO','NDHWC')``. With custom ``dimension_numbers`` the per-example
     layout is the lhs spec without ``N``, and a batched ``x`` still carries its batch axis
     first. Quantities are supported.
@@ -523,7 +523,9 @@ class ConvOp(ETraceOp):
         y = u.maybe_decimal(y * (x_unit * k_unit))
         if "bias" in p:
             b = p["bias"]
-            _check_bias(b, k_m.shape[rhs_o], "ConvOp")
+            n_o = k_m.shape[rhs_o]
+            if not (np.ndim(b) == y.ndim - 1 and tuple(np.shape(b)) == (1,) * (y.ndim - 2) + (n_o,)):
+                _check_bias(b, n_o, "ConvOp")   # (C_out,), or 0.1's (1, ..., 1, C_out)
             bshape = [1] * y.ndim
             bshape[out_f] = k_m.shape[rhs_o]
             y = y + u.math.reshape(b, bshape)
