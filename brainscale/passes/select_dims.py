@@ -89,6 +89,14 @@ def relation_costs(graph, rel) -> dict:
                 io_flops=None if io_el is None else 3 * io_el + 2 * batch * theta)
 
 
+def _no_state_reason(graph) -> str:
+    """Why an op output that reaches no hidden state keeps no trace."""
+    if graph.cuts:    # it may reach states through a cut plain-weight map (cuts=[...])
+        return ("output reaches no hidden state except through the cut plain-weight maps "
+                "(cuts=[...]): instantaneous gradient only, exact for the model with the cuts")
+    return "output reaches no hidden state: its instantaneous gradient is exact"
+
+
 @register_pass
 @dataclass(frozen=True)
 class SelectDimsPass(Pass):
@@ -207,8 +215,7 @@ class SelectDimsPass(Pass):
                 dim, why = "none", (
                     f"output reaches hidden states only through the input of trace op(s) "
                     f"{', '.join(via)}: instantaneous gradient only, no temporal credit"
-                    if via else "output reaches no hidden state: its instantaneous gradient "
-                                "is exact")
+                    if via else _no_state_reason(graph))
             elif not pa.get("is_etrace", True):
                 dim, why = "none", "is_etrace=False: instantaneous gradient"
             elif rel.param in over:
@@ -316,8 +323,7 @@ class SelectDimsPass(Pass):
                 t_dim, why = "none", ("scope=group traces the groups a parameter's ops drive; "
                                       "its ops drive none: instantaneous gradient only")
             elif not reach and not via:
-                t_dim, why = "none", ("output reaches no hidden state: its instantaneous "
-                                      "gradient is exact")
+                t_dim, why = "none", _no_state_reason(graph)
             else:
                 t_dim, why = dim, ""
             if t_dim == "none":
