@@ -16,7 +16,8 @@ from .errors import (BrainscaleError as BrainscaleError, IRVerificationError as 
                      UnsupportedModelError as UnsupportedModelError,
                      UnsupportedPrimitiveError as UnsupportedPrimitiveError,
                      BackendError as BackendError, NotCompiledError as NotCompiledError,
-                     NoTemporalCreditWarning as NoTemporalCreditWarning)
+                     NoTemporalCreditWarning as NoTemporalCreditWarning,
+                     JaxlibMiscompileWarning as JaxlibMiscompileWarning)
 from .frontend import lower as lower
 from .ir import Graph as Graph, print_graph as print_graph, PrintSettings as PrintSettings, verify as verify
 from .passes import (Pass as Pass, PassManager as PassManager, PassContext as PassContext,

@@ -21,6 +21,7 @@ __all__ = [
     "open_jaxpr", "closed_consts", "make_closed", "is_literal", "literal_value",
     "eqn_subjaxprs", "inline_calls", "eval_eqn", "eqn_location", "JIT_NAMES", "CALL_NAMES",
     "LIBRARY_PACKAGES", "library_paths", "primitive_names", "eqn_jvp_jaxpr", "jax_version",
+    "check_jaxlib",
 ]
 
 Var = jcore.Var
@@ -39,6 +40,56 @@ JIT_NAMES = frozenset({"jit", "pjit"})
 _INLINABLE = frozenset({"jit", "pjit", "closed_call", "eval_jaxpr", "remat2"})
 
 jax_version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+#: jaxlib releases with a known CPU miscompile of patterns our compiled steps contain, the
+#: XLA flag that turns the faulty fusion off, and the public report. jaxlib 0.10.2 fuses
+#: ``a * sum(a * b, axis)`` over operands batched on >= 2 axes into a wrong YNN kernel
+#: (e.g. the vmapped VJP of a normalisation in an exact per-neuron trace: relative errors
+#: of 0.1-1.4 where float32 rounding gives 1e-7).
+_BAD_JAXLIB = {(0, 10, 2): ("--xla_cpu_experimental_ynn_fusion_type=", "jax-ml/jax#39103")}
+_JAXLIB_CHECKED = False
+
+
+def _jaxlib_version() -> tuple:
+    import jaxlib
+    return tuple(int(p) for p in jaxlib.__version__.split(".")[:3] if p.isdigit())
+
+
+def check_jaxlib(version: tuple | None = None, flags: str | None = None,
+                 platform: str | None = None) -> str | None:
+    """Warn (once per process) when the installed jaxlib miscompiles on the CPU.
+
+    Returns the warning's text, or None when this jaxlib / backend / ``XLA_FLAGS`` is fine.
+    Arguments override what is installed (for tests).
+    """
+    global _JAXLIB_CHECKED
+    probe = version is None and flags is None and platform is None
+    if probe and _JAXLIB_CHECKED:
+        return None
+    version = _jaxlib_version() if version is None else tuple(version)
+    bad = _BAD_JAXLIB.get(version)
+    if bad is None:
+        return None
+    flag, report = bad
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    if flag.split("=")[0] in flags:
+        return None
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "cpu":
+        return None
+    if probe:
+        _JAXLIB_CHECKED = True
+    v = ".".join(map(str, version))
+    msg = (f"jaxlib {v} computes wrong results on the CPU for patterns brainscale's compiled "
+           f"steps contain ({report}: 'a * sum(a * b)' batched over two or more axes; e.g. "
+           f"exact traces through a normalisation come out with relative errors of 0.1-1). "
+           f"Install another jax/jaxlib (brainscale excludes {v}: pip install 'jax!={v}' "
+           f"'jaxlib!={v}'), or turn the faulty fusion off before jax starts: "
+           f"XLA_FLAGS='{flag}' (set in the environment before importing jax).")
+    from .errors import JaxlibMiscompileWarning
+    import warnings
+    warnings.warn(msg, JaxlibMiscompileWarning, stacklevel=4)
+    return msg
 
 #: packages whose frames are never "the user's line": brainscale itself and the libraries a
 #: model is written with (brainunit is implemented in ``saiunit`` on brainunit >= 0.5).

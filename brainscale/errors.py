@@ -15,6 +15,7 @@ __all__ = [
     "BackendError",
     "NotCompiledError",
     "NoTemporalCreditWarning",
+    "JaxlibMiscompileWarning",
 ]
 
 
@@ -54,3 +55,10 @@ class NoTemporalCreditWarning(UserWarning):
     """A trace parameter whose op output reaches hidden states only through the input of
     another trace op (a weight feeding a weight, e.g. a GRU reset gate inside ``U·(r⊙h)``)
     gets its exact instantaneous gradient but no temporal credit (trace dim ``none``)."""
+
+
+class JaxlibMiscompileWarning(RuntimeWarning):
+    """The installed jaxlib is known to compute wrong results on the CPU for patterns the
+    compiled step contains (jaxlib 0.10.2: ``a * sum(a * b)`` batched over >= 2 axes,
+    jax-ml/jax#39103). Gradients may be silently wrong until jaxlib is changed or the
+    faulty fusion is turned off (the warning says how)."""

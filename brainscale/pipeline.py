@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ._compat import check_jaxlib
 from .errors import NoTemporalCreditWarning, PipelineError
 from .frontend import lower
 from .passes import DEFAULT_PIPELINE, PassContext, PassManager, PassRecord, Recorder
@@ -191,6 +192,7 @@ def build_graph(model, *args, pipeline=None, instruments: Sequence = (),
         backend: its ``pipeline()`` passes are appended. ``layout-traces`` is appended
             whenever the pipeline chooses trace dims without laying them out.
     """
+    check_jaxlib()
     t0 = time.perf_counter()
     g0 = lower(model, *args, **kwargs)
     t_lower = time.perf_counter() - t0

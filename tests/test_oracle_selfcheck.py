@@ -256,6 +256,9 @@ def test_plain_param_feeding_hidden_gets_instantaneous_gradient():
         r = orc.step(xs[t], target=tg[t])
         # ∂L^t/∂c through h^t only (∂h^t/∂c = I): equals δ^t
         np.testing.assert_allclose(r["grads"][("c",)], r["delta"], rtol=1e-6, atol=1e-7)
-        V = np.asarray(model.V.value)
+        # reference in float64; 1 - tanh(V)^2 in float32 cancels where tanh(V) is near 1, so
+        # its absolute error is a few float32 ulps of 1 times |target| (jaxlib releases
+        # differ there by ~3e-7), whatever the relative error of the small result
+        V = np.asarray(model.V.value, np.float64)
         np.testing.assert_allclose(r["delta"], (1 - np.tanh(V) ** 2) * np.asarray(tg[t]),
-                                   rtol=1e-5, atol=1e-7)
+                                   rtol=1e-5, atol=1e-6)
