@@ -92,3 +92,20 @@ def test_sweep_quick(tmp_path):
     assert "Time per step" in md and "D-RTRL against the copy bandwidth" in md
     assert "D-RTRL/BPTT" in md
     assert "D-RTRL   /BPTT: time" in p.stdout      # the printed ratios
+
+
+def test_floor_rows_in_process(tmp_path):
+    """The floor row (forward + one instantaneous VJP per step) is BPTT over one step, and
+    the forward row runs; both time a plain brainstate computation (no learner)."""
+    import worker
+    grads = {}
+    for algo in ("floor", "bptt", "fwd"):
+        gp = str(tmp_path / f"{algo}.npz")
+        r = worker.run({"lib": "ours", "model": "alif", "algo": algo, "N": 8, "B": 2, "T": 1,
+                        "seed": 0, "repeats": 1, "grads_out": gp})
+        assert r["ok"] and r["ms_per_step"] > 0, r
+        grads[algo] = dict(np.load(gp))
+    assert grads["fwd"] == {}
+    assert sorted(grads["floor"]) == sorted(grads["bptt"]) != []
+    for k in grads["bptt"]:
+        np.testing.assert_allclose(grads["floor"][k], grads["bptt"][k], rtol=1e-5, atol=1e-7)

@@ -68,7 +68,7 @@ LIBS = {
                    "label": "braintrace", "algos": {"io": "pp_prop", "param": "D_RTRL"}},
 }
 OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid",
-              "io_chunk": "ES-D-RTRL chunk"}
+              "io_chunk": "ES-D-RTRL chunk", "fwd": "forward", "floor": "floor"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,6 +194,8 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
         jobs = []
         for T in sorted(set(Ts.values()) | {a.T}):
             jobs.append(("ours", "bptt", T))
+        if a.floor:   # what any online rule pays per step: the forward, + one VJP (no traces)
+            jobs += [("ours", "fwd", a.T), ("ours", "floor", a.T)]
         for lib in ["ours"] + a.libs:
             for algo in algos + (["io_chunk"] if lib == "ours" and "io_chunk" in Ts else []):
                 jobs.append((lib, algo, Ts[algo]))
@@ -235,7 +237,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             _save(out_dir, results, grads, meta)
         # gradients
         for (lib, algo, T), gp in gpaths.items():
-            if algo == "bptt" and lib == "ours":
+            if (algo == "bptt" and lib == "ours") or algo == "fwd":
                 continue
             g = dict(np.load(gp))
             row = {"N": N, "lib": lib, "algo": algo, "T": T}
@@ -412,6 +414,32 @@ def _col(lib, algo, chunk=None):
         f"{LIBS[lib]['label']} {LIBS[lib]['algos'][algo]}"
 
 
+def floor_markdown(res, Ns, libs, algos, chunked, chunk) -> str:
+    """Every online column as a multiple of the floor (forward + one instantaneous VJP per
+    step, no traces), and the trace work alone (online - floor)."""
+    f = bench._fmt
+    online = [("ours", al) for al in algos] + ([("ours", "io_chunk")] if chunked else []) + \
+             [(lib, al) for lib in libs for al in algos]
+    out = ["\n## Against the floor\n",
+           "`forward`: the model's step alone (`for_loop` of the loss). `floor`: the forward "
+           "step plus one instantaneous VJP per step (the gradient of this step's loss w.r.t. "
+           "the weights with the hidden states held constant, accumulated; no traces): what "
+           "every online rule must do. Each online column: time / floor, and in brackets the "
+           "trace work alone, time − floor (ms per step).\n"]
+    rows = []
+    for N in Ns:
+        fw = _ms(_r(res, "ours", "fwd", N, fastest=True))
+        fl = _ms(_r(res, "ours", "floor", N, fastest=True))
+        row = [N, f(fw), f(fl)]
+        for lib, al in online:
+            o = _ms(_r(res, lib, al, N, fastest=True))
+            row.append(f"{f(o / fl, 2)} ({f(o - fl)})" if (o and fl) else "–")
+        rows.append(row)
+    out.append(bench.md_table(["N", "forward ms", "floor ms"] +
+                              [_col(lib, al, chunk) + " / floor" for lib, al in online], rows))
+    return "\n".join(out)
+
+
 def markdown(d) -> str:
     res, grads, comp, meta = d["results"], d["grads"], d.get("compile", []), d["meta"]
     libs = meta.get("libs", list(LIBS))
@@ -431,7 +459,8 @@ def markdown(d) -> str:
              if any(r["config"]["algo"] == al for r in res)]
     chunked = [r for r in res if r["config"]["algo"] == "io_chunk"]
     chunk = chunked[0]["config"].get("chunk") if chunked else None
-    cols = [("ours", "bptt")] + [("ours", al) for al in algos] + \
+    floor = [al for al in ("fwd", "floor") if any(r["config"]["algo"] == al for r in res)]
+    cols = [("ours", "bptt")] + [("ours", al) for al in floor + algos] + \
            ([("ours", "io_chunk")] if chunked else []) + \
            [(lib, algo) for lib in libs for algo in algos]
     out.append("## Time per step (ms)\n")
@@ -478,6 +507,8 @@ def markdown(d) -> str:
                 row.append(f(e / o, 2) if (o and e) else "–")
         rows.append(row)
     out.append(bench.md_table(hdr, rows))
+    if "floor" in floor:
+        out.append(floor_markdown(res, Ns, libs, algos, chunked, chunk))
     # memory
     Ts = sorted({int(t) for r in res if r.get("ok") and r["config"]["algo"] == "bptt"
                  and r.get("timed", True) for t in (r.get("memory_by_T") or {})})
@@ -577,6 +608,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="lif", choices=bm.MODELS)
     p.add_argument("--algos", type=bench._strs, default=["io", "param"],
                    help="online algorithms to compare (io = ES-D-RTRL, param = D-RTRL)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the forward and floor rows (forward + one VJP per step)")
     p.add_argument("--chunk", type=int, default=16,
                    help="also time ours ES-D-RTRL with online_gradients(chunk=K); 1 = no")
     p.add_argument("--N", type=bench._ints, default=[128, 512, 1024])

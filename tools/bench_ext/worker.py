@@ -125,6 +125,10 @@ def copy_bandwidth(n_bytes: int = 256 * 2 ** 20, repeats: int = 7, loop: int = 1
     return out
 
 
+#: rows that time a plain brainstate computation (no online learner): BPTT, the forward
+#: step alone, and the floor (forward + one instantaneous VJP per step, no traces)
+NO_LEARNER = ("bptt", "fwd", "floor")
+
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
 ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "ostl",
              "ostl_ff", "three_factor", "dni")
@@ -287,7 +291,7 @@ def run(cfg: dict) -> dict:
     net = bm.build(lib, model, w, h, layers)
     params = net.states(brainstate.ParamState)
     x0 = jnp.zeros((B, bm.N_IN), jnp.float32)
-    if algo == "bptt":
+    if algo in NO_LEARNER:
         learner, build_s = None, 0.0
     else:
         if cfg.get("build_warm"):
@@ -301,7 +305,26 @@ def run(cfg: dict) -> dict:
     res["build_s"] = build_s
     loss_fn = bm.loss_fn
 
-    if algo == "bptt":
+    if algo == "fwd":
+        # the forward step alone: what every rule pays before any learning
+        def fn(xs, ys):
+            ls = brainstate.transform.for_loop(lambda x, y: loss_fn(net(x), y), xs, ys)
+            return {}, ls.sum()
+    elif algo == "floor":
+        # the per-step floor of any online rule: the forward step plus one instantaneous VJP
+        # (the gradient of this step's loss w.r.t. the weights, hidden states held constant),
+        # accumulated over the sequence; no traces
+        def fn(xs, ys):
+            zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
+
+            def body(acc, xy):
+                x, y = xy
+                g, l = brainstate.transform.grad(lambda: loss_fn(net(x), y), params,
+                                                 return_value=True)()
+                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, l
+            g, ls = brainstate.transform.scan(body, zero, (xs, ys))
+            return g, ls.sum()
+    elif algo == "bptt":
         def fn(xs, ys):
             def total():
                 ls = brainstate.transform.for_loop(lambda x, y: loss_fn(net(x), y), xs, ys)
@@ -349,6 +372,9 @@ def run(cfg: dict) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(pure).lower(vals, xs, ys).compile()
     res["xla_s"] = time.perf_counter() - t0
+    if cfg.get("hlo_out"):      # the optimised HLO, for a per-op breakdown
+        with open(cfg["hlo_out"], "w") as fh:
+            fh.write(compiled.as_text())
     res["memory"] = _memory(compiled)
     res["memory_by_T"] = {str(T): res["memory"]}
     res["rss_after_compile_mb"] = _rss_mb()
