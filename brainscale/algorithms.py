@@ -276,10 +276,10 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
                 f"`reset_state(batch_size=...)` for a new batch size)")
         step, b = self._step, self._step.binding
         for tr, a in zip(self._traces, b.arrays):
-            if tuple(np.shape(tr.value)) != tuple(a.type.shape):
+            if tuple(np.shape(tr.value)) != tuple(a.stored_type.shape):
                 raise BrainscaleError(
                     f"trace array {a.id} has shape {np.shape(tr.value)} but the compiled step "
-                    f"keeps {a.type}: the batch size changed; call compile_graph with inputs "
+                    f"keeps {a.stored_type}: the batch size changed; call compile_graph with inputs "
                     f"of the new batch size")
         states = self._bound_states()
         theta_t, theta_p, hidden, others = b.gather(states)
@@ -421,7 +421,8 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
             raise BrainscaleError(f"{name!r} is not a trace parameter of the compiled graph; "
                                   f"trace parameters: "
                                   f"{', '.join(sorted({r.param for r in g.relations}))}")
-        values = {a.id: st.value for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = {a.id: a.from_stored(st.value) if a.packed else st.value
+                  for a, st in zip(self._step.binding.arrays, self._traces)}
         b = self._step.binding
         out = {}
         for r in rels:

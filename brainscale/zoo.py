@@ -205,7 +205,8 @@ class RuleAlgorithm(ETraceAlgorithm):
             return {"influence": self.influence_of(name)}
         if not any(t.filter == "kappa" for t in traces.values()):
             return super().etrace_of(param)
-        values = {a.id: st.value for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = {a.id: a.from_stored(st.value) if a.packed else st.value
+                  for a, st in zip(self._step.binding.arrays, self._traces)}
         out: dict = {}
         for t in traces.values():
             for role in ("eps", "eps_bar"):
@@ -234,7 +235,8 @@ class RuleAlgorithm(ETraceAlgorithm):
                                   f"sparse, or dim random) in the compiled graph")
         from .ir.layout import param_leaves
         leaves = param_leaves(g, name)
-        values = {a.id: st.value for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = {a.id: a.from_stored(st.value) if a.packed else st.value
+                  for a, st in zip(self._step.binding.arrays, self._traces)}
         out: dict = {}
         if t.dim == "random":
             ps = {a.leaf: values[a.id] for a in t.arrays if a.role == "u_p"}

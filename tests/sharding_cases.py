@@ -87,7 +87,8 @@ def case(name, algo, mesh_shape, names, how):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             err = max(err, float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-30))
     arrays = l2._step.binding.arrays
-    traces = {a.id: {"ir": [None if s is None else s for s in (a.sharding or ())],
+    # the IR's sharding of the allocated array (a packed pair of states drops the state axis)
+    traces = {a.id: {"ir": [None if s is None else s for s in (a.stored_sharding or ())],
                      "placed": spec(t.value), "bytes": int(t.value.nbytes),
                      "device_bytes": per_device_bytes(t.value)}
               for a, t in zip(arrays, l2._traces)}

@@ -32,7 +32,8 @@ from oracle import DenseOracle
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 0.9
-_ARRAY = re.compile(r"^\s+array (T\d+\.\d+) = .*? : (\w+)\[([0-9,]*)\](?:\s+\{storage=(\w+)\})?\s*$")
+_ARRAY = re.compile(r"^\s+array (T\d+\.\d+) = .*? : (\w+)\[([0-9,]*)\]"
+                    r"(?:\s+\{storage=(\w+)(?:\[([0-9,]*)\])?\})?\s*$")
 
 
 def printed_arrays(text: str) -> list:
@@ -41,7 +42,9 @@ def printed_arrays(text: str) -> list:
     for ln in text.splitlines():
         m = _ARRAY.match(ln)
         if m:
-            shape = tuple(int(d) for d in m.group(3).split(",") if d)
+            # a packed pair prints its allocated shape with the storage: storage=c64[2,5]
+            dims = m.group(5) if m.group(5) is not None else m.group(3)
+            shape = tuple(int(d) for d in dims.split(",") if d)
             out.append((m.group(1), shape, m.group(4) or m.group(2)))
     return out
 

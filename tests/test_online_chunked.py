@@ -18,8 +18,14 @@ ALGOS = {
 }
 
 
+def _real(a):
+    """A packed pair of trace states (complex) as its two real parts."""
+    a = jnp.asarray(a)
+    return jnp.stack([a.real, a.imag], -1) if jnp.iscomplexobj(a) else a
+
+
 def rel(a, b) -> float:
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    a, b = jnp.asarray(_real(a), jnp.float32), jnp.asarray(_real(b), jnp.float32)
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 

@@ -234,7 +234,7 @@ class StepBinding:
 
     def place_traces(self, values, mesh) -> tuple:
         """Trace array values on ``mesh`` with their IR shardings."""
-        return tuple(jax.device_put(v, self._sharding(mesh, a.sharding))
+        return tuple(jax.device_put(v, self._sharding(mesh, a.stored_sharding))
                      if a.sharding is not None else v for v, a in zip(values, self.arrays))
 
     def place_args(self, leaves, mesh, time_axis: bool = False) -> tuple:
@@ -250,4 +250,4 @@ class StepBinding:
 
     def init_traces(self) -> tuple:
         """Zero trace arrays, one per :class:`~brainscale.ir.TraceArray`, in storage dtype."""
-        return tuple(jnp.zeros(a.type.shape, a.storage) for a in self.arrays)
+        return tuple(jnp.zeros(a.stored_type.shape, a.storage) for a in self.arrays)

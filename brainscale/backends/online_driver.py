@@ -199,7 +199,7 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
             new_vals, acc_t = e.rule.one_pass(ctx, e.traces, vals, delta, acc_t)
             for ps, vs in zip(e.positions, new_vals):
                 for p, v in zip(ps, vs):
-                    new_traces[p] = v.astype(b.arrays[p].storage)
+                    new_traces[p] = b.arrays[p].to_stored(v)
         others = b.carry_others(others, new_others)
         acc = (tuple(tuple(a) for a in acc_t), acc_p)
         io = tuple(pairs[r] for r in win_order) if collect else ()

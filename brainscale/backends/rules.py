@@ -203,19 +203,19 @@ class ParamBlock:
                 for li in range(self.n_leaves):
                     if (li, si) in lk:
                         pos, a = lk[(li, si)]
-                        leaves.append(values[pos].astype(a.type.dtype))
+                        leaves.append(a.from_stored(values[pos]))
                     else:
                         pos, a = lk[(li, None)]
-                        leaves.append(values[pos][..., si].astype(a.type.dtype))
+                        leaves.append(a.from_stored(values[pos], si))
                 per.append(binding.w_tree(self.param, leaves))
             return per
         leaves = []
         for li in range(self.n_leaves):
             if (li, None) in lk:
                 pos, a = lk[(li, None)]
-                leaves.append(values[pos].astype(a.type.dtype))
+                leaves.append(a.from_stored(values[pos]))
             else:
-                parts = [values[lk[(li, si)][0]].astype(lk[(li, si)][1].type.dtype)
+                parts = [lk[(li, si)][1].from_stored(values[lk[(li, si)][0]])
                          for si in range(self.k)]
                 leaves.append(jnp.stack(parts, axis=self.nS))
         return binding.w_tree(self.param, leaves)

@@ -109,7 +109,7 @@ class Program:
             outs = e.rule.update(ctx, e.traces, [[traces[p] for p in ps] for ps in e.positions])
             for ps, vals in zip(e.positions, outs):
                 for p, v in zip(ps, vals):
-                    new[p] = v.astype(arrays[p].storage)
+                    new[p] = arrays[p].to_stored(v)
         return new
 
     def trace_grads(self, ctx, traces, delta, skip=lambda entry: False) -> list:
@@ -131,7 +131,8 @@ class Program:
         outs = fwd.outs
         new_hidden = [outs[i] for i in b.hidden_out]
         if self.mesh is not None:
-            new_traces = [self.constrain(v, a.sharding) for v, a in zip(new_traces, b.arrays)]
+            new_traces = [self.constrain(v, a.stored_sharding)
+                          for v, a in zip(new_traces, b.arrays)]
             new_hidden = [self.constrain(v, h.sharding) for v, h in zip(new_hidden, self.g.hidden)]
         return ((tuple(outs[:b.n_out]), tuple(new_hidden),
                  tuple(outs[i] for i in b.other_out), tuple(new_traces)), fwd)

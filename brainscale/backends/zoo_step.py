@@ -123,7 +123,8 @@ class ZooProgram(Program):
         outs = fwd.outs
         new_hidden = [outs[i] for i in b.hidden_out]
         if self.mesh is not None:
-            new_traces = [self.constrain(v, a.sharding) for v, a in zip(new_traces, b.arrays)]
+            new_traces = [self.constrain(v, a.stored_sharding)
+                          for v, a in zip(new_traces, b.arrays)]
             new_hidden = [self.constrain(v, h.sharding) for v, h in zip(new_hidden, self.g.hidden)]
         return ((tuple(outs[:b.n_out]), tuple(new_hidden),
                  tuple(outs[i] for i in b.other_out), tuple(new_traces)), fwd)

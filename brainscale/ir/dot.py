@@ -241,7 +241,8 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
                  f"bytes={human_bytes(t.nbytes)}"]
         if s.print_types:
             for a in t.arrays:
-                st = f" as {a.storage}" if a.storage != a.type.dtype else ""
+                st = ((f" as {a.stored_type} (pair)" if a.packed else f" as {a.storage}")
+                      if a.storage != a.type.dtype else "")
                 lines.append(f"{a.id} {array_body(graph, a)}: {a.type}{st}")
         if s.print_attrs:
             for k, v in trace_fields(t):

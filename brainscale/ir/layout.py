@@ -44,6 +44,8 @@ __all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
 
 #: dtypes a trace array may be stored in (the math is done in the array's type dtype)
 FLOAT_STORAGE = ("float32", "float64", "float16", "bfloat16")
+#: storage of a packed pair of states, by math dtype (TraceArray.packed)
+PAIR_STORAGE = {"float32": "complex64", "float64": "complex128"}
 
 
 def _float_dtype(dtype: str, fallback: str = "float32") -> str:
@@ -134,7 +136,8 @@ def _is_influence(trace) -> bool:
 
 
 def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool = True,
-                 stacked_leaves: Collection[str] = ()) -> tuple[TraceArray, ...]:
+                 stacked_leaves: Collection[str] = (),
+                 pack_pairs: bool = False) -> tuple[TraceArray, ...]:
     """The arrays ``trace`` keeps, in a canonical order, with ids ``<trace id>.<n>``.
 
     Args:
@@ -147,6 +150,11 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
             states stacked (their rule contracts over that axis).
         stacked_leaves: names of parameter leaves whose k states stay stacked even when
             ``split_states`` (a backend kernel that wants ``(B, I, O, k)``).
+        pack_pairs: compact param-dim traces with the default rule axes: a group of k = 2
+            states keeps each leaf in one complex array (state 0 real, state 1 imaginary)
+            instead of two real ones, so that the update, which reads both states of an
+            element, runs in place (XLA CPU copies two separate arrays every step). Only
+            where the math dtype is float32/float64 and ``storage`` is not set.
 
     Returns:
         The arrays; empty for dim ``'none'``.
@@ -179,6 +187,14 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
                 k = graph.group_by_id[gid].num_state
                 for li, (lname, _) in enumerate(leaves):
                     split = split_states and layout == "compact" and lname not in stacked_leaves
+                    if split and pack_pairs and k == 2 and storage is None and \
+                            trace.axes == () and trace.path == "jax":
+                        ttype = eps_type(graph, rid, gid, li, layout, None)
+                        if ttype.dtype in PAIR_STORAGE:
+                            out.append(TraceArray(f"{trace.id}.{len(out)}", "eps", ttype,
+                                                  PAIR_STORAGE[ttype.dtype], relation=rid,
+                                                  group=gid, leaf=li, state=None))
+                            continue
                     for si in (range(k) if split else (None,)):
                         add("eps", eps_type(graph, rid, gid, li, layout, si), relation=rid,
                             group=gid, leaf=li, state=si)
@@ -218,9 +234,17 @@ def check_trace_arrays(graph, trace) -> str | None:
     for i, a in enumerate(arrays):
         if a.id != f"{trace.id}.{i}":
             return f"array {i} has id {a.id!r}, expected {trace.id}.{i} (renumber the arrays)"
-        if a.storage not in FLOAT_STORAGE:
+        if a.packed:
+            if (a.storage != PAIR_STORAGE.get(a.type.dtype) or a.role != "eps"
+                    or a.state is not None or trace.layout != "compact"
+                    or not a.type.shape or a.type.shape[-1] != 2):
+                return (f"array {a.id} is a packed pair ({a.storage}); only a compact eps "
+                        f"array of 2 stacked states (state=None, trailing axis 2) in "
+                        f"float32/float64 may be stored as complex64/complex128")
+        elif a.storage not in FLOAT_STORAGE:
             return (f"array {a.id} is stored as {a.storage!r}; trace storage must be one of "
-                    f"{', '.join(FLOAT_STORAGE)}")
+                    f"{', '.join(FLOAT_STORAGE)} (or a packed pair of 2 states: "
+                    f"{', '.join(PAIR_STORAGE.values())})")
     if trace.dim == "none":
         return None if not arrays else (f"dim=none keeps no arrays, but it has "
                                         f"{len(arrays)}; drop them")

@@ -187,6 +187,10 @@ class TraceArray:
       (``varshape``) and the parameter factor of one leaf (batch axes + leaf shape).
 
     ``type`` is the logical type (the math dtype); ``storage`` the dtype the array is kept in.
+    A float32 array of ``k = 2`` stacked states stored as ``complex64`` is *packed*: the
+    allocated array drops the trailing state axis and keeps state 0 in the real and state 1
+    in the imaginary part, so one element-wise fusion reads and writes both states of an
+    element in place (``layout-traces{pack_pairs=...}``).
     """
     id: str                     # '<trace id>.<n>', e.g. 'T0.1'
     role: str                   # one of ARRAY_ROLES
@@ -204,13 +208,46 @@ class TraceArray:
             raise ValueError(f"TraceArray role must be one of {ARRAY_ROLES}, got {self.role!r}")
 
     @property
+    def packed(self) -> bool:
+        """A pair of real states kept as one complex array (see the class docstring)."""
+        return self.storage.startswith("complex") and not self.type.dtype.startswith("complex")
+
+    @property
     def nbytes(self) -> int:
-        return self.type.size * np.dtype(self.storage).itemsize
+        return self.stored_type.size * np.dtype(self.storage).itemsize
 
     @property
     def stored_type(self) -> TensorType:
-        """The type of the allocated array (``type`` with the storage dtype)."""
-        return TensorType(self.type.shape, self.storage, self.type.unit)
+        """The type of the allocated array (``type`` with the storage dtype; a packed pair
+        without its trailing state axis)."""
+        shape = tuple(self.type.shape)[:-1] if self.packed else self.type.shape
+        return TensorType(shape, self.storage, self.type.unit)
+
+    @property
+    def stored_sharding(self) -> tuple | None:
+        """``sharding`` of the allocated array (a packed pair drops the state axis)."""
+        if self.sharding is None or not self.packed:
+            return self.sharding
+        return tuple(self.sharding)[:-1]
+
+    def to_stored(self, value):
+        """The math-dtype value (``type``) in this array's storage."""
+        if self.packed:
+            import jax
+            return jax.lax.complex(value[..., 0].astype(self.type.dtype),
+                                   value[..., 1].astype(self.type.dtype))
+        return value.astype(self.storage)
+
+    def from_stored(self, value, state: int | None = None):
+        """The stored ``value`` in the math dtype: all of it, or one state of a stacked array
+        (``value[..., state]``)."""
+        if self.packed:
+            import jax.numpy as jnp
+            if state is None:
+                return jnp.stack([jnp.real(value), jnp.imag(value)], axis=-1)
+            return (jnp.real(value) if state == 0 else jnp.imag(value)).astype(self.type.dtype)
+        v = value if state is None else value[..., state]
+        return v.astype(self.type.dtype)
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,9 @@ def _shard_attr(spec) -> tuple:
 
 
 def _array_line(graph, t, a, s):
-    extra = (("storage", short_dtype(a.storage)),) if a.storage != a.type.dtype else ()
+    # a packed pair prints the allocated array: storage=c64[B,I,O] (state 0 real, 1 imag)
+    stored = str(a.stored_type) if a.packed else short_dtype(a.storage)
+    extra = (("storage", stored),) if a.storage != a.type.dtype else ()
     extra += _shard_attr(a.sharding)
     body = f"  array {a.id} = {array_body(graph, a)}"
     if s.print_types:

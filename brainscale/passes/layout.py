@@ -25,7 +25,7 @@ __all__ = ["LayoutTracesPass", "trace_arrays", "layout_trace", "retrace", "renum
 
 def layout_trace(graph, trace: Trace, **options) -> Trace:
     """``trace`` with its arrays computed by :func:`~brainscale.ir.layout.trace_arrays`
-    (``options``: ``storage``, ``split_states``, ``stacked_leaves``)."""
+    (``options``: ``storage``, ``split_states``, ``stacked_leaves``, ``pack_pairs``)."""
     return dc_replace(trace, arrays=trace_arrays(graph, trace, **options))
 
 
@@ -107,20 +107,24 @@ class LayoutTracesPass(Pass):
 
     Options: ``storage`` stores every array in that dtype (math stays in the array's type,
     e.g. ``layout-traces{storage=bfloat16}``); ``split_states=false`` keeps the k states of a
-    param-dim trace stacked in one array instead of one array per state.
+    param-dim trace stacked in one array instead of one array per state; ``pack_pairs``
+    (default on) keeps the 2 states of a compact trace of a 2-state group in one complex
+    array (printed ``storage=c64``), which the update rewrites in place.
     """
     name = "layout-traces"
     requires = frozenset({"trace-dims"})
     provides = frozenset({"trace-arrays"})
     storage: str | None = None
     split_states: bool = True
+    pack_pairs: bool = True
 
     def run(self, graph, ctx):
         if self.storage is not None and self.storage not in FLOAT_STORAGE:
             raise PipelineError(f"layout-traces: storage must be one of "
                                 f"{', '.join(FLOAT_STORAGE)}, got {self.storage!r}")
         traces = tuple(layout_trace(graph, t, storage=self.storage,
-                                    split_states=bool(self.split_states))
+                                    split_states=bool(self.split_states),
+                                    pack_pairs=bool(self.pack_pairs))
                        for t in graph.traces)
         n = sum(len(t.arrays) for t in traces)
         total = sum(t.nbytes for t in traces)
