@@ -358,6 +358,35 @@ def contract_param(op, w, eps, dg, dense: bool, bshape):
     return single(eps, dg)
 
 
+def contract_packed(binding, blk, values, dg):
+    """The compact gradient of a block whose 2 states are packed in complex arrays (ops in
+    ``PAIR_OPS``): ``Σ_batch Re(conj(δ_0 + iδ_1)[.., n] · z[.., n])`` per leaf, reading the
+    complex array once (taking its real and imaginary parts first would materialise both
+    inside the batch loop)."""
+    nb = len(blk.bshape)
+    D = jnp.conj(jax.lax.complex(dg[..., 0], dg[..., 1]))            # (*bshape, *neurons)
+    lk = blk._lookup()
+    leaves = []
+    for li in range(blk.n_leaves):
+        pos, a = lk.get((li, None), (None, None))
+        if a is None or not a.packed:       # a leaf kept per state: Re(conj(D) (ε_0 + iε_1))
+            parts = [lk[(li, si)] for si in range(2)]
+            z = jax.lax.complex(*(pa.from_stored(values[p]) for p, pa in parts))
+            a = parts[0][1]
+        else:
+            z = values[pos]
+        lead = z.ndim - D.ndim                                        # leaf's leading axes
+        dd = D.reshape(D.shape[:nb] + (1,) * lead + D.shape[nb:])
+        if nb:
+            z2 = z.reshape((-1,) + z.shape[nb:])
+            d2 = dd.reshape((-1,) + dd.shape[nb:])
+            g = sum_leading(lambda b: d2[b] * z2[b], z2.shape[0])
+        else:
+            g = dd * z
+        leaves.append(jnp.real(g).astype(a.type.dtype))
+    return binding.w_tree(blk.param, leaves)
+
+
 class _ParamRule(TraceRule):
     dense = False
 
@@ -384,10 +413,13 @@ class _ParamRule(TraceRule):
         out = []
         for t, vals in zip(traces, arrays):
             for blk in param_blocks(ctx.graph, t):
-                eps = blk.gather(ctx.binding, vals, self.dense)
                 dg = ctx.signals.group_delta(blk.gid, delta)
-                grad = contract_param(ctx.op(blk.op), ctx.w(blk.param), eps, dg, self.dense,
-                                      blk.bshape)
+                if not self.dense and any(a.packed for _, _, _, a in blk.slots):
+                    grad = contract_packed(ctx.binding, blk, vals, dg)
+                else:
+                    eps = blk.gather(ctx.binding, vals, self.dense)
+                    grad = contract_param(ctx.op(blk.op), ctx.w(blk.param), eps, dg,
+                                          self.dense, blk.bshape)
                 pi = ctx.binding.tparam_pos(blk.param)
                 out.extend((pi, li, leaf) for li, leaf in enumerate(jax.tree.leaves(grad)))
         return out

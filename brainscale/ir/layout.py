@@ -46,6 +46,10 @@ __all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
 FLOAT_STORAGE = ("float32", "float64", "float16", "bfloat16")
 #: storage of a packed pair of states, by math dtype (TraceArray.packed)
 PAIR_STORAGE = {"float32": "complex64", "float64": "complex128"}
+#: ops whose compact trace rule runs on a packed pair: their per-state contraction
+#: ``yw_to_w(δ_i, ε_i)`` is δ broadcast over the leaf's leading axes times ε, so
+#: ``Σ_i δ_i ε_i = Re(conj(δ_0 + iδ_1) · (ε_0 + iε_1))`` reads the complex array directly
+PAIR_OPS = frozenset({"MatMulOp"})
 
 
 def _float_dtype(dtype: str, fallback: str = "float32") -> str:
@@ -188,7 +192,8 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
                 for li, (lname, _) in enumerate(leaves):
                     split = split_states and layout == "compact" and lname not in stacked_leaves
                     if split and pack_pairs and k == 2 and storage is None and \
-                            trace.axes == () and trace.path == "jax":
+                            trace.axes == () and trace.path == "jax" and \
+                            graph.op_by_name[rel.op].op_class in PAIR_OPS:
                         ttype = eps_type(graph, rid, gid, li, layout, None)
                         if ttype.dtype in PAIR_STORAGE:
                             out.append(TraceArray(f"{trace.id}.{len(out)}", "eps", ttype,
