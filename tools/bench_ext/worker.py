@@ -305,6 +305,22 @@ def run(cfg: dict) -> dict:
     res["build_s"] = build_s
     loss_fn = bm.loss_fn
 
+    def per_step_sum(step):
+        """``(xs, ys) -> (Σ_t ∂loss(step(x_t), y_t)/∂θ, Σ_t loss)``: the gradient of each
+        step's loss alone (whatever ``step`` does with it: the plain model holds its hidden
+        states constant, an online learner adds its traces), summed in a scan."""
+        def fn(xs, ys):
+            zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
+
+            def body(acc, xy):
+                x, y = xy
+                g, l = brainstate.transform.grad(lambda: loss_fn(step(x), y), params,
+                                                 return_value=True)()
+                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, l
+            g, ls = brainstate.transform.scan(body, zero, (xs, ys))
+            return g, ls.sum()
+        return fn
+
     if algo == "fwd":
         # the forward step alone: what every rule pays before any learning
         def fn(xs, ys):
@@ -314,16 +330,7 @@ def run(cfg: dict) -> dict:
         # the per-step floor of any online rule: the forward step plus one instantaneous VJP
         # (the gradient of this step's loss w.r.t. the weights, hidden states held constant),
         # accumulated over the sequence; no traces
-        def fn(xs, ys):
-            zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
-
-            def body(acc, xy):
-                x, y = xy
-                g, l = brainstate.transform.grad(lambda: loss_fn(net(x), y), params,
-                                                 return_value=True)()
-                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, l
-            g, ls = brainstate.transform.scan(body, zero, (xs, ys))
-            return g, ls.sum()
+        fn = per_step_sum(net)
     elif algo == "bptt":
         def fn(xs, ys):
             def total():
@@ -342,16 +349,7 @@ def run(cfg: dict) -> dict:
                                                 jit=False, chunk=chunk)
             return g, ls.sum()
     else:
-        def fn(xs, ys):
-            zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
-
-            def body(acc, xy):
-                x, y = xy
-                g, l = brainstate.transform.grad(lambda: loss_fn(learner(x), y), params,
-                                                 return_value=True)()
-                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, l
-            g, ls = brainstate.transform.scan(body, zero, (xs, ys))
-            return g, ls.sum()
+        fn = per_step_sum(learner)
 
     if xs_np is not None:
         xs, ys = jnp.asarray(xs_np), jnp.asarray(ys_np)
