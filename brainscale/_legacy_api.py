@@ -190,7 +190,7 @@ class LegacyAPIMixin:
             raise _NoETraceError(f"{name!r} is not a trace parameter of the compiled graph "
                                  f"(trace parameters: {known})")
         path = self._path_of(name)
-        values = {a.id: st.value for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = self._trace_values()
         per = self.etrace_of(name)
         xs, dfs, bws = {}, {}, {}
         for r in rels:

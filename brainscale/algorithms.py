@@ -386,6 +386,12 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         self._require()
         return {a.id: st for a, st in zip(self._step.binding.arrays, self._traces)}
 
+    def _trace_values(self) -> dict:
+        """``{trace array id: value}`` in the math dtype (a packed pair unpacked to its
+        ``(..., 2)`` states)."""
+        return {a.id: a.from_stored(st.value) if a.packed else st.value
+                for a, st in zip(self._step.binding.arrays, self._traces)}
+
     @property
     def etrace_xs(self) -> dict:
         """``{op input value name: ε_x state}`` of the io-dim (ES-D-RTRL) traces."""
@@ -421,8 +427,7 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
             raise BrainscaleError(f"{name!r} is not a trace parameter of the compiled graph; "
                                   f"trace parameters: "
                                   f"{', '.join(sorted({r.param for r in g.relations}))}")
-        values = {a.id: a.from_stored(st.value) if a.packed else st.value
-                  for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = self._trace_values()
         b = self._step.binding
         out = {}
         for r in rels:

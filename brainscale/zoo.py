@@ -205,8 +205,7 @@ class RuleAlgorithm(ETraceAlgorithm):
             return {"influence": self.influence_of(name)}
         if not any(t.filter == "kappa" for t in traces.values()):
             return super().etrace_of(param)
-        values = {a.id: a.from_stored(st.value) if a.packed else st.value
-                  for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = self._trace_values()
         out: dict = {}
         for t in traces.values():
             for role in ("eps", "eps_bar"):
@@ -235,8 +234,7 @@ class RuleAlgorithm(ETraceAlgorithm):
                                   f"sparse, or dim random) in the compiled graph")
         from .ir.layout import param_leaves
         leaves = param_leaves(g, name)
-        values = {a.id: a.from_stored(st.value) if a.packed else st.value
-                  for a, st in zip(self._step.binding.arrays, self._traces)}
+        values = self._trace_values()
         out: dict = {}
         if t.dim == "random":
             ps = {a.leaf: values[a.id] for a in t.arrays if a.role == "u_p"}

@@ -108,3 +108,30 @@ def test_a_packed_array_where_it_cannot_be_is_a_verifier_error():
                                 if x is t else x for x in g.traces))
     with pytest.raises(brainscale.IRVerificationError, match="packed pair"):
         brainscale.verify(g2)
+
+
+def _with_arrays(g, t, arrays):
+    return g.replace(traces=tuple(dataclasses.replace(x, arrays=arrays) if x is t else x
+                                  for x in g.traces))
+
+
+def test_a_packed_pair_needs_an_op_with_a_pair_rule_and_every_leaf_packed():
+    _, _, lrn = _learner(2)
+    g = lrn.graph
+    t = next(t for t in g.traces if any(a.packed for a in t.arrays))
+    brainscale.verify(g)                         # as compiled: valid
+    # the backend's packed contraction is right for MatMulOp only: another op class is refused
+    op_name = g.relation_by_id[t.arrays[0].relation].op
+    other = g.replace(ops=tuple(dataclasses.replace(o, op_class="ConvOp")
+                                if o.name == op_name else o for o in g.ops))
+    with pytest.raises(brainscale.IRVerificationError, match="no packed-pair rule"):
+        brainscale.verify(other)
+    # one leaf of a block unpacked (per state), the other packed: refused
+    packed = [a for a in t.arrays if a.packed]
+    assert len(packed) >= 2                      # weight and bias of the MatMulOp
+    _, _, ref = _learner(2, UNPACKED)
+    rt = next(x for x in ref.graph.traces if x.id == t.id)
+    mixed = [packed[0]] + [a for a in rt.arrays if a.leaf != packed[0].leaf]
+    mixed = tuple(dataclasses.replace(a, id=f"{t.id}.{i}") for i, a in enumerate(mixed))
+    with pytest.raises(brainscale.IRVerificationError, match="pack every leaf or none"):
+        brainscale.verify(_with_arrays(g, t, mixed))

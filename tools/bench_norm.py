@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=90.0,
                    help="with --steps-per-run: stop after the piece that passes this many "
                         "seconds of the process")
-    p.add_argument("--ckpt-dir", default="/tmp/bench_norm_ckpt")
+    p.add_argument("--ckpt-dir", default="outputs/bench_norm_ckpt")
     a = p.parse_args(argv)
     Ns = [int(v) for v in a.N.split(",")]
     Ws = sorted(int(v) for v in a.W.split(","))

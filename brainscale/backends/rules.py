@@ -368,13 +368,8 @@ def contract_packed(binding, blk, values, dg):
     lk = blk._lookup()
     leaves = []
     for li in range(blk.n_leaves):
-        pos, a = lk.get((li, None), (None, None))
-        if a is None or not a.packed:       # a leaf kept per state: Re(conj(D) (ε_0 + iε_1))
-            parts = [lk[(li, si)] for si in range(2)]
-            z = jax.lax.complex(*(pa.from_stored(values[p]) for p, pa in parts))
-            a = parts[0][1]
-        else:
-            z = values[pos]
+        pos, a = lk[(li, None)]         # the verifier: a block is packed whole or not at all
+        z = values[pos]
         lead = z.ndim - D.ndim                                        # leaf's leading axes
         dd = D.reshape(D.shape[:nb] + (1,) * lead + D.shape[nb:])
         if nb:

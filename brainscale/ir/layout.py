@@ -165,8 +165,8 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
     """
     out: list[TraceArray] = []
 
-    def add(role, ttype, **kw):
-        st = storage or ttype.dtype
+    def add(role, ttype, st=None, **kw):
+        st = st or storage or ttype.dtype
         out.append(TraceArray(f"{trace.id}.{len(out)}", role, ttype, st, **kw))
 
     if _is_influence(trace):
@@ -189,17 +189,19 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
             leaves = param_leaves(graph, rel.param)
             for gid in rel.groups:
                 k = graph.group_by_id[gid].num_state
+                # a 2-state block is packed whole (every leaf) or not at all
+                pair = [eps_type(graph, rid, gid, li, layout, None) for li in range(len(leaves))]
+                if (pack_pairs and split_states and layout == "compact" and k == 2
+                        and storage is None and not stacked_leaves and trace.axes == ()
+                        and trace.path == "jax"
+                        and graph.op_by_name[rel.op].op_class in PAIR_OPS
+                        and all(tt.dtype in PAIR_STORAGE for tt in pair)):
+                    for li, tt in enumerate(pair):
+                        add("eps", tt, PAIR_STORAGE[tt.dtype], relation=rid, group=gid,
+                            leaf=li, state=None)
+                    continue
                 for li, (lname, _) in enumerate(leaves):
                     split = split_states and layout == "compact" and lname not in stacked_leaves
-                    if split and pack_pairs and k == 2 and storage is None and \
-                            trace.axes == () and trace.path == "jax" and \
-                            graph.op_by_name[rel.op].op_class in PAIR_OPS:
-                        ttype = eps_type(graph, rid, gid, li, layout, None)
-                        if ttype.dtype in PAIR_STORAGE:
-                            out.append(TraceArray(f"{trace.id}.{len(out)}", "eps", ttype,
-                                                  PAIR_STORAGE[ttype.dtype], relation=rid,
-                                                  group=gid, leaf=li, state=None))
-                            continue
                     for si in (range(k) if split else (None,)):
                         add("eps", eps_type(graph, rid, gid, li, layout, si), relation=rid,
                             group=gid, leaf=li, state=si)
@@ -246,6 +248,16 @@ def check_trace_arrays(graph, trace) -> str | None:
                 return (f"array {a.id} is a packed pair ({a.storage}); only a compact eps "
                         f"array of 2 stacked states (state=None, trailing axis 2) in "
                         f"float32/float64 may be stored as complex64/complex128")
+            rel = graph.relation_by_id.get(a.relation)
+            op = graph.op_by_name.get(rel.op) if rel is not None else None
+            if op is None or op.op_class not in PAIR_OPS:
+                return (f"array {a.id} is a packed pair, but its op "
+                        f"{getattr(op, 'op_class', '?')} has no packed-pair rule (only "
+                        f"{', '.join(sorted(PAIR_OPS))}); keep its states in float arrays")
+            if any(b.relation == a.relation and b.group == a.group and not b.packed
+                   for b in arrays if b.role == "eps"):
+                return (f"array {a.id} is a packed pair, but other leaves of relation "
+                        f"{a.relation} / group {a.group} are not: pack every leaf or none")
         elif a.storage not in FLOAT_STORAGE:
             return (f"array {a.id} is stored as {a.storage!r}; trace storage must be one of "
                     f"{', '.join(FLOAT_STORAGE)} (or a packed pair of 2 states: "
