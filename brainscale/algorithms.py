@@ -130,12 +130,14 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         Call it outside ``jit`` (it creates the trace states). Returns ``self``.
         """
         from .backends import get_backend
+        from .backends.base import check_trace_memory
         t0 = time.perf_counter()
         backend = get_backend(self.backend)
         res = build_graph(self.model, *args, pipeline=self.pipeline,
                           instruments=self.instruments, algorithm=self.algorithm_options(),
                           backend=backend, **kwargs)
         self._check_mode(res.graph, _sig(args, kwargs))
+        check_trace_memory(res.graph)
         step = backend.emit(res.graph)
         self.compile_seconds = time.perf_counter() - t0
         self.graph, self.stages, self.records = res.graph, list(res.stages), res.records
@@ -412,7 +414,9 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
 
         Returns ``{(relation id, group id): trace}``: for param-dim the parameter-shaped
         tree of ``ε`` (compact: the group's k states on a trailing axis; dense: the
-        ``(..., neurons, k, *leaf)`` per-neuron trace), for io-dim ``{'x': ε_x, 'f': ε_f}``.
+        ``(..., neurons, k, *leaf)`` per-neuron trace; channel: the same with the leaf's
+        channel axis dropped, the slice of each neuron's own channel), for io-dim
+        ``{'x': ε_x, 'f': ε_f}``.
         """
         self._require()
         g = self.graph

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import brainstate
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "ETraceState", "ETraceGrad", "ETraceParam", "ETraceParamOp", "ETraceOp",
-    "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op", "sum_leading",
+    "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op", "sum_leading", "param_jacobian",
 ]
 
 #: prefix of the jit name that marks a trace-op application in a jaxpr
@@ -106,8 +107,11 @@ class ETraceOp:
             parameter-shaped tree per hidden-state component (valid when every parameter
             element reaches the output neurons only along the axis ``yw_to_w``
             broadcasts: matmul, sparse, element-wise; the op must define ``yw_to_w``);
-            ``'dense'`` stores the exact per-output-neuron trace (conv, LoRA, any op
-            without ``yw_to_w``).
+            ``'channel'`` stores the exact per-output-neuron trace of the parameter slice
+            of the neuron's channel only (every parameter element reaches the output
+            neurons of one channel: conv; the op must define :meth:`channel_axes`);
+            ``'dense'`` stores the exact per-output-neuron trace (LoRA, any op without
+            ``yw_to_w`` or ``channel_axes``).
         x_ndim: rank of one example's input ``x``; one more means a leading batch axis.
     """
 
@@ -200,6 +204,63 @@ class ETraceOp:
                     f"reaches the outputs)")
         return None
 
+    def channel_axes(self, w):
+        """``(neuron_axis, leaf_axes)`` for the channel param-dim layout, or None.
+
+        A parameter element whose index along ``leaf_axes[l]`` (one per leaf of ``w`` in
+        pytree order) is ``c`` reaches only the output neurons whose index along
+        ``neuron_axis`` (an axis of ONE example's output ``y``) is ``c``: a convolution's
+        kernel and bias reach the output channel they produce. The per-neuron trace then
+        keeps, for each neuron, only the slice of its channel (the other entries are zero
+        at every step). The default: None (no such structure)."""
+        return None
+
+    def channel_layout_error(self, w) -> str | None:
+        """Why the channel param-dim layout would be inexact for this op, or None (the op
+        declares :meth:`channel_axes` and they fit ``w``)."""
+        axes = self.channel_axes(w)
+        if axes is None:
+            return (f"{type(self).__name__} declares no channel_axes: the exact "
+                    f"per-output-neuron layout is used")
+        leaves = jax.tree.leaves(w)
+        n_ax, l_ax = axes
+        if len(l_ax) != len(leaves):
+            return (f"{type(self).__name__}.channel_axes gives {len(l_ax)} leaf axes for a "
+                    f"parameter of {len(leaves)} leaves")
+        for a, leaf in zip(l_ax, leaves):
+            if not 0 <= a < np.ndim(leaf):
+                return (f"{type(self).__name__}.channel_axes: leaf axis {a} is out of range "
+                        f"for a leaf of shape {tuple(np.shape(leaf))}")
+        return None
+
+    def channel_jacobian(self, x, w):
+        """Per leaf of ``w``: ``∂y[n]/∂θ[..c(n)..]``, the Jacobian of each output neuron
+        ``n`` restricted to the parameter slice of its channel ``c(n)``, shaped
+        ``y.shape + leaf.shape`` without the leaf's channel axis (``x`` one example or a
+        batch; ``y`` likewise). Needs :meth:`channel_axes`.
+
+        The default is exact for any op whose ``channel_axes`` hold: one forward-mode
+        derivative per entry ``p`` of the slice, with the tangent 1 at ``(p, c)`` for every
+        channel ``c`` at once, gives ``∂y[n]/∂θ[p, c(n)]`` for every neuron (the other
+        channels do not reach it). An op can override it with its own closed form
+        (:class:`~brainscale.ConvOp` extracts its input patches)."""
+        _, l_ax = self.channel_axes(w)
+        leaves, tdef = jax.tree.flatten(w)
+        out = []
+        for li, (leaf, a) in enumerate(zip(leaves, l_ax)):
+            rest = tuple(np.delete(np.shape(leaf), a))
+            n_rest = int(np.prod(rest, dtype=np.int64))
+
+            def one(p, li=li, leaf=leaf, a=a, rest=rest, n_rest=n_rest):
+                t = jnp.expand_dims(jax.nn.one_hot(p, n_rest, dtype=leaf.dtype).reshape(rest), a)
+                tangents = [jnp.zeros_like(l) for l in leaves]
+                tangents[li] = jnp.broadcast_to(t, np.shape(leaf))
+                return jax.jvp(lambda *ls: self.xw_to_y(x, jax.tree.unflatten(tdef, ls)),
+                               tuple(leaves), tuple(tangents))[1]
+            g = jax.vmap(one)(jnp.arange(n_rest))                    # (n_rest, *y)
+            out.append(jnp.moveaxis(g, 0, -1).reshape(g.shape[1:] + rest))
+        return out
+
     def elementwise_maps(self, w) -> tuple:
         """``((description, fn, value), ...)``: functions of the parameter that the compact
         layout assumes act element-wise (e.g. a ``weight_fn``). The frontend proves each one
@@ -235,6 +296,16 @@ class ETraceOp:
             return f"{type(self).__name__}()"
         body = ",\n".join(f"  {k}={_indent(repr(v))}" for k, v in fields.items())
         return f"{type(self).__name__}(\n{body}\n)"
+
+
+def param_jacobian(fn, w):
+    """``∂fn(w)/∂w`` (leaves ``out.shape + leaf.shape``): forward mode (one JVP per parameter
+    element) when the parameter has fewer elements than the output, else reverse mode (one
+    VJP per output element). The same matrix either way; a conv layer's kernel has far
+    fewer elements than its output neurons."""
+    n_w = sum(int(l.size) for l in jax.tree.leaves(w))
+    n_out = int(jax.eval_shape(fn, w).size)
+    return (jax.jacfwd if n_w < n_out else jax.jacrev)(fn)(w)
 
 
 def sum_leading(term: Callable, n: int, group: int = 8):

@@ -87,22 +87,39 @@ def _param_type(value: Any) -> TensorType | TreeType:
     return TreeType(tuple(fields))
 
 
-def compact_layout_error(op, value) -> str | None:
-    """Why ``op`` may not keep a compact param-dim trace of the parameter ``value``, or None.
+def compact_layout_error(op, value, layout: str = "compact") -> str | None:
+    """Why ``op`` may not keep a ``layout`` (compact or channel) param-dim trace of the
+    parameter ``value``, or None.
 
     Legal only when proven for every weight value: the op must define ``yw_to_w``
-    (:meth:`~brainscale.ETraceOp.compact_layout_error`) and every function of the parameter
-    it declares element-wise (:meth:`~brainscale.ETraceOp.elementwise_maps`) must be so on
+    (:meth:`~brainscale.ETraceOp.compact_layout_error`; for the channel layout its
+    :meth:`~brainscale.ETraceOp.channel_axes`) and every function of the parameter it
+    declares element-wise (:meth:`~brainscale.ETraceOp.elementwise_maps`) must be so on
     its jaxpr (:func:`brainscale.passes.rules.elementwise_error`).
     """
     from .passes.rules import elementwise_error
-    why = op.compact_layout_error(value)
+    why = op.channel_layout_error(value) if layout == "channel" else \
+        op.compact_layout_error(value)
     if why:
         return why
     for what, fn, v in op.elementwise_maps(value):
         why = elementwise_error(fn, v, what)
         if why:
             return why
+    return None
+
+
+def _channel_fit_error(op, axes, value, y_aval, batched) -> str | None:
+    """Why an op's declared channel axes do not fit its output and parameter, or None."""
+    s = tuple(y_aval.shape)[1:] if batched else tuple(y_aval.shape)
+    n_ax, l_ax = axes
+    name = type(op).__name__
+    if not 0 <= n_ax < len(s):
+        return f"{name}.channel_axes: neuron axis {n_ax} is not an axis of one example's output {s}"
+    for a, leaf in zip(l_ax, jax.tree.leaves(value)):
+        if np.shape(leaf)[a] != s[n_ax]:
+            return (f"{name}.channel_axes: a leaf of shape {tuple(np.shape(leaf))} has "
+                    f"{np.shape(leaf)[a]} entries on axis {a}, the output {s[n_ax]} channels")
     return None
 
 
@@ -196,12 +213,22 @@ def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
         y_aval = eqn.outvars[0].aval
         kind = op.kind if op.kind in ("dense", "conv", "sparse", "elemwise", "lora", "function") \
             else "custom"
-        layout, why = op.param_trace, None
-        if op.param_trace == "compact":
-            why = compact_layout_error(op, st.value)
+        layout, why, ch_axes = op.param_trace, None, (None, ())
+        if op.param_trace in ("compact", "channel"):
+            why = compact_layout_error(op, st.value, op.param_trace)
             if why:
                 # exact per-output-neuron trace instead of a compact one that drops terms
                 layout = "dense"
+            elif layout == "channel":
+                n_ax, l_ax = op.channel_axes(st.value)
+                ch_axes = (int(n_ax), tuple(int(a) for a in l_ax))
+                why = _channel_fit_error(op, ch_axes, st.value, y_aval, batched)
+                if why:
+                    layout, ch_axes = "dense", (None, ())
+        elif op.param_trace != "dense":
+            raise UnsupportedModelError(
+                f"{type(op).__name__}.param_trace is {op.param_trace!r}; it must be 'compact', "
+                f"'channel' or 'dense'")
         op_name = f"%y{len(ops)}"
         op_objects[op_name] = op
         x_ew = bool(getattr(op, "x_elementwise", False)) and bool(x_vars)
@@ -217,7 +244,8 @@ def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
                     f"or make xw_to_y element-wise in x.", UserWarning, stacklevel=2)
         ops.append(Op(op_name, kind, type(op).__name__, x_name, paths[owner[0]],
                       TensorType.from_aval(y_aval), ei, len(x_vars), batched, layout, why,
-                      x_elementwise=x_ew, loc=_loc(eqn)))
+                      x_elementwise=x_ew, loc=_loc(eqn), channel_axis=ch_axes[0],
+                      param_channel_axes=ch_axes[1]))
 
     # -- params ---------------------------------------------------------------------------
     params = []

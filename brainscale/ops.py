@@ -13,9 +13,12 @@ Param-dim (D-RTRL) trace layout of each op (``param_trace``):
   matrix reaches output neuron ``col(k)`` only; the trace is a vector of the data's shape.
 * :class:`ElemWiseOp` (kind ``'elemwise'``): **compact** and diagonal. ``y = fn(θ)`` is
   element-wise, so the trace has ``θ``'s shape.
-* :class:`ConvOp` (kind ``'conv'``): **dense**. A kernel element is shared by every spatial
-  position and so reaches many output neurons; no parameter-shaped trace is exact, and the
-  compiler keeps the exact per-output-neuron trace (``yw_to_w`` raises).
+* :class:`ConvOp` (kind ``'conv'``): **channel**. A kernel element is shared by every
+  spatial position and so reaches many output neurons (no parameter-shaped trace is exact;
+  ``yw_to_w`` raises), but only neurons of the output channel it produces: the exact
+  per-output-neuron trace keeps, per neuron, the kernel slice of its channel (``C_out``
+  times smaller than the dense per-neuron trace; a ``weight_fn`` that is not element-wise
+  falls back to the dense layout).
 * :class:`LoraOp` (kind ``'lora'``): **dense**. ``B[i, r]`` reaches every output neuron
   through ``A``; same reason as conv.
 
@@ -367,9 +370,13 @@ class ConvOp(ETraceOp):
     layout is the lhs spec without ``N``, and a batched ``x`` still carries its batch axis
     first. Quantities are supported.
 
-    Param-dim layout: dense. A kernel element is shared by all spatial positions, so it
-    reaches many output neurons and no parameter-shaped trace is exact; :meth:`yw_to_w`
-    raises.
+    Param-dim layout: channel. A kernel element is shared by all spatial positions, so it
+    reaches many output neurons and no parameter-shaped trace is exact (:meth:`yw_to_w`
+    raises); it reaches only the neurons of its own output channel, so the exact
+    per-output-neuron trace keeps the kernel slice ``(*spatial, C_in/groups)`` of the
+    neuron's channel (:meth:`channel_axes`, :meth:`channel_jacobian`: the input patch the
+    neuron sees). A ``weight_fn`` the compiler cannot prove element-wise gives the dense
+    per-output-neuron layout instead.
 
     Args:
         xinfo: a :class:`jax.ShapeDtypeStruct` (anything with ``.shape``) of one example.
@@ -395,11 +402,11 @@ class ConvOp(ETraceOp):
     """
 
     kind = "conv"
-    param_trace = "dense"
+    param_trace = "channel"
 
     def __init__(self, xinfo, window_strides=None, padding="SAME", lhs_dilation=None,
                  rhs_dilation=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                 dimension_numbers=None, weight_mask=None, weight_fn: Callable = lambda w: w):
+                 dimension_numbers=None, weight_mask=None, weight_fn: Callable = _identity):
         if not hasattr(xinfo, "shape"):
             raise TypeError(f"ConvOp: xinfo must be a jax.ShapeDtypeStruct (shape of one "
                             f"example, channels last), got {type(xinfo).__name__}")
@@ -489,7 +496,7 @@ class ConvOp(ETraceOp):
             raise ValueError(f"ConvOp: input shape {xshape} does not match xinfo.shape "
                              f"{ex_shape}" + (" (after the leading batch axis)" if batched
                                               else ""))
-        kernel = self.weight_fn(_apply_mask(p["weight"], self.weight_mask, "ConvOp"))
+        kernel = self._kernel(p["weight"])
         dn = self._dn(np.ndim(kernel))
         lhs_b, lhs_f = dn.lhs_spec[0], dn.lhs_spec[1]
         rhs_o, rhs_i = dn.rhs_spec[0], dn.rhs_spec[1]
@@ -538,6 +545,86 @@ class ConvOp(ETraceOp):
         """Not defined: conv has no compact param-dim layout (raises)."""
         raise _no_compact("ConvOp", "each kernel element is shared by all spatial positions "
                                     "and reaches many output neurons")
+
+    def _kernel(self, weight):
+        return self.weight_fn(_apply_mask(weight, self.weight_mask, "ConvOp"))
+
+    def _out_channel_axis(self, dn) -> int:
+        """The channel axis of ONE example's output (xw_to_y moves the batch axis first)."""
+        out_b, out_f = dn.out_spec[0], dn.out_spec[1]
+        return out_f - (1 if out_b < out_f else 0)
+
+    def channel_axes(self, w):
+        """The output channel axis of one example's ``y``; the kernel's ``O`` axis and the
+        bias's channel axis (its last)."""
+        p = _param_dict(w, "ConvOp", ("weight",), allow_bare="weight")
+        dn = self._dn(np.ndim(p["weight"]))
+        if not isinstance(w, dict):
+            return self._out_channel_axis(dn), (dn.rhs_spec[0],)
+        axes = {"weight": dn.rhs_spec[0]}
+        if "bias" in p:
+            axes["bias"] = np.ndim(p["bias"]) - 1
+        return self._out_channel_axis(dn), tuple(axes[k] for k in sorted(p))
+
+    def elementwise_maps(self, w):
+        """The channel layout needs the conv kernel ``weight_fn(weight * mask)[.., c]`` to
+        come from ``weight[.., c]`` only: the frontend proves it element-wise."""
+        if self.weight_fn is _identity:
+            return ()
+        p = _param_dict(w, "ConvOp", ("weight",), allow_bare="weight")
+        return (("ConvOp weight_fn", self._kernel, p["weight"]),)
+
+    def channel_jacobian(self, x, w):
+        """The input patch each output neuron sees (times ``∂kernel/∂weight`` of an
+        element-wise ``weight_fn`` and the mask): ``∂y[.., n]/∂weight[.., c(n)]`` with the
+        kernel's ``O`` axis dropped, and 1 for the bias. The patches come from one
+        convolution of ``x`` with an identity kernel under the op's own strides, padding,
+        dilations, groups and dimension numbers (``x`` mantissas, one example or a batch)."""
+        p = _param_dict(w, "ConvOp", ("weight",), allow_bare="weight")
+        weight = u.get_mantissa(p["weight"])
+        dn = self._dn(np.ndim(weight))
+        rhs_o = dn.rhs_spec[0]
+        lhs_b, out_b = dn.lhs_spec[0], dn.out_spec[0]
+        x = u.get_mantissa(x)
+        batched = np.ndim(x) == len(self.xinfo.shape) + 1
+        lhs = jnp.moveaxis(x, 0, lhs_b) if batched else jnp.expand_dims(x, lhs_b)
+        n_grp = self.feature_group_count
+        c_out = weight.shape[rhs_o]
+        rest = tuple(np.delete(weight.shape, rhs_o))
+        n_p = int(np.prod(rest, dtype=np.int64))
+        dtype = jnp.promote_types(lhs.dtype, weight.dtype)
+        eye = jnp.moveaxis(jnp.eye(n_p, dtype=dtype).reshape(rest + (n_p,)), -1, rhs_o)
+        eye = jnp.concatenate([eye] * n_grp, axis=rhs_o) if n_grp > 1 else eye
+        lhs = lhs.astype(dtype)
+        pt = jax.lax.conv_general_dilated(
+            lhs, eye, window_strides=self.window_strides,
+            padding=self._explicit_padding(lhs.shape, eye.shape, dn),
+            lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation,
+            dimension_numbers=dn, feature_group_count=n_grp)       # channel: (group, patch)
+        pt = jnp.moveaxis(pt, out_b, 0)
+        cax = self._out_channel_axis(dn) + 1
+        pt = jnp.moveaxis(pt, cax, -1)                              # (N, *S without c, G*P)
+        lead = pt.shape[:-1]
+        pt = pt.reshape(lead + (n_grp, 1, n_p))
+        pt = jnp.broadcast_to(pt, lead + (n_grp, c_out // n_grp, n_p)).reshape(lead + (c_out, n_p))
+        pt = jnp.moveaxis(pt, -2, cax)
+        pt = pt.reshape(pt.shape[:-1] + rest)                     # (N, *S, *rest)
+        if self.weight_fn is not _identity or self.weight_mask is not None:
+            k, vjp = jax.vjp(lambda ww: u.get_mantissa(self._kernel(ww)), weight)
+            chain = jnp.moveaxis(vjp(jnp.ones_like(k))[0], rhs_o, 0)     # (C_out, *rest)
+            shape = [1] * (pt.ndim - len(rest))
+            shape[cax] = c_out
+            pt = pt * chain.reshape(tuple(shape) + rest)
+        if not batched:
+            pt = pt[0]
+        if not isinstance(w, dict):
+            return [pt]
+        s_shape = pt.shape[:pt.ndim - len(rest)]
+        out = {"weight": pt}
+        if "bias" in p:
+            b_rest = (1,) * (np.ndim(p["bias"]) - 1)
+            out["bias"] = jnp.ones(s_shape + b_rest, pt.dtype)
+        return [out[k] for k in sorted(out)]
 
     def xy_to_dw(self, x, dy, w):
         """VJP of ``w ↦ xw_to_y(x, w)`` (summed over the batch when ``x`` is batched)."""

@@ -265,3 +265,29 @@ def test_good_decay_values(good, alpha):
     model, _ = models.lif_delta(0)
     learner = brainscale.DiagIODimAlgorithm(model, decay_or_rank=good)
     assert learner.decay == pytest.approx(alpha)
+
+
+def test_traces_larger_than_the_device_are_refused_before_allocation(monkeypatch):
+    """A D-RTRL graph whose traces exceed the device's memory is a clear error naming the
+    expected bytes of the largest traces and the ways out, not an allocation failure."""
+    import models
+    from brainscale.backends import base
+    m, x0 = models.make("conv_snn", 2)
+    learner = brainscale.DiagParamDimAlgorithm(m)
+    monkeypatch.setattr(base, "device_memory_bytes", lambda device=None: 20000)
+    with pytest.raises(brainscale.UnsupportedModelError) as info:
+        learner.compile_graph(x0)
+    msg = str(info.value)
+    assert "the eligibility traces need 44.02 kB (T0 param-dim, layout=channel over conv: " \
+           "38.00 kB; T1 param-dim, layout=compact over out: 6.02 kB)" in msg
+    assert "more than this device's 19.53 kB" in msg and "storage=bfloat16" in msg
+    assert learner._traces == () and learner.graph is None     # nothing allocated
+    # the io-dim traces fit
+    brainscale.DiagIODimAlgorithm(models.make("conv_snn", 2)[0], decay_or_rank=0.9)\
+        .compile_graph(x0)
+
+
+def test_device_memory_is_known_on_this_machine():
+    from brainscale.backends.base import device_memory_bytes
+    n = device_memory_bytes()
+    assert n is not None and n > 2 ** 28

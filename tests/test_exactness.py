@@ -97,6 +97,77 @@ def test_drtrl_equals_bptt_per_prefix():
 
 
 # ---------------------------------------------------------------------------------------
+# pitfall 5: conv under D-RTRL (channel layout; dense for a weight_fn not element-wise)
+# ---------------------------------------------------------------------------------------
+
+class _ConvLayer2State(brainstate.nn.Module):
+    """input → ConvOp → the smooth 2-state neuron of SingleLayer2State over the conv's
+    output; no recurrent weights, so D-RTRL equals BPTT."""
+
+    def __init__(self, xshape, kshape, batch, bias_shape, **conv):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        op = brainscale.ConvOp(jax.ShapeDtypeStruct(xshape, jnp.float32), **conv)
+        w = {"weight": jnp.asarray(rng.randn(*kshape), jnp.float32)}
+        if bias_shape is not None:
+            w["bias"] = jnp.asarray(rng.randn(*bias_shape) * 0.5 + 1.0, jnp.float32)
+        self.w = brainscale.ETraceParam(w, op)
+        y = jax.eval_shape(lambda x: op.xw_to_y(x, w), jax.ShapeDtypeStruct(xshape, jnp.float32))
+        shape = ((batch,) if batch else ()) + tuple(y.shape)
+        self.V = brainscale.ETraceState(jnp.zeros(shape, jnp.float32))
+        self.a = brainscale.ETraceState(jnp.zeros(shape, jnp.float32))
+
+    def update(self, x):
+        y = self.w.execute(x)
+        v_prev, a_prev = self.V.value, self.a.value
+        self.V.value = 0.95 * v_prev - 0.3 * a_prev + y
+        self.a.value = 0.9 * a_prev + 0.1 * jnp.tanh(v_prev)
+        return jnp.tanh(0.1 * self.V.value) + 0.05 * self.V.value
+
+
+_MASK = (np.random.RandomState(7).rand(3, 2, 4) > 0.3).astype(np.float32)
+CONV_DRTRL = {
+    # name: (x shape, kernel shape, bias shape, ConvOp options, expected op layout)
+    "1d_stride2_mask_fn": ((9, 2), (3, 2, 4), (4,),
+                           dict(window_strides=2, weight_mask=_MASK, weight_fn=lambda w: 2 * w),
+                           "channel"),
+    "2d_groups_rhsdil_valid": ((6, 5, 4), (2, 2, 2, 4), (4,),
+                               dict(padding="VALID", rhs_dilation=(2, 1), feature_group_count=2),
+                               "channel"),
+    "2d_lhsdil_explicit_01bias": ((4, 3, 2), (2, 2, 2, 3), (1, 1, 3),
+                                  dict(padding=((1, 0), (2, 1)), lhs_dilation=(2, 1)), "channel"),
+    "2d_channels_first_out": ((5, 5, 2), (2, 2, 2, 3), (3,),
+                              dict(dimension_numbers=("NHWC", "HWIO", "NCHW")), "channel"),
+    "3d_stride": ((4, 5, 4, 2), (2, 3, 2, 2, 2), None, dict(window_strides=(1, 2, 1)),
+                  "channel"),
+    "2d_weight_norm_dense": ((5, 5, 2), (3, 3, 2, 3), (3,),
+                             dict(weight_fn=lambda w: w / jnp.sqrt(jnp.sum(w * w))), "dense"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_DRTRL))
+@pytest.mark.parametrize("batch", [0, 2])
+def test_conv_drtrl_equals_bptt(case, batch):
+    """Pitfall 5: the conv kernel's D-RTRL gradient equals BPTT on a single non-recurrent
+    conv layer (strides, padding, dilations, groups, channels-first output, mask and
+    weight_fn, 0.1's bias shape): the channel layout is exact, and a weight_fn that is not
+    element-wise takes the dense layout, also exact."""
+    xshape, kshape, bshape, conv, layout = CONV_DRTRL[case]
+
+    def make():
+        return _ConvLayer2State(xshape, kshape, batch, bshape, **conv)
+    m, m_ref = make(), make()
+    x0 = jnp.zeros(((batch,) if batch else ()) + xshape, jnp.float32)
+    learner = brainscale.DiagParamDimAlgorithm(m)
+    learner.compile_graph(x0)
+    assert learner.graph.ops[0].layout == layout
+    xs, ys = _data(6, x0, np.shape(make().update(x0)), seed=3)
+    grads, _ = brainscale.online_gradients(learner, xs, ys, loss_fn)
+    ref = bptt_grads(m_ref, xs, loss_fn, targets=ys)
+    assert_rel_close(grads[("w",)], ref[("w",)], f"{case} D-RTRL vs BPTT", rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
 # pitfall 2: ES-D-RTRL is the literal equations, first step included
 # ---------------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ def test_alif_group_and_gru_relations():
 def test_conv_and_elemwise_layouts():
     g, _, _ = _build("conv_snn", 0)
     kinds = {o.param: (o.kind, o.layout) for o in g.ops}
-    assert kinds == {"conv": ("conv", "dense"), "out": ("dense", "compact")}
+    assert kinds == {"conv": ("conv", "channel"), "out": ("dense", "compact")}
     assert [grp.varshape for grp in g.groups] == [(8, 8, 4), (3,)]
     g, _, _ = _build("elemwise_tau", 0)
     (el,) = [o for o in g.ops if o.param == "theta"]

@@ -170,7 +170,7 @@ def test_layout_change_without_new_arrays_is_rejected():
 
 
 @pytest.mark.parametrize("name,batch", [("lif_delta", 0), ("alif", 2), ("sparse_rec", 2),
-                                        ("elemwise_tau", 0)])
+                                        ("elemwise_tau", 0), ("conv_snn", 2)])
 def test_dense_layout_from_a_user_pass_runs_what_it_prints(name, batch):
     def make(m, x0):
         lr = brainscale.DiagParamDimAlgorithm(m, pipeline=[*DEFAULT_PIPELINE, "test-to-dense"])
@@ -186,8 +186,33 @@ def test_compact_layout_on_a_conv_op_is_rejected():
     with pytest.raises(PassError) as info:
         brainscale.compile(m, x0, algorithm="param", pipeline=[*DEFAULT_PIPELINE, "test-to-compact"])
     msg = str(info.value)
-    assert "trace T0 asks for layout=compact, but op %y0 (ConvOp) is exact only with the dense" \
-        in msg
+    assert "trace T0 asks for layout=compact, but op %y0 (ConvOp) is exact only with the " \
+        "channel or dense per-output-neuron layout" in msg and "use layout=channel" in msg
+
+
+_CHANNEL = function_pass("test-to-channel", requires={"trace-arrays"})(_set_layout("channel", False))
+
+
+def test_channel_layout_on_a_matmul_op_is_rejected():
+    m, x0 = models.make("lif_delta", 0)
+    with pytest.raises(PassError) as info:
+        brainscale.compile(m, x0, algorithm="param", pipeline=[*DEFAULT_PIPELINE, "test-to-channel"])
+    msg = str(info.value)
+    assert "trace T0 asks for layout=channel, but op %y0 (MatMulOp) has layout=compact" in msg
+    assert "use layout=compact or dense for T0" in msg
+
+
+def test_conv_channel_layout_is_the_default_and_what_runs():
+    m, x0 = models.make("conv_snn", 2)
+    learner = brainscale.DiagParamDimAlgorithm(m)
+    learner.compile_graph(x0)
+    conv = learner.graph.ops[0]
+    assert (conv.layout, conv.channel_axis, conv.param_channel_axes) == ("channel", 2, (0, 3))
+    text = learner.ir()
+    assert "layout=channel" in text and "param_channel_axes=[0,3]" in text
+    assert printed_arrays(text) == allocated_arrays(learner)
+    t0 = learner.graph.traces[0]
+    assert [a.type.shape for a in t0.arrays] == [(2, 8, 8, 4, 1), (2, 8, 8, 4, 1, 3, 3, 2)]
 
 
 @function_pass("test-bf16", requires={"trace-arrays"})

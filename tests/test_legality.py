@@ -203,3 +203,78 @@ def test_elementwise_error_names_the_equation():
     assert "reduce_sum" in why
     assert elementwise_error(jnp.tanh, jnp.zeros((3, 4)), "f") is None
     assert "changes the shape" in elementwise_error(lambda w: w.T, jnp.zeros((3, 4)), "f")
+
+
+# ---------------------------------------------------------------------------------------
+# the channel layout of a custom op
+# ---------------------------------------------------------------------------------------
+
+class HandConv1d(brainscale.ETraceOp):
+    """A 'VALID' 1-D convolution written by hand, ``y[l, c] = Σ_{k,i} x[l+k, i] W[k, i, c]``,
+    declaring its channel axes: the channel layout with the default (forward-mode)
+    ``channel_jacobian``."""
+    param_trace = "channel"
+    x_ndim = 2
+
+    def __init__(self, axes=None):
+        self.axes = axes
+        super().__init__()
+
+    def xw_to_y(self, x, w):
+        W = w["weight"]
+        L = x.shape[-2] - W.shape[0] + 1
+        return sum(jnp.einsum("...li,ic->...lc", x[..., k:k + L, :], W[k])
+                   for k in range(W.shape[0])) + w["bias"]
+
+    def channel_axes(self, w):
+        return self.axes if self.axes is not None else (1, (0, 2))
+
+
+class ConvLayer(brainstate.nn.Module):
+    def __init__(self, op, batch):
+        super().__init__()
+        rng = np.random.RandomState(2)
+        self.w = brainscale.ETraceParam({"weight": jnp.asarray(rng.randn(3, 2, 4), jnp.float32),
+                                         "bias": jnp.asarray(rng.randn(4), jnp.float32)}, op)
+        lead = (batch,) if batch else ()
+        self.V = brainscale.ETraceState(jnp.zeros(lead + (5, 4), jnp.float32))
+        self.a = brainscale.ETraceState(jnp.zeros(lead + (5, 4), jnp.float32))
+
+    def update(self, x):
+        y = self.w.execute(x)
+        self.V.value = 0.9 * self.V.value - 0.2 * self.a.value + y
+        self.a.value = 0.8 * self.a.value + 0.1 * jnp.tanh(self.V.value)
+        return jnp.tanh(self.V.value)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_custom_op_declaring_channel_axes_gets_the_channel_layout(batch):
+    """D-RTRL with the channel layout of a custom op (the generic forward-mode channel
+    Jacobian) equals BPTT on a single non-recurrent layer."""
+    rng = np.random.RandomState(3)
+    lead = (batch,) if batch else ()
+    xs = jnp.asarray(rng.randn(6, *lead, 7, 2), jnp.float32)
+    learner = brainscale.DiagParamDimAlgorithm(ConvLayer(HandConv1d(), batch))
+    learner.compile_graph(xs[0])
+    (op,) = learner.graph.ops
+    assert (op.layout, op.channel_axis, op.param_channel_axes) == ("channel", 1, (0, 2))
+    grads, _ = brainscale.online_gradients(learner, xs, jnp.zeros((6, *lead, 5, 4)),
+                                           lambda o, t: jnp.sum(o * o))
+    ref = bptt_grads(ConvLayer(HandConv1d(), batch), xs, lambda o: jnp.sum(o * o))
+    assert rel_err(grads[("w",)], ref[("w",)]) < 1e-5
+
+
+def test_custom_op_with_channel_axes_that_do_not_fit_gets_the_dense_layout():
+    learner = brainscale.DiagParamDimAlgorithm(ConvLayer(HandConv1d(axes=(1, (0, 5))), 0))
+    learner.compile_graph(jnp.zeros((7, 2)))
+    (op,) = learner.graph.ops
+    assert op.layout == "dense" and "leaf axis 5 is out of range" in op.layout_reason
+    assert op.channel_axis is None
+
+
+def test_custom_op_with_channel_axes_of_the_wrong_size_gets_the_dense_layout():
+    learner = brainscale.DiagParamDimAlgorithm(ConvLayer(HandConv1d(axes=(0, (0, 2))), 0))
+    learner.compile_graph(jnp.zeros((7, 2)))
+    (op,) = learner.graph.ops
+    assert op.layout == "dense" and "a leaf of shape (4,) has 4 entries on axis 0, the output 5 channels" in \
+        op.layout_reason

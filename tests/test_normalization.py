@@ -242,3 +242,62 @@ def test_a_batch_broadcast_is_not_absorbed():
     for t in range(T):
         g = brainstate.transform.grad(lambda: sq_loss(learner(xs[t]), tgs[t]), params)()
         assert rel_err(g[("th",)], orc.step(xs[t], target=tgs[t])["grads"][("th",)]) < 1e-4
+
+
+class ConvNormNet(brainstate.nn.Module):
+    """``z = layer_norm(conv(x, K))`` over the channels, a 2-state neuron driven by z."""
+
+    def __init__(self, batch):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        op = brainscale.ConvOp(jax.ShapeDtypeStruct((5, 2), jnp.float32))
+        self.w = brainscale.ETraceParam(
+            {"weight": jnp.asarray(rng.randn(3, 2, 4), jnp.float32),
+             "bias": jnp.asarray(rng.randn(4), jnp.float32)}, op)
+        lead = (batch,) if batch else ()
+        self.V = brainscale.ETraceState(jnp.zeros(lead + (5, 4), jnp.float32))
+        self.a = brainscale.ETraceState(jnp.zeros(lead + (5, 4), jnp.float32))
+
+    def update(self, x):
+        z = 1.5 * layer_norm(self.w.execute(x)) + 0.2
+        self.V.value = 0.9 * self.V.value - 0.2 * self.a.value + z
+        self.a.value = 0.8 * self.a.value + 0.1 * jnp.tanh(self.V.value)
+        return jnp.tanh(self.V.value)
+
+
+@pytest.mark.parametrize("stats", ["exact", "constant"])
+def test_conv_then_layer_norm(stats):
+    """A conv absorbed with a normalisation over its channels: exact statistics mix the
+    channels (dense layout, D-RTRL == BPTT on this single layer); constant statistics keep
+    the conv's channel layout (the base op's patches times ∂z/∂y), equal to the same graph
+    with the trace forced to the dense layout by a user pass."""
+    from brainscale.passes import DEFAULT_PIPELINE, function_pass, layout_trace
+    import dataclasses
+
+    @function_pass(f"test-conv-norm-dense-{stats}", requires={"trace-arrays"})
+    def to_dense(graph, ctx):
+        return graph.replace(traces=tuple(
+            layout_trace(graph, dataclasses.replace(t, layout="dense")) if t.dim == "param"
+            else t for t in graph.traces))
+    batch = 2
+    rng = np.random.RandomState(4)
+    xs = jnp.asarray(rng.randn(T, batch, 5, 2), jnp.float32)
+    tgs = jnp.asarray(rng.randn(T, batch, 5, 4), jnp.float32)
+    net = ConvNormNet(batch)
+    learner = brainscale.DiagParamDimAlgorithm(net, norm_stats=stats).compile_graph(xs[0])
+    assert learner.graph.ops[0].layout == ("dense" if stats == "exact" else "channel")
+    mine = _per_step(learner, net, xs, tgs)
+    if stats == "exact":
+        grads = jax.tree.map(lambda *a: sum(a), *mine)
+        ref = bptt_grads(ConvNormNet(batch), xs, sq_loss, targets=tgs)
+        assert rel_err(grads, ref["w",]) < 1e-5
+        return
+    net_d = ConvNormNet(batch)
+    ld = brainscale.DiagParamDimAlgorithm(
+        net_d, norm_stats=stats,
+        pipeline=[f"absorb-normalization{{stats={stats}}}", *DEFAULT_PIPELINE[1:],
+                  f"test-conv-norm-dense-{stats}"]).compile_graph(xs[0])
+    assert ld.graph.traces[0].layout == "dense"
+    dense = _per_step(ld, net_d, xs, tgs)
+    for t in range(T):
+        assert rel_err(mine[t], dense[t]) < 1e-5, t

@@ -122,6 +122,23 @@ def dense_from_param_trace(learner, param_state, rid, gid, tree, offsets, N):
                 assert tl.shape[nb + len(ymeta)] == grp.num_state
                 block = np.take(tl, i, axis=nb + len(ymeta)).reshape(n_s, sz)
                 E[off:off + n_s, o:o + sz] = block
+            elif layout == "channel":
+                # learner: bshape + yshape + (k,) + leaf.shape without its channel axis; the
+                # entries of the other channels are zero
+                ca, la = op_node.channel_axis, op_node.param_channel_axes[li]
+                nb = tl.ndim - len(ymeta) - 1 - (wl.ndim - 1)
+                assert tl.shape[nb + len(ymeta)] == grp.num_state
+                blk = np.take(tl, i, axis=nb + len(ymeta))      # bshape + yshape + rest
+                C = wl.shape[la]
+                full = np.zeros(blk.shape[:nb + len(ymeta)] + wl.shape, np.float64)
+                chan = np.indices(ymeta)[ca]                          # channel of each neuron
+                for c in range(C):
+                    sel = (chan == c).reshape((1,) * nb + ymeta + (1,) * wl.ndim)
+                    piece = np.expand_dims(blk, nb + len(ymeta) + la)
+                    idx = [slice(None)] * full.ndim
+                    idx[nb + len(ymeta) + la] = slice(c, c + 1)
+                    full[tuple(idx)] += np.where(sel, piece, 0.0)
+                E[off:off + n_s, o:o + sz] = full.reshape(n_s, sz)
             else:
                 # learner: bshape + leaf.shape + (k,)
                 nb = tl.ndim - wl.ndim - 1
@@ -266,13 +283,14 @@ def test_lif_param_traces_compact_layout():
     assert {k: v.shape for k, v in tr.items()} == {"weight": (2, 8, 5, 1), "bias": (2, 5, 1)}
 
 
-def test_conv_param_traces_dense_layout():
-    """Conv D-RTRL: the conv kernel keeps the per-neuron dense trace, the readout the compact
-    one."""
+def test_conv_param_traces_channel_layout():
+    """Conv D-RTRL: the conv kernel keeps the per-neuron trace of its channel's kernel slice
+    (the oracle's dense trace is zero elsewhere: checked by run_case), the readout the
+    compact one."""
     learner, _ = run_case("conv_snn", "param", 0, T=3)
     tr = learner.etrace_of(learner.model.conv)[("R0", "G0")]
-    assert {k: v.shape for k, v in tr.items()} == {"weight": (8, 8, 4, 1, 3, 3, 2, 4),
-                                                   "bias": (8, 8, 4, 1, 4)}
+    assert {k: v.shape for k, v in tr.items()} == {"weight": (8, 8, 4, 1, 3, 3, 2),
+                                                   "bias": (8, 8, 4, 1)}
     tr = learner.etrace_of(learner.model.out)[("R1", "G1")]
     assert {k: v.shape for k, v in tr.items()} == {"weight": (256, 3, 1), "bias": (3, 1)}
 

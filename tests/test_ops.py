@@ -339,6 +339,37 @@ def test_conv_vs_bruteforce(case, batched, variant):
     tree_close(dw, jax_vjp(op, x, w, dy), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("batched", [False, True])
+def test_conv_channel_jacobian_is_the_full_jacobian(case, batched):
+    """The channel layout's claim and its closed form: ``∂y[n]/∂θ`` is zero outside the
+    neuron's channel, and ``channel_jacobian`` (input patches × the mask / weight_fn chain
+    factor) is the full Jacobian's slice of that channel; the generic forward-mode default
+    of ETraceOp gives the same."""
+    from brainscale.concepts import ETraceOp
+    shape, ks, strides, padding, lhs_dil, rhs_dil, groups, cout = CONV_CASES[case]
+    kshape = ks + (shape[-1] // groups, cout)
+    w = {"weight": rand(1, kshape), "bias": rand(2, (cout,))}
+    op = ConvOp(jax.ShapeDtypeStruct(shape, jnp.float32), window_strides=strides,
+                padding=padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+                feature_group_count=groups, weight_mask=bernoulli(3, 0.7, kshape),
+                weight_fn=WEIGHT_FNS["double"][0])
+    x = rand(4, ((B,) if batched else ()) + shape)
+    n_ax, l_ax = op.channel_axes(w)
+    assert (n_ax, l_ax) == (len(shape) - 1, (0, len(kshape) - 1))
+    G = op.channel_jacobian(x, w)
+    jac = jax.tree.leaves(jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w))
+    y = op.xw_to_y(x, w)
+    chan = np.indices(y.shape)[y.ndim - 1]                     # channel of every neuron
+    for g, J, leaf, la in zip(G, jac, jax.tree.leaves(w), l_ax):
+        J = np.moveaxis(np.asarray(J), y.ndim + la, -1)         # y + rest + (C,)
+        sel = chan.reshape(y.shape + (1,) * (J.ndim - y.ndim)) == np.arange(cout)
+        np.testing.assert_array_equal(np.where(sel, 0.0, J), 0.0)
+        close(np.sum(np.where(sel, J, 0.0), axis=-1), g, rtol=1e-5, atol=1e-6)
+    for g, g_gen in zip(G, ETraceOp.channel_jacobian(op, x, w)):
+        close(g, g_gen, rtol=1e-5, atol=1e-6)
+
+
 def test_conv_custom_dimension_numbers():
     """Channels-first layout ('NCW', 'OIW', 'NCW') equals the channels-last default."""
     L, C, O = 8, 3, 2
@@ -388,7 +419,7 @@ def test_conv_errors_and_repr():
         ConvOp(xinfo, padding="FULL")
     with pytest.raises(TypeError, match="ShapeDtypeStruct"):
         ConvOp((6, 6, 2))
-    assert op.param_trace == "dense" and op.kind == "conv"
+    assert op.param_trace == "channel" and op.kind == "conv"
     r = repr(op)
     assert r.startswith("ConvOp(\n")
     for field in ("window_strides=(1, 1)", "padding='SAME'", "lhs_dilation=None",
@@ -609,7 +640,7 @@ def test_marked_path_matches_xw_to_y():
 
 
 def test_class_attributes():
-    expect = {MatMulOp: ("dense", "compact", False), ConvOp: ("conv", "dense", False),
+    expect = {MatMulOp: ("dense", "compact", False), ConvOp: ("conv", "channel", False),
               SpMatMulOp: ("sparse", "compact", False), ElemWiseOp: ("elemwise", "compact", True),
               LoraOp: ("lora", "dense", False)}
     for op, _, _ in _all_ops():

@@ -16,6 +16,9 @@ The JAX rules (path ``'jax'``) implement algorithms.md sections 3-4:
 
 * ``('param', 'compact')``: ``ε_i ← Σ_j yw_to_w(J[:,i,j], ε_j) + xy_to_dw(x, df[:,i])`` per
   example (or the op's fused ``drtrl_update``), gradient ``Σ_i yw_to_w(δ_i, ε_i)``;
+* ``('param', 'channel')``: the same per output neuron ``n`` on the slice ``θ[.., c(n)]`` of its
+  channel (the rest is zero at every step), ``∂y_n/∂θ`` restricted to it from the op's
+  ``channel_jacobian``, gradient summed over the neurons of each channel;
 * ``('param', 'dense')``: the exact per-output-neuron trace
   ``ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ``, gradient ``Σ_n,i δ[n,i] ε[n,i,θ]``;
 * ``('io', None)``: ``ε_x ← α ε_x + x``, ``ε_f ← α J ε_f + (1-α) df``, gradient
@@ -29,14 +32,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..concepts import sum_leading
+from ..concepts import param_jacobian, sum_leading
 from ..errors import BackendError
 from ..ir.layout import batch_shape, neuron_shape
 from .linearize import sg
 
 __all__ = ["TraceRule", "RuleContext", "ParamBlock", "TRACE_RULES", "register_trace_rule",
-           "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal", "param_blocks", "drtrl_compact", "drtrl_dense",
-           "contract_param", "ParamCompactRule", "ParamDenseRule", "IORule"]
+           "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal", "param_blocks", "drtrl_compact", "drtrl_dense", "drtrl_channel", "contract_channel",
+           "contract_param", "ParamCompactRule", "ParamDenseRule", "ParamChannelRule", "IORule"]
 
 #: (dim, layout | None, path) -> factory ``(backend) -> TraceRule``
 TRACE_RULES: dict[tuple, Callable[[Any], "TraceRule"]] = {}
@@ -303,24 +306,64 @@ def drtrl_compact(op, w, eps, J, df, x, bshape, x_batched=True):
     return single(eps, J, df, x)
 
 
+def _per_neuron_update(eps, J, df, G):
+    """ε[n,i,p] ← Σ_j J[n,i,j] ε[n,j,p] + df[n,i] G[n,p] per leaf (``n`` the leading batch and
+    neuron axes of ``df``; ``G`` a tree like ``eps`` without the state axis)."""
+    def leaf_update(e, gl):
+        nS = df.ndim - 1
+        extra = e.ndim - nS - 1
+        Je = J.reshape(J.shape + (1,) * extra)
+        dec = jnp.sum(Je * jnp.expand_dims(e, axis=nS), axis=nS + 1)
+        dfe = df.reshape(df.shape + (1,) * extra)
+        return dec + dfe * jnp.expand_dims(gl, axis=nS)
+    return jax.tree.map(leaf_update, eps, G)
+
+
+def drtrl_channel(op, w, eps, J, df, x, bshape, x_batched=True):
+    """Per output neuron n of channel c(n): ε[n,i,p] ← Σ_j J[n,i,j] ε[n,j,p] + df[n,i] G[n,p]
+    with ``G[n,p] = ∂y_n/∂θ[p, c(n)]`` (:meth:`~brainscale.ETraceOp.channel_jacobian`, for
+    the whole batch at once): the dense rule on the entries it can make non-zero."""
+    G = op.channel_jacobian(x, w)
+    if bshape and not (x_batched and x is not None):     # one input shared by every example
+        G = [g.reshape((1,) * len(bshape) + g.shape) for g in G]
+    return _per_neuron_update(eps, J, df, jax.tree.unflatten(jax.tree.structure(eps), G))
+
+
+def contract_channel(eps, dg, bshape, channel_axis: int, leaf_axes):
+    """``g[.., c, ..] = Σ_batch Σ_{n: c(n)=c} Σ_i δ[n,i] ε[n,i,p]`` per leaf, the channel put
+    back at the leaf's channel axis (``eps`` one tree, states stacked after the neurons)."""
+    nb = len(bshape)
+    leaves, tdef = jax.tree.flatten(eps)
+    nS = dg.ndim - 1 - nb
+
+    def single(e_l, d, la):
+        extra = e_l.ndim - nS - 1
+        dd = d.reshape(d.shape + (1,) * extra)
+        axes = tuple(a for a in range(nS + 1) if a != channel_axis)
+        g = jnp.sum(dd * e_l, axis=axes)                       # (C, *rest)
+        return jnp.moveaxis(g, 0, la)
+    out = []
+    for e_l, la in zip(leaves, leaf_axes):
+        if nb:
+            e2 = e_l.reshape((-1,) + e_l.shape[nb:])
+            d2 = dg.reshape((-1,) + dg.shape[nb:])
+            out.append(sum_leading(lambda b, e2=e2, d2=d2, la=la: single(e2[b], d2[b], la),
+                                   e2.shape[0]))
+        else:
+            out.append(single(e_l, dg, la))
+    return jax.tree.unflatten(tdef, out)
+
+
 def drtrl_dense(op, w, eps, J, df, x, bshape, x_batched=True):
     """Per output neuron n: ε[n,i,θ] ← Σ_j J[n,i,j] ε[n,j,θ] + df[n,i] ∂y_n/∂θ.
 
     ``∂y/∂θ`` is the Jacobian of ``xw_to_y`` per example, or of the whole batch at once when
     the op defines ``batch_jacobian(x, w)`` (an op whose output is computed for the batch
     as a whole, e.g. an absorbed normalisation)."""
-    def update(eps, J, df, G):
-        def leaf_update(e, gl):
-            nS = df.ndim - 1
-            extra = e.ndim - nS - 1
-            Je = J.reshape(J.shape + (1,) * extra)
-            dec = jnp.sum(Je * jnp.expand_dims(e, axis=nS), axis=nS + 1)
-            dfe = df.reshape(df.shape + (1,) * extra)
-            return dec + dfe * jnp.expand_dims(gl, axis=nS)
-        return jax.tree.map(leaf_update, eps, G)
+    update = _per_neuron_update
 
     def single(eps, J, df, x):
-        return update(eps, J, df, jax.jacrev(lambda ww: op.xw_to_y(x, ww))(w))  # (*S, *leaf)
+        return update(eps, J, df, param_jacobian(lambda ww: op.xw_to_y(x, ww), w))  # (*S, *leaf)
     if bshape:
         batch_jac = getattr(op, "batch_jacobian", None)
         if batch_jac is not None and x_batched:
@@ -383,7 +426,8 @@ def contract_packed(binding, blk, values, dg):
 
 
 class _ParamRule(TraceRule):
-    dense = False
+    dense = False          # per-neuron arrays (layouts channel and dense), states stacked
+    channel = False        # layout channel
 
     def update(self, ctx, traces, arrays):
         fwd = ctx.fwd
@@ -395,7 +439,8 @@ class _ParamRule(TraceRule):
                 o = ctx.graph.op_by_name[blk.op]
                 eps = blk.gather(ctx.binding, vals, self.dense)
                 x = sg(fwd.xs[blk.op]) if o.n_x_leaves else None
-                upd = drtrl_dense if self.dense else drtrl_compact
+                upd = drtrl_channel if self.channel else drtrl_dense if self.dense else \
+                    drtrl_compact
                 res = upd(op, ctx.w(blk.param), eps, fwd.J[blk.gid], fwd.DF[(blk.op, blk.gid)],
                           x, blk.bshape, o.batched)
                 for pos, v in blk.scatter(res, self.dense).items():
@@ -409,7 +454,11 @@ class _ParamRule(TraceRule):
         for t, vals in zip(traces, arrays):
             for blk in param_blocks(ctx.graph, t):
                 dg = ctx.signals.group_delta(blk.gid, delta)
-                if not self.dense and any(a.packed for _, _, _, a in blk.slots):
+                if self.channel:
+                    o = ctx.graph.op_by_name[blk.op]
+                    grad = contract_channel(blk.gather(ctx.binding, vals, True), dg, blk.bshape,
+                                            o.channel_axis, o.param_channel_axes)
+                elif not self.dense and any(a.packed for _, _, _, a in blk.slots):
                     grad = contract_packed(ctx.binding, blk, vals, dg)
                 else:
                     eps = blk.gather(ctx.binding, vals, self.dense)
@@ -431,6 +480,14 @@ class ParamDenseRule(_ParamRule):
     """D-RTRL with the exact per-output-neuron trace."""
     name = "param/dense"
     dense = True
+
+
+@register_trace_rule("param", "channel")
+class ParamChannelRule(_ParamRule):
+    """D-RTRL with the exact per-output-neuron trace of the neuron's channel slice (conv)."""
+    name = "param/channel"
+    dense = True
+    channel = True
 
 
 @register_trace_rule("io")

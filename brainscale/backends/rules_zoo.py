@@ -23,7 +23,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from .linearize import Forward
-from .rules import IORule, ParamCompactRule, ParamDenseRule, register_trace_rule
+from .rules import (IORule, ParamChannelRule, ParamCompactRule, ParamDenseRule,
+                    register_trace_rule)
 
 __all__ = ["with_recursion", "ParamRecursionRule", "IORecursionRule", "KappaFilterRule"]
 
@@ -96,7 +97,8 @@ class KappaFilterRule:
         return out
 
 
-for _layout, _base in (("compact", ParamCompactRule), ("dense", ParamDenseRule)):
+for _layout, _base in (("compact", ParamCompactRule), ("channel", ParamChannelRule),
+                      ("dense", ParamDenseRule)):
     for _rec in ("jacobian", "leak", "none"):
         _rec_axes = {} if _rec == "jacobian" else {"recursion": _rec}
         if _rec != "jacobian":

@@ -13,6 +13,9 @@ role       layout / state                     shape
 =========  =================================  =========================================
 ``eps``    compact, one state ``i``           ``B + θ_l``
 ``eps``    compact, states stacked            ``B + θ_l + (k,)``
+``eps``    channel, one state ``i``           ``B + S + θ_l∖c`` (``θ_l`` without its
+                                              channel axis ``Op.param_channel_axes[l]``)
+``eps``    channel, states stacked            ``B + S + (k,) + θ_l∖c``
 ``eps``    dense, one state ``i``             ``B + S + θ_l``
 ``eps``    dense, states stacked              ``B + S + (k,) + θ_l``
 ``eps_x``  (io) the op input ``x``            ``x.shape`` (real-valued even for spikes)
@@ -91,8 +94,16 @@ def eps_type(graph, relation_id: str, group_id: str, leaf: int, layout: str,
         shape = b + tuple(lt.shape) + (() if state is not None else (k,))
     elif layout == "dense":
         shape = b + neuron_shape(op) + (() if state is not None else (k,)) + tuple(lt.shape)
+    elif layout == "channel":
+        if op.layout != "channel" or leaf >= len(op.param_channel_axes):
+            raise ValueError(f"op {op.name} ({op.op_class}) has no channel axes (layout="
+                             f"{op.layout}): a channel-layout trace needs an op with the "
+                             f"channel layout")
+        rest = tuple(d for i, d in enumerate(lt.shape) if i != op.param_channel_axes[leaf])
+        shape = b + neuron_shape(op) + (() if state is not None else (k,)) + rest
     else:
-        raise ValueError(f"param-dim layout must be 'compact' or 'dense', got {layout!r}")
+        raise ValueError(f"param-dim layout must be 'compact', 'channel' or 'dense', got "
+                         f"{layout!r}")
     return TensorType(shape, _float_dtype(lt.dtype))
 
 

@@ -23,7 +23,7 @@ __all__ = ["Input", "HiddenState", "Param", "Value", "Op", "HiddenGroup", "Relat
 #: a trace's factorisation: per parameter (param), input x output (io), a rank-1 random
 #: projection (random, UORO), or no trace (none)
 TRACE_DIMS = ("param", "io", "random", "none")
-PARAM_LAYOUTS = ("compact", "dense")
+PARAM_LAYOUTS = ("compact", "channel", "dense")
 #: eps / eps_x / eps_f: D-RTRL and ES-D-RTRL; eps_bar: the kappa-filtered copy of an eps
 #: array; m: one block of a dense influence matrix dh/dtheta (coupled / group / sparse
 #: scopes); u_h / u_p: the hidden and parameter factors of a rank-1 (UORO) trace
@@ -109,11 +109,14 @@ class Value:
 class Op:
     """One application ``%y = kind(%x, %param)`` of an :class:`~brainscale.ETraceOp`.
 
-    ``layout`` is the param-dim (D-RTRL) trace layout that is exact for this op: ``'compact'``
-    (a parameter-shaped trace per hidden-state component, legal only when proven for every
-    weight value) or ``'dense'`` (the exact per-output-neuron trace, always legal);
-    ``layout_reason`` says why an op that could be compact is not. The op object itself
-    travels in :attr:`StepInfo.ops` under :attr:`name`.
+    ``layout`` is the most economical param-dim (D-RTRL) trace layout that is exact for this
+    op: ``'compact'`` (a parameter-shaped trace per hidden-state component, legal only when
+    proven for every weight value), ``'channel'`` (per output neuron, the parameter slice of
+    the neuron's channel only: a parameter element whose index along ``param_channel_axes[l]``
+    of leaf ``l`` is ``c`` reaches only the neurons whose index along ``channel_axis`` of one
+    example's output is ``c``; conv) or ``'dense'`` (the exact per-output-neuron trace,
+    always legal); ``layout_reason`` says why an op that could be more economical is not.
+    The op object itself travels in :attr:`StepInfo.ops` under :attr:`name`.
     """
     name: str                   # '%y0', ... in jaxpr equation order
     kind: str                   # one of OP_KINDS
@@ -124,17 +127,23 @@ class Op:
     eqn: int                    # index of the marker equation in the (inlined) jaxpr
     n_x_leaves: int             # number of jaxpr inputs of the marker eqn that belong to x
     batched: bool               # x carries a leading batch axis
-    layout: str = "compact"     # the exact param-dim layout: 'compact' | 'dense'
+    layout: str = "compact"     # the exact param-dim layout: 'compact' | 'channel' | 'dense'
     layout_reason: str | None = None
     x_elementwise: bool = False  # y is element-wise in x (proven): x's paths pass through
     attrs: FrozenAttrs = ()     # notes only
     loc: Loc | None = field(default=None, compare=False)
+    channel_axis: int | None = None        # layout channel: the channel axis of one example's y
+    param_channel_axes: tuple[int, ...] = ()   # layout channel: per parameter leaf
 
     def __post_init__(self):
         if self.kind not in OP_KINDS:
             raise ValueError(f"Op kind must be one of {OP_KINDS}, got {self.kind!r}")
         if self.layout not in PARAM_LAYOUTS:
             raise ValueError(f"Op layout must be one of {PARAM_LAYOUTS}, got {self.layout!r}")
+        if (self.layout == "channel") != (self.channel_axis is not None):
+            raise ValueError(f"Op {self.name}: channel_axis is set exactly when layout is "
+                             f"'channel' (layout={self.layout!r}, channel_axis="
+                             f"{self.channel_axis!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +182,8 @@ class TraceArray:
 
     * ``role='eps'`` (param-dim, D-RTRL): the trace of one parameter leaf for one
       (relation, group); ``state`` is the index of the group's state it belongs to, or None
-      when the group's ``k`` states are stacked (compact: trailing axis; dense: the axis after
-      the neuron axes);
+      when the group's ``k`` states are stacked (compact: trailing axis; channel and dense: the
+      axis after the neuron axes);
     * ``role='eps_x'`` (io-dim, ES-D-RTRL): the low-pass filtered op input ``value``;
     * ``role='eps_f'`` (io-dim): the output trace of one (relation, group), its ``k`` states on
       the trailing axis;
@@ -255,7 +264,8 @@ class Trace:
     """An eligibility trace kept by the compiled step: a point on the rule axes.
 
     ``dim`` is the factorisation: ``'param'`` (one trace per parameter element: D-RTRL,
-    ``layout='compact'`` parameter-shaped, ``'dense'`` per output neuron or, for a non-diagonal
+    ``layout='compact'`` parameter-shaped, ``'channel'`` per output neuron restricted to the
+    neuron's channel, ``'dense'`` per output neuron or, for a non-diagonal
     scope, an influence matrix over hidden states); ``'io'`` (ES-D-RTRL, factorised into
     ``ε_x`` of the op input ``shared_x``, shared by every relation of the trace, and ``ε_f``,
     with decay ``decay`` = α; ``decay_rank`` when α came from a rank r, α = (r-1)/(r+1));
@@ -279,7 +289,7 @@ class Trace:
     id: str                         # 'T0', ...
     dim: str                        # 'param' | 'io' | 'random' | 'none'
     relations: tuple[str, ...]      # more than one: fused (io) or one parameter's ops
-    layout: str | None = None       # param-dim: 'compact' | 'dense'
+    layout: str | None = None       # param-dim: 'compact' | 'channel' | 'dense'
     shared_x: str | None = None     # io-dim: the op input value whose eps_x the trace keeps
     decay: float | None = None      # io-dim / recursion=leak: alpha
     decay_rank: int | None = None   # io-dim: the rank alpha came from, if any

@@ -61,6 +61,8 @@ def _op_line(o, s):
     a = (("class", o.op_class), ("eqn", o.eqn), ("layout", o.layout))
     if o.layout_reason:
         a += (("layout_reason", o.layout_reason),)
+    if o.channel_axis is not None:
+        a += (("channel_axis", o.channel_axis), ("param_channel_axes", tuple(o.param_channel_axes)))
     if o.batched:
         a += (("batched", True),)
     if o.x_elementwise:

@@ -46,6 +46,10 @@ def verify(graph) -> None:
                   o.name)
         if o.x is not None and o.x not in graph.value_by_name:
             _fail(graph, f"op {o.name} reads unknown value {o.x!r}", o.name)
+        if o.layout == "channel":
+            why = _channel_error(graph, o)
+            if why:
+                _fail(graph, f"op {o.name} has layout=channel but {why}", o.name)
         if graph.info is not None and o.name not in graph.info.ops:
             _fail(graph, f"op {o.name} has no op object in the traced step (StepInfo.ops); "
                          f"ops must keep the names the frontend gave them", o.name)
@@ -182,6 +186,23 @@ def axes_error(t) -> str | None:
     return None
 
 
+def _channel_error(graph, o) -> str | None:
+    """Why an op's channel axes do not fit its output and parameter types, or None."""
+    from .layout import neuron_shape, param_leaves
+    s = neuron_shape(o)
+    if not 0 <= o.channel_axis < len(s):
+        return f"channel_axis={o.channel_axis} is not an axis of one example's output {list(s)}"
+    leaves = param_leaves(graph, o.param)
+    if len(o.param_channel_axes) != len(leaves):
+        return (f"param_channel_axes {list(o.param_channel_axes)} has {len(o.param_channel_axes)} "
+                f"entries for the {len(leaves)} leaves of %{o.param}")
+    for a, (lname, lt) in zip(o.param_channel_axes, leaves):
+        if not 0 <= a < len(lt.shape) or lt.shape[a] != s[o.channel_axis]:
+            return (f"leaf {lname or '(root)'} {lt} has no axis {a} of the output's "
+                    f"{s[o.channel_axis]} channels")
+    return None
+
+
 def _verify_trace(graph, t, covered) -> None:
     here = f"trace {t.id} ="
     for k, _ in t.attrs:
@@ -216,9 +237,19 @@ def _verify_trace(graph, t, covered) -> None:
             for o in ops:
                 if o.layout != "compact":
                     why = f" ({o.layout_reason})" if o.layout_reason else ""
+                    alt = "channel or dense" if o.layout == "channel" else "dense"
                     _fail(graph, f"trace {t.id} asks for layout=compact, but op {o.name} "
-                                 f"({o.op_class}) is exact only with the dense per-output-"
-                                 f"neuron layout{why}; use layout=dense for {t.id}", here)
+                                 f"({o.op_class}) is exact only with the {alt} per-output-"
+                                 f"neuron layout{why}; use layout={o.layout} for {t.id}", here)
+        if t.layout == "channel":
+            for o in ops:
+                if o.layout != "channel":
+                    why = f" ({o.layout_reason})" if o.layout_reason else ""
+                    _fail(graph, f"trace {t.id} asks for layout=channel, but op {o.name} "
+                                 f"({o.op_class}) has layout={o.layout}: its parameter elements "
+                                 f"are not proven to reach one output channel each{why}; use "
+                                 f"layout={'dense' if o.layout == 'dense' else o.layout + ' or dense'}"
+                                 f" for {t.id}", here)
         if t.shared_x is not None or t.decay_rank is not None:
             _fail(graph, f"trace {t.id} is param-dim but sets io-dim fields (shared_x / "
                          f"decay_rank)", here)

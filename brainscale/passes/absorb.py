@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _compat as C
-from ..concepts import ETraceOp
+from ..concepts import ETraceOp, param_jacobian
 from ..errors import PipelineError
 from .base import Pass, register_pass
 from .rules import Dep, _run
@@ -97,6 +97,24 @@ class NormalizedOp(ETraceOp):
     def elementwise_maps(self, w):
         return self.base.elementwise_maps(w) if self.stats == "constant" else ()
 
+    def channel_axes(self, w):
+        """Constant statistics keep the base op's channels (``g`` is element-wise in y)."""
+        if self.stats != "constant" or \
+                tuple(self._z.aval.shape) != tuple(self._y.aval.shape):
+            return None
+        return self.base.channel_axes(w)
+
+    def channel_layout_error(self, w):
+        if self.stats != "constant":
+            return "the absorbed normalisation mixes the op's outputs (exact statistics)"
+        return super().channel_layout_error(w)
+
+    def channel_jacobian(self, x, w):
+        """The base op's channel Jacobian times ``∂z_n/∂y_n`` (constant statistics)."""
+        scale = self._scale(x, w)
+        return [g * scale.reshape(scale.shape + (1,) * (g.ndim - scale.ndim))
+                for g in self.base.channel_jacobian(x, w)]
+
     def _scale(self, x, w):
         """``∂z_n/∂y_n`` with constant statistics (the diagonal of ``g``'s Jacobian)."""
         y = u.get_mantissa(self.base.xw_to_y(x, w))
@@ -122,7 +140,7 @@ class NormalizedOp(ETraceOp):
     def batch_jacobian(self, x, w):
         """``∂z/∂θ`` for a whole batch at once (leaves ``(B, *S, *leaf)``): the absorbed
         equations were traced on the batch, and may mix examples (batch statistics)."""
-        return jax.jacrev(lambda ww: self.xw_to_y(x, ww))(w)
+        return param_jacobian(lambda ww: self.xw_to_y(x, ww), w)
 
     def _repr_fields(self):
         return {"base": self.base, "stats": self.stats,

@@ -49,7 +49,8 @@ def retrace(graph, relation_ids, dim: str, reason: str, *, decay: float | None =
     """A consistent :class:`Trace` of ``dim`` over ``relation_ids`` (id ``T0``: renumber
     later with :func:`renumber_traces`).
 
-    param-dim traces take the op's exact layout (``dense`` when any op has only that one)
+    param-dim traces take the ops' exact layout (``compact`` or ``channel`` when every op has
+    it, else ``dense``)
     unless ``layout`` is given; io-dim traces share the ``ε_x`` of the ops' one input and take
     ``decay`` (default: the α the relations' current io trace has, else the graph's single α).
     When the graph already has arrays (``layout-traces`` ran), the trace is laid out.
@@ -60,7 +61,7 @@ def retrace(graph, relation_ids, dim: str, reason: str, *, decay: float | None =
         dim: ``'param'``, ``'io'`` or ``'none'``.
         reason: why the trace has this dim (shown in dumps and reports).
         decay, decay_rank: io-dim α (and the rank it came from).
-        layout: param-dim layout (``'compact'`` / ``'dense'``).
+        layout: param-dim layout (``'compact'`` / ``'channel'`` / ``'dense'``).
         extra_attrs: further note attributes.
 
     Returns:
@@ -72,8 +73,9 @@ def retrace(graph, relation_ids, dim: str, reason: str, *, decay: float | None =
     a["reason"] = reason
     fields: dict = {}
     if dim == "param":
-        fields["layout"] = layout or ("compact" if all(o.layout == "compact" for o in ops)
-                                      else "dense")
+        fields["layout"] = layout or next(
+            (lay for lay in ("compact", "channel") if all(o.layout == lay for o in ops)),
+            "dense")
     elif dim == "io":
         xs = {o.x for o in ops}
         if len(xs) != 1 or None in xs:

@@ -3,7 +3,8 @@
 The cost model counts, per relation, the trace elements each choice keeps for one batch
 (``B`` examples, ``k`` = total states of the groups the op reaches):
 
-* param-dim, compact layout: ``B · |θ| · k``; dense (per-neuron) layout: ``B · |y| · |θ| · k``;
+* param-dim, compact layout: ``B · |θ| · k``; channel layout (conv: per neuron, the kernel
+  slice of its channel): ``B · |y| · |θ| · k / C``; dense (per-neuron) layout: ``B · |y| · |θ| · k``;
 * io-dim: ``B · (|x| + |y| · k)`` (``|x|`` is shared by every op reading the same input).
 
 Bytes are elements × the element size; FLOPs per step are about 3 per param-dim element

@@ -155,7 +155,7 @@ class ShardPass(Pass):
                     bd = 0 if b else None
                     if a.role == "eps_f":
                         nd = len(shape) - 2 if len(shape) - 1 > len(b) else None
-                    elif t.layout == "dense":
+                    elif t.layout in ("dense", "channel"):
                         nd = len(b) + len(neuron_shape(op)) - 1 if neuron_shape(op) else None
                     else:
                         _, lt = param_leaves(graph, rel.param)[a.leaf]

@@ -67,7 +67,7 @@ def kernel_instances(graph, trace) -> tuple[list, str | None]:
     if trace.dim != "param":
         return [], f"dim={trace.dim}"
     if trace.layout != "compact":
-        return [], f"layout={trace.layout}: dense per-output-neuron traces have no kernel"
+        return [], f"layout={trace.layout}: per-output-neuron traces have no kernel"
     batch = int(graph.batch or 0)
     out = []
     for rid in trace.relations:
