@@ -15,7 +15,8 @@ seed, decay, repeats, run`` (execute, or only compile for the memory analysis), 
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
 copy bandwidth), ``build_warm`` (time ``compile_graph`` cold and warm), ``data`` (optional
 .npz with ``w:*`` weights, ``h:*`` initial hidden values, ``xs``, ``ys``), ``grads_out``
-(optional .npz for the gradients), ``out`` (result JSON). ``{"bandwidth_only": true}`` only
+(optional .npz for the gradients), ``profile_out`` (optional JSON: the time of every XLA
+operation of one profiled call, from ``jax.profiler``'s Perfetto trace), ``out`` (result JSON). ``{"bandwidth_only": true}`` only
 measures the bandwidth; ``{"fidelity": true, ...}`` runs :func:`fidelity`.
 
 Measured:
@@ -399,6 +400,8 @@ def run(cfg: dict) -> dict:
         res["grad_finite"] = bool(all(np.all(np.isfinite(v)) for v in fg.values()))
         if cfg.get("grads_out"):
             np.savez(cfg["grads_out"], **fg)
+        if cfg.get("profile_out"):
+            res["profile"] = _profile(compiled, (vals, xs, ys), T, cfg["profile_out"])
         del out
     res["rss_peak_mb"] = _rss_mb()
     # XLA memory analysis at other sequence lengths (compile only, after the RSS reading)
@@ -499,6 +502,38 @@ def fidelity(cfg: dict) -> dict:
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                 out["rows"].append(row)
     return out
+
+
+def _profile(compiled, args, T: int, out_path: str) -> str:
+    """Run ``compiled`` once under ``jax.profiler.trace`` and write the time of every XLA
+    operation (thunk) to ``out_path`` (JSON: name -> [total µs, count], per call of T
+    steps), from the profiler's Perfetto trace. Returns ``out_path``."""
+    import glob
+    import gzip
+    import tempfile
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(*args))
+        (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as fh:
+            data = json.load(fh)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    ops: dict = {}
+    for e in events:
+        name = e.get("name", "")
+        # host-side Python and runtime frames are not XLA operations
+        if e.get("ph") != "X" or name.startswith(("$", "end: ")) or "::" in name \
+                or name.startswith(("PjitFunction", "ThreadpoolListener", "ParseArguments",
+                                    "Handle ", "Wait for", "AllocateOutputBuffers",
+                                    "PythonRefManager")):
+            continue
+        t = ops.setdefault(name, [0.0, 0])
+        t[0] += float(e.get("dur", 0.0))
+        t[1] += 1
+    with open(out_path, "w") as fh:
+        json.dump(dict(T=T, ops=ops), fh, indent=0)
+    return out_path
 
 
 def main(argv=None):
