@@ -169,9 +169,10 @@ def full_pipeline(passes: Sequence, backend=None, shard=None) -> tuple:
                                 f"the algorithm ({shard.spec()}); set it in one place only")
         if not mine:
             passes += (shard,)
-        if backend is not None and getattr(backend, "name", "") != "jax":
-            raise PipelineError(f"sharding over a mesh runs on the 'jax' backend; backend "
-                                f"{getattr(backend, 'name', backend)!r} does not support it")
+        if backend is not None and not getattr(backend, "supports_mesh", False):
+            raise PipelineError(f"sharding over a mesh runs on the 'jax' and 'jax-zoo' "
+                                f"backends; backend {getattr(backend, 'name', backend)!r} does "
+                                f"not support it")
     if backend is not None:
         passes += tuple(backend.pipeline())
     return passes

@@ -44,8 +44,15 @@ def build(name):
 
 
 def learner(net, algo, **kw):
+    from brainscale import zoo
     if algo == "param":
         return brainscale.DiagParamDimAlgorithm(net, **kw)
+    if algo == "rtrl":            # influence blocks m (scope coupled)
+        return zoo.RTRLAlgorithm(net, **kw)
+    if algo == "eprop_k":         # kappa-filtered copies eps_bar
+        return zoo.EPropAlgorithm(net, kappa=0.8, **kw)
+    if algo == "uoro":            # rank-1 factors u_h, u_p
+        return zoo.UOROAlgorithm(net, seed=3, **kw)
     return brainscale.DiagIODimAlgorithm(net, decay_or_rank=0.9, **kw)
 
 
@@ -162,6 +169,11 @@ def main():
             cases.append((name, algo, (2, 2), ("data", "model"), "compile"))
     for args in cases:
         print(json.dumps(case(*args)), flush=True)
+    # the rule zoo's arrays (m, eps_bar, u_h, u_p), data parallel, stepped per call
+    for name in ("lif", "alif"):
+        for algo in ("rtrl", "eprop_k", "uoro"):
+            print(json.dumps(dict(case(name, algo, (4,), ("data",), "compile"), zoo=True)),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,9 @@ def cases():
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    return {"memory": lines[0]["memory"], "windows": lines[1]["windows"], "results": lines[2:]}
+    return {"memory": lines[0]["memory"], "windows": lines[1]["windows"],
+            "results": [l for l in lines[2:] if not l.get("zoo")],
+            "zoo": [l for l in lines[2:] if l.get("zoo")]}
 
 
 def test_every_case_equals_one_device(cases):
@@ -123,7 +126,7 @@ def test_mesh_option_errors():
         brainscale.DiagParamDimAlgorithm(net, mesh=FakeMesh()).compile_graph(x0)
     with pytest.raises(brainscale.BrainscaleError, match="need mesh"):
         brainscale.DiagParamDimAlgorithm(net, batch_axis="data").compile_graph(x0)
-    with pytest.raises(brainscale.PipelineError, match="'jax' backend"):
+    with pytest.raises(brainscale.PipelineError, match="'jax' and 'jax-zoo' backends; backend 'pallas' does not"):
         brainscale.DiagParamDimAlgorithm(net, mesh=FakeMesh(), batch_axis="rows",
                                          backend="pallas").compile_graph(x0)
     assert np.shape(x0) == (4, 3) and jnp is not None
@@ -146,3 +149,19 @@ def test_chunked_and_multi_step_windows_on_a_mesh(cases):
     for how, r in cases["windows"].items():
         assert r["err"] < 1e-5, (how, r)
         assert all(sp[0] == "data" for sp in r["specs"]), (how, r)
+
+
+def test_the_rule_zoo_on_a_data_parallel_mesh(cases):
+    """RTRL (influence blocks m), e-prop with the kappa filter (eps_bar) and UORO (u_h, u_p)
+    on 4 devices equal one device; every array is split over the batch as the IR says."""
+    zoo = cases["zoo"]
+    assert sorted((r["name"], r["algo"]) for r in zoo) == sorted(
+        (n, a) for n in ("lif", "alif") for a in ("rtrl", "eprop_k", "uoro"))
+    roles = set()
+    for r in zoo:
+        assert r["err"] < 1e-5, (r["name"], r["algo"], r["err"])
+        for aid, t in r["traces"].items():
+            assert t["placed"] == t["ir"] and t["ir"][0] == "data", (r["name"], aid, t)
+            assert t["device_bytes"] * 4 == t["bytes"], (r["name"], aid, t)
+        roles |= set(re.findall(r"= (m|u_h|u_p|eps_bar)\(", r["ir"]))
+    assert roles == {"m", "u_h", "u_p", "eps_bar"}

@@ -119,6 +119,8 @@ class Backend(abc.ABC):
     """A backend never changes the IR: backend-specific decisions are passes it adds to
     the pipeline (``pipeline()``), and ``emit`` reads only the graph."""
     name: ClassVar[str] = ""
+    #: the emitted step runs on a device mesh (places its arrays as the IR's shardings say)
+    supports_mesh: ClassVar[bool] = False
 
     def pipeline(self) -> tuple:
         """Passes appended to the compile pipeline (after ``layout-traces``)."""

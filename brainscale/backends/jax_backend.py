@@ -18,6 +18,7 @@ __all__ = ["JaxBackend"]
 class JaxBackend(Backend):
     """Emits the compiled step as plain jitted JAX."""
     name = "jax"
+    supports_mesh = True     # the step constrains its arrays to the IR's shardings
 
     def __init__(self, jit: bool = True):
         self.jit = jit

@@ -14,6 +14,11 @@ step a sharding — the mesh axis (or none) of each dimension — printed in the
   columns); its input is gathered by the matmul as usual. Other ops' parameters (conv, sparse,
   LoRA) and op inputs (``ε_x``) stay replicated along the neuron axis.
 
+The rule zoo's arrays split over ``batch`` like the rest: a κ-filtered ``ē`` as its ``ε``, an
+influence block ``m`` (RTRL, SnAp, OSTL) and a UORO hidden factor ``u_h`` along their hidden
+state's batch axis, a UORO parameter factor ``u_p`` along its per-example axis; ``m`` and
+``u_h`` stay whole along the neurons (the recursion ``J·M`` mixes the coupled states).
+
 A dimension that does not divide over its mesh axis stays replicated (the pass notes it).
 The runtime places the states and traces with these shardings (``jax.sharding.NamedSharding``)
 and JAX's SPMD partitioner keeps them so between steps; nothing else is distributed by hand.
@@ -148,6 +153,15 @@ class ShardPass(Pass):
                     rel = graph.relation_by_id[t.relations[0]]
                     op = graph.op_by_name[rel.op]
                     sp = spec(shape, a.id, 0 if op.batched else None)
+                elif a.role in ("m", "u_h"):
+                    # an influence block / a UORO hidden factor of one hidden state: the
+                    # state's batch axis splits; its neurons stay whole (the recursion
+                    # mixes them: J·M over the coupled states)
+                    bd, _ = group_dims(a.group, len(graph.group_by_id[a.group].varshape))
+                    sp = spec(shape, a.id, bd)
+                elif a.role == "u_p":
+                    # a UORO parameter factor, one per example: (batch,) + leaf
+                    sp = spec(shape, a.id, 0 if graph.batch else None)
                 else:
                     rel = graph.relation_by_id[a.relation]
                     op = graph.op_by_name[rel.op]
