@@ -170,10 +170,9 @@ def main():
     for args in cases:
         print(json.dumps(case(*args)), flush=True)
     # the rule zoo's arrays (m, eps_bar, u_h, u_p), data parallel, stepped per call
-    for name in ("lif", "alif"):
-        for algo in ("rtrl", "eprop_k", "uoro"):
-            print(json.dumps(dict(case(name, algo, (4,), ("data",), "compile"), zoo=True)),
-                  flush=True)
+    for name, algo in (("lif", "rtrl"), ("alif", "eprop_k"), ("alif", "uoro")):
+        print(json.dumps(dict(case(name, algo, (4,), ("data",), "compile"), zoo=True)),
+              flush=True)
 
 
 if __name__ == "__main__":
