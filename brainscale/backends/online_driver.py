@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import BrainscaleError
 from .rules import IORule
 from .signals import is_float
 

@@ -83,7 +83,7 @@ class PallasDrtrlRule(TraceRule):
     def _run(self, ctx, traces, arrays, delta, update: bool, grad: bool, acc_t=None):
         """Launch the kernels over all blocks; returns (new arrays per trace, gradient terms,
         acc_t)."""
-        g, fwd = ctx.graph, ctx.fwd
+        fwd = ctx.fwd
         blocks = self._blocks(ctx, traces, arrays)
         new = [list(v) for v in arrays]
         terms = []
