@@ -294,3 +294,17 @@ def test_rules_page_runs_and_quotes_what_it_prints(capsys):
     for line in quoted.splitlines():
         assert line in printed, line
     assert np.all(np.isfinite(np.asarray(ns["losses"])))
+
+
+def test_a_schedule_other_than_step_warns_that_it_is_not_acted_on():
+    m, x0 = models.lif_delta(0)
+    with pytest.warns(UserWarning, match=r"schedule=window \(window=5\) is recorded in the IR "
+                                         r"but not acted on"):
+        c = brainscale.compile(m, x0, algorithm=None, backend="jax-zoo",
+                               pipeline="hidden-groups,relations,"
+                                        "select-dims{policy=param,schedule=window,window=5}")
+    assert "schedule=window" in c.ir()
+    with pytest.warns(UserWarning, match="schedule=end") as rec:
+        zoo.RuleAlgorithm(models.lif_delta(0)[0], policy="param", schedule="end"
+                          ).compile_graph(x0)
+    assert rec[0].filename == __file__                     # the user's line
