@@ -216,21 +216,13 @@ class ETraceOp:
         return None
 
     def channel_layout_error(self, w) -> str | None:
-        """Why the channel param-dim layout would be inexact for this op, or None (the op
-        declares :meth:`channel_axes` and they fit ``w``)."""
-        axes = self.channel_axes(w)
-        if axes is None:
+        """Why this op cannot keep the channel param-dim layout of ``w``, or None. The
+        default: it declares no :meth:`channel_axes` (the frontend then checks the declared
+        axes against the output and parameter shapes). Override to refuse for reasons of
+        your own (return the reason)."""
+        if self.channel_axes(w) is None:
             return (f"{type(self).__name__} declares no channel_axes: the exact "
                     f"per-output-neuron layout is used")
-        leaves = jax.tree.leaves(w)
-        n_ax, l_ax = axes
-        if len(l_ax) != len(leaves):
-            return (f"{type(self).__name__}.channel_axes gives {len(l_ax)} leaf axes for a "
-                    f"parameter of {len(leaves)} leaves")
-        for a, leaf in zip(l_ax, leaves):
-            if not 0 <= a < np.ndim(leaf):
-                return (f"{type(self).__name__}.channel_axes: leaf axis {a} is out of range "
-                        f"for a leaf of shape {tuple(np.shape(leaf))}")
         return None
 
     def channel_jacobian(self, x, w):

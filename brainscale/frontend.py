@@ -26,6 +26,7 @@ from ._group_states import group_states_of, split_group_states
 from .concepts import ETraceParam, is_hidden_state, lookup_op
 from .errors import UnsupportedModelError
 from .ir import Graph, HiddenState, Input, Loc, Op, Param, StepInfo, TensorType, Value, attrs
+from .ir.layout import channel_axes_error
 from .ir.types import TreeType
 
 __all__ = ["lower", "lower_ops", "trace_step", "state_names"]
@@ -106,20 +107,6 @@ def compact_layout_error(op, value, layout: str = "compact") -> str | None:
         why = elementwise_error(fn, v, what)
         if why:
             return why
-    return None
-
-
-def _channel_fit_error(op, axes, value, y_aval, batched) -> str | None:
-    """Why an op's declared channel axes do not fit its output and parameter, or None."""
-    s = tuple(y_aval.shape)[1:] if batched else tuple(y_aval.shape)
-    n_ax, l_ax = axes
-    name = type(op).__name__
-    if not 0 <= n_ax < len(s):
-        return f"{name}.channel_axes: neuron axis {n_ax} is not an axis of one example's output {s}"
-    for a, leaf in zip(l_ax, jax.tree.leaves(value)):
-        if np.shape(leaf)[a] != s[n_ax]:
-            return (f"{name}.channel_axes: a leaf of shape {tuple(np.shape(leaf))} has "
-                    f"{np.shape(leaf)[a]} entries on axis {a}, the output {s[n_ax]} channels")
     return None
 
 
@@ -222,8 +209,11 @@ def lower_ops(jaxpr, states, paths, in_slices) -> tuple:
             elif layout == "channel":
                 n_ax, l_ax = op.channel_axes(st.value)
                 ch_axes = (int(n_ax), tuple(int(a) for a in l_ax))
-                why = _channel_fit_error(op, ch_axes, st.value, y_aval, batched)
+                why = channel_axes_error(
+                    tuple(y_aval.shape)[1:] if batched else tuple(y_aval.shape),
+                    [np.shape(l) for l in jax.tree.leaves(st.value)], *ch_axes)
                 if why:
+                    why = f"{type(op).__name__}.channel_axes: {why}"
                     layout, ch_axes = "dense", (None, ())
         elif op.param_trace != "dense":
             raise UnsupportedModelError(

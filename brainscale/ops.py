@@ -166,6 +166,13 @@ def _identity(w):
     return w
 
 
+def _elementwise_chain(fn, weight):
+    """``∂fn(w)[i]/∂w[i]`` for an element-wise ``fn`` (proven by the frontend): the VJP of
+    ones, on mantissas (the factor a mask and ``weight_fn`` put on every weight element)."""
+    out, vjp = jax.vjp(lambda ww: u.get_mantissa(fn(ww)), u.get_mantissa(weight))
+    return vjp(jnp.ones_like(out))[0]          # ones of the output's dtype
+
+
 def _no_compact(op_name: str, why: str):
     return NotImplementedError(
         f"{op_name} has no compact param-dim layout ({why}), so yw_to_w is not defined; "
@@ -268,9 +275,7 @@ class MatMulOp(ETraceOp):
     # itself does; the frontend's proof sends other weight_fns to the dense layout):
     # ∂W_eff[a, n]/∂W[a, n] = c[a, n] is computed once per step.
     def _chain(self, weight):
-        weight = u.get_mantissa(weight)
-        W_eff, vjp = jax.vjp(lambda ww: u.get_mantissa(self.effective_weight(ww)), weight)
-        return vjp(jnp.ones_like(W_eff))[0]
+        return _elementwise_chain(self.effective_weight, weight)
 
     def drtrl_update(self, eps, J, df, x, w):
         """ε_i ← Σ_j J[.., n, i, j] ε_j + x[.., a] c[a, n] df[.., n, i] for every state ``i``
@@ -480,6 +485,16 @@ class ConvOp(ETraceOp):
         return tuple(tuple(int(v) for v in pair) for pair in jax.lax.padtype_to_pads(
             in_sizes, k_sizes, self.window_strides, self.padding))
 
+    def _lax_conv(self, lhs, rhs, dn):
+        """:func:`jax.lax.conv_general_dilated` with this op's strides, padding, dilations
+        and groups (``lhs`` with its batch axis, mantissas)."""
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides=self.window_strides,
+            padding=self._explicit_padding(lhs.shape, rhs.shape, dn),
+            lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation,
+            dimension_numbers=dn, feature_group_count=self.feature_group_count,
+            batch_group_count=self.batch_group_count)
+
     def xw_to_y(self, x, w):
         """Convolve one example ``x`` (shape ``xinfo.shape``) or a batch of them."""
         p = _param_dict(w, "ConvOp", ("weight",), allow_bare="weight")
@@ -517,16 +532,7 @@ class ConvOp(ETraceOp):
                              f"divisible by feature_group_count={self.feature_group_count}")
         dtype = jnp.promote_types(lhs.dtype, k_m.dtype)
         lhs, k_m = lhs.astype(dtype), k_m.astype(dtype)
-        y = jax.lax.conv_general_dilated(
-            lhs, k_m,
-            window_strides=self.window_strides,
-            padding=self._explicit_padding(lhs.shape, k_m.shape, dn),
-            lhs_dilation=self.lhs_dilation,
-            rhs_dilation=self.rhs_dilation,
-            dimension_numbers=dn,
-            feature_group_count=self.feature_group_count,
-            batch_group_count=self.batch_group_count,
-        )
+        y = self._lax_conv(lhs, k_m, dn)
         y = u.maybe_decimal(y * (x_unit * k_unit))
         if "bias" in p:
             b = p["bias"]
@@ -596,11 +602,7 @@ class ConvOp(ETraceOp):
         eye = jnp.moveaxis(jnp.eye(n_p, dtype=dtype).reshape(rest + (n_p,)), -1, rhs_o)
         eye = jnp.concatenate([eye] * n_grp, axis=rhs_o) if n_grp > 1 else eye
         lhs = lhs.astype(dtype)
-        pt = jax.lax.conv_general_dilated(
-            lhs, eye, window_strides=self.window_strides,
-            padding=self._explicit_padding(lhs.shape, eye.shape, dn),
-            lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation,
-            dimension_numbers=dn, feature_group_count=n_grp)       # channel: (group, patch)
+        pt = self._lax_conv(lhs, eye, dn)                           # channel: (group, patch)
         pt = jnp.moveaxis(pt, out_b, 0)
         cax = self._out_channel_axis(dn) + 1
         pt = jnp.moveaxis(pt, cax, -1)                              # (N, *S without c, G*P)
@@ -610,8 +612,7 @@ class ConvOp(ETraceOp):
         pt = jnp.moveaxis(pt, -2, cax)
         pt = pt.reshape(pt.shape[:-1] + rest)                     # (N, *S, *rest)
         if self.weight_fn is not _identity or self.weight_mask is not None:
-            k, vjp = jax.vjp(lambda ww: u.get_mantissa(self._kernel(ww)), weight)
-            chain = jnp.moveaxis(vjp(jnp.ones_like(k))[0], rhs_o, 0)     # (C_out, *rest)
+            chain = jnp.moveaxis(_elementwise_chain(self._kernel, weight), rhs_o, 0)  # (C_out, *rest)
             shape = [1] * (pt.ndim - len(rest))
             shape[cax] = c_out
             pt = pt * chain.reshape(tuple(shape) + rest)

@@ -278,3 +278,31 @@ def test_custom_op_with_channel_axes_of_the_wrong_size_gets_the_dense_layout():
     (op,) = learner.graph.ops
     assert op.layout == "dense" and "a leaf of shape (4,) has 4 entries on axis 0, the output 5 channels" in \
         op.layout_reason
+
+
+def test_a_pass_that_moves_the_channel_axes_is_refused_by_the_backend():
+    """The IR's channel axes lay out the arrays; the op's channel Jacobian slices along the
+    axes the op declares. A user pass that changes them (to axes of the right size, which the
+    verifier accepts) gets a BackendError naming both, not a wrongly sliced trace."""
+    import dataclasses
+    from brainscale.passes import DEFAULT_PIPELINE, function_pass, layout_trace
+
+    @function_pass("test-swap-channel-axes", requires={"trace-arrays"})
+    def swap(graph, ctx):
+        ops = tuple(dataclasses.replace(o, param_channel_axes=(0, 1)) if o.layout == "channel"
+                    else o for o in graph.ops)
+        g = graph.replace(ops=ops)
+        return g.replace(traces=tuple(layout_trace(g, t) for t in g.traces))
+
+    net = ConvLayer(HandConv1d(), 0)
+    rng = np.random.RandomState(5)
+    net.w.value = {"weight": jnp.asarray(rng.randn(3, 4, 4), jnp.float32),
+                   "bias": jnp.asarray(rng.randn(4), jnp.float32)}
+    learner = brainscale.DiagParamDimAlgorithm(
+        net, pipeline=[*DEFAULT_PIPELINE, "test-swap-channel-axes"])
+    learner.compile_graph(jnp.zeros((7, 4)))
+    assert "param_channel_axes=[0,1]" in learner.ir()
+    with pytest.raises(brainscale.BackendError, match=r"the IR gives HandConv1d channel_axis=1, "
+                                                      r"param_channel_axes=\[0, 1\], but the op "
+                                                      r"declares \(1, \(0, 2\)\)"):
+        learner(jnp.zeros((7, 4)))

@@ -38,7 +38,8 @@ from ..ir.layout import batch_shape, neuron_shape
 from .linearize import sg
 
 __all__ = ["TraceRule", "RuleContext", "ParamBlock", "TRACE_RULES", "register_trace_rule",
-           "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal", "param_blocks", "drtrl_compact", "drtrl_dense", "drtrl_channel", "contract_channel",
+           "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal",
+           "param_blocks", "drtrl_compact", "drtrl_dense", "drtrl_channel", "contract_channel",
            "contract_param", "ParamCompactRule", "ParamDenseRule", "ParamChannelRule", "IORule"]
 
 #: (dim, layout | None, path) -> factory ``(backend) -> TraceRule``
@@ -319,10 +320,22 @@ def _per_neuron_update(eps, J, df, G):
     return jax.tree.map(leaf_update, eps, G)
 
 
-def drtrl_channel(op, w, eps, J, df, x, bshape, x_batched=True):
+def drtrl_channel(op, w, eps, J, df, x, bshape, x_batched=True, axes=None):
     """Per output neuron n of channel c(n): ε[n,i,p] ← Σ_j J[n,i,j] ε[n,j,p] + df[n,i] G[n,p]
     with ``G[n,p] = ∂y_n/∂θ[p, c(n)]`` (:meth:`~brainscale.ETraceOp.channel_jacobian`, for
-    the whole batch at once): the dense rule on the entries it can make non-zero."""
+    the whole batch at once): the dense rule on the entries it can make non-zero.
+
+    ``axes`` are the IR's ``(channel_axis, param_channel_axes)`` of the op, which laid out the
+    arrays; the op's ``channel_jacobian`` slices by the axes it declares, so they must agree."""
+    if axes is not None:
+        mine = op.channel_axes(w)
+        mine = None if mine is None else (int(mine[0]), tuple(int(a) for a in mine[1]))
+        if mine != (axes[0], tuple(axes[1])):
+            raise BackendError(
+                f"the IR gives {type(op).__name__} channel_axis={axes[0]}, param_channel_axes="
+                f"{list(axes[1])}, but the op declares {mine}: its channel Jacobian would be "
+                f"sliced along other axes than the trace arrays; a pass changed the op's "
+                f"channel axes (keep the frontend's, or lay the trace out dense)")
     G = op.channel_jacobian(x, w)
     if bshape and not (x_batched and x is not None):     # one input shared by every example
         G = [g.reshape((1,) * len(bshape) + g.shape) for g in G]
@@ -360,14 +373,13 @@ def drtrl_dense(op, w, eps, J, df, x, bshape, x_batched=True):
     ``∂y/∂θ`` is the Jacobian of ``xw_to_y`` per example, or of the whole batch at once when
     the op defines ``batch_jacobian(x, w)`` (an op whose output is computed for the batch
     as a whole, e.g. an absorbed normalisation)."""
-    update = _per_neuron_update
-
     def single(eps, J, df, x):
-        return update(eps, J, df, param_jacobian(lambda ww: op.xw_to_y(x, ww), w))  # (*S, *leaf)
+        G = param_jacobian(lambda ww: op.xw_to_y(x, ww), w)                  # (*S, *leaf)
+        return _per_neuron_update(eps, J, df, G)
     if bshape:
         batch_jac = getattr(op, "batch_jacobian", None)
         if batch_jac is not None and x_batched:
-            return jax.vmap(update)(eps, J, df, batch_jac(x, w))
+            return jax.vmap(_per_neuron_update)(eps, J, df, batch_jac(x, w))
         return jax.vmap(single, in_axes=(0, 0, 0, _x_axis(x, bshape, x_batched)))(eps, J, df, x)
     return single(eps, J, df, x)
 
@@ -439,10 +451,12 @@ class _ParamRule(TraceRule):
                 o = ctx.graph.op_by_name[blk.op]
                 eps = blk.gather(ctx.binding, vals, self.dense)
                 x = sg(fwd.xs[blk.op]) if o.n_x_leaves else None
-                upd = drtrl_channel if self.channel else drtrl_dense if self.dense else \
-                    drtrl_compact
-                res = upd(op, ctx.w(blk.param), eps, fwd.J[blk.gid], fwd.DF[(blk.op, blk.gid)],
-                          x, blk.bshape, o.batched)
+                args = (op, ctx.w(blk.param), eps, fwd.J[blk.gid], fwd.DF[(blk.op, blk.gid)],
+                        x, blk.bshape, o.batched)
+                if self.channel:
+                    res = drtrl_channel(*args, axes=(o.channel_axis, o.param_channel_axes))
+                else:
+                    res = (drtrl_dense if self.dense else drtrl_compact)(*args)
                 for pos, v in blk.scatter(res, self.dense).items():
                     new[pos] = v
             out.append(new)

@@ -42,6 +42,7 @@ from .nodes import TraceArray
 from .types import TensorType, TreeType
 
 __all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
+           "channel_axes_error",
            "param_leaves", "eps_type", "eps_x_type", "eps_f_type", "m_type", "u_h_type",
            "u_p_type", "influence_groups", "FLOAT_STORAGE"]
 
@@ -53,6 +54,26 @@ PAIR_STORAGE = {"float32": "complex64", "float64": "complex128"}
 #: ``yw_to_w(δ_i, ε_i)`` is δ broadcast over the leaf's leading axes times ε, so
 #: ``Σ_i δ_i ε_i = Re(conj(δ_0 + iδ_1) · (ε_0 + iε_1))`` reads the complex array directly
 PAIR_OPS = frozenset({"MatMulOp"})
+
+
+def channel_axes_error(out_shape, leaf_shapes, channel_axis: int, leaf_axes) -> str | None:
+    """Why channel axes do not fit one example's output shape and the parameter's leaf
+    shapes (the channel layout's structural claim needs one axis per leaf, in range, with as
+    many entries as the output has channels), or None."""
+    s = tuple(out_shape)
+    if len(leaf_axes) != len(leaf_shapes):
+        return (f"{len(leaf_axes)} leaf axes {list(leaf_axes)} for a parameter of "
+                f"{len(leaf_shapes)} leaves")
+    if not 0 <= channel_axis < len(s):
+        return f"neuron axis {channel_axis} is not an axis of one example's output {list(s)}"
+    for a, shape in zip(leaf_axes, leaf_shapes):
+        shape = tuple(shape)
+        if not 0 <= a < len(shape):
+            return f"leaf axis {a} is out of range for a leaf of shape {shape}"
+        if shape[a] != s[channel_axis]:
+            return (f"a leaf of shape {shape} has {shape[a]} entries on axis {a}, the output "
+                    f"{s[channel_axis]} channels")
+    return None
 
 
 def _float_dtype(dtype: str, fallback: str = "float32") -> str:

@@ -188,19 +188,9 @@ def axes_error(t) -> str | None:
 
 def _channel_error(graph, o) -> str | None:
     """Why an op's channel axes do not fit its output and parameter types, or None."""
-    from .layout import neuron_shape, param_leaves
-    s = neuron_shape(o)
-    if not 0 <= o.channel_axis < len(s):
-        return f"channel_axis={o.channel_axis} is not an axis of one example's output {list(s)}"
-    leaves = param_leaves(graph, o.param)
-    if len(o.param_channel_axes) != len(leaves):
-        return (f"param_channel_axes {list(o.param_channel_axes)} has {len(o.param_channel_axes)} "
-                f"entries for the {len(leaves)} leaves of %{o.param}")
-    for a, (lname, lt) in zip(o.param_channel_axes, leaves):
-        if not 0 <= a < len(lt.shape) or lt.shape[a] != s[o.channel_axis]:
-            return (f"leaf {lname or '(root)'} {lt} has no axis {a} of the output's "
-                    f"{s[o.channel_axis]} channels")
-    return None
+    from .layout import channel_axes_error, neuron_shape, param_leaves
+    return channel_axes_error(neuron_shape(o), [lt.shape for _, lt in param_leaves(graph, o.param)],
+                              o.channel_axis, o.param_channel_axes)
 
 
 def _verify_trace(graph, t, covered) -> None:
