@@ -49,6 +49,7 @@ from .zoo import (RuleAlgorithm as RuleAlgorithm, RTRLAlgorithm as RTRLAlgorithm
                   ThreeFactor as ThreeFactor, DNI as DNI)
 from . import zoo as zoo
 from .compiled import Compiled as Compiled
+from .schedule import (train_online as train_online, update_schedule as update_schedule)
 from .api import compile as compile
 
 # brainscale 0.1's deprecated names for brainstate's grouped hidden states

@@ -138,7 +138,6 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
                           backend=backend, **kwargs)
         self._check_mode(res.graph, _sig(args, kwargs))
         check_trace_memory(res.graph)
-        _warn_schedule(res.graph)
         step = backend.emit(res.graph)
         self.compile_seconds = time.perf_counter() - t0
         self.graph, self.stages, self.records = res.graph, list(res.stages), res.records
@@ -626,24 +625,6 @@ def reset_model_states(model, batch_size: int | None = None, initial: dict | Non
             continue
         old.value = new.value
         _set_at(model, tuple(path), old)
-
-
-def _warn_schedule(graph) -> None:
-    """The ``schedule`` rule axis is recorded, printed and verified, but no rule reads it yet:
-    say so where it is set, instead of letting a window or end-of-sequence schedule look
-    acted on."""
-    sched = sorted({(t.schedule, t.window) for t in graph.traces if t.schedule != "step"},
-                   key=str)
-    if sched:
-        import warnings
-        from .pipeline import _user_stacklevel
-        what = ", ".join(f"schedule={s}" + (f" (window={w})" if w else "") for s, w in sched)
-        warnings.warn(
-            f"{what} is recorded in the IR but not acted on: the traces and gradients are "
-            f"computed every step; apply them when you choose (sum the per-step gradients over "
-            f"the window or the sequence, e.g. brainscale.online_gradients, or "
-            f"vjp_method='multi-step' windows for BPTT inside a window)", UserWarning,
-            stacklevel=_user_stacklevel())
 
 
 def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callable,

@@ -296,15 +296,13 @@ def test_rules_page_runs_and_quotes_what_it_prints(capsys):
     assert np.all(np.isfinite(np.asarray(ns["losses"])))
 
 
-def test_a_schedule_other_than_step_warns_that_it_is_not_acted_on():
+def test_a_schedule_is_printed_and_read_by_train_online_without_a_warning():
+    import warnings
     m, x0 = models.lif_delta(0)
-    with pytest.warns(UserWarning, match=r"schedule=window \(window=5\) is recorded in the IR "
-                                         r"but not acted on"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         c = brainscale.compile(m, x0, algorithm=None, backend="jax-zoo",
                                pipeline="hidden-groups,relations,"
                                         "select-dims{policy=param,schedule=window,window=5}")
     assert "schedule=window" in c.ir()
-    with pytest.warns(UserWarning, match="schedule=end") as rec:
-        zoo.RuleAlgorithm(models.lif_delta(0)[0], policy="param", schedule="end"
-                          ).compile_graph(x0)
-    assert rec[0].filename == __file__                     # the user's line
+    assert set(brainscale.update_schedule(c.learner).values()) == {"window=5"}

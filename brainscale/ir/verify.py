@@ -170,9 +170,6 @@ def axes_error(t) -> str | None:
             return (f"scope={t.scope} is exact up to its pattern: its gradient is the full VJP "
                     f"of the step with the trace, so it needs signal=symmetric, not "
                     f"signal={t.signal}")
-        if t.schedule == "window":
-            return (f"schedule=window back-propagates through a window with the diagonal "
-                    f"rules; scope={t.scope} runs per step (schedule=step or end)")
     if t.dim == "random":
         if t.scope != "coupled":
             return (f"dim=random (UORO) projects the exact influence matrix: it needs "
