@@ -18,9 +18,10 @@ class (braintrace name)    rule
                            rank-1 estimate of RTRL (``policy=random``)
 :class:`EPropAlgorithm`    e-prop (``EProp``): D-RTRL's eligibility, symmetric or fixed
                            random feedback (``signal=random``), optional κ filter
-:class:`OSTLAlgorithm`     OSTL (``OSTLRecurrent`` / ``OSTLFeedforward``): the trace of the
-                           layer's own states with (``scope=group``) or without the
-                           recurrent term
+:class:`OSTLAlgorithm`     OSTL: the trace of the layer's own states with
+                           (``scope=group``) or without the recurrent term
+                           (``OSTLRecurrent``, braintrace's D-RTRL-trace form, and
+                           ``OSTLFeedforward``)
 :class:`ThreeFactorAlgorithm`  three-factor (``ThreeFactor``): eligibility x a modulator
                            the caller supplies (``signal=modulatory``)
 :class:`DNIAlgorithm`      eligibility traces plus a synthetic gradient of the future
@@ -452,10 +453,21 @@ class EProp(EPropAlgorithm):
 
 
 class OSTLRecurrent(OSTLAlgorithm):
-    """braintrace's name for ``OSTLAlgorithm(model, recurrent=True)``."""
+    """braintrace's name and behaviour: braintrace's ``OSTLRecurrent`` ('with-H' regime) is
+    its per-parameter D-RTRL trace (the hidden Jacobian kept per neuron, memory ``O(P·k)``),
+    so is this alias by default: ``OSTLAlgorithm(model, recurrent=False)``, the same
+    gradients (``tools/bench_external.py --zoo``) at D-RTRL's cost.
 
-    def __init__(self, model, **kw):
-        super().__init__(model, recurrent=True, **kw)
+    Args:
+        full_recurrence: True takes the paper's full recurrent term instead
+            (``OSTLAlgorithm(model)``, ``scope=group``: the influence on the layer's states
+            through the full Jacobian, exact for a single recurrent layer, memory
+            ``B·N·|θ|``: small layers only).
+    """
+
+    def __init__(self, model, full_recurrence: bool = False, **kw):
+        super().__init__(model, recurrent=bool(full_recurrence), **kw)
+        self.full_recurrence = bool(full_recurrence)
 
 
 class OSTLFeedforward(OSTLAlgorithm):

@@ -417,7 +417,8 @@ def test_braintrace_names_and_compile_names():
              (zoo.UORO(m, projection_key=3), {"scope": "coupled"}),
              (zoo.EProp(m, feedback="random", kappa_filter_decay=0.5, random_feedback_key=1),
               {"signal": "random", "filter": "kappa", "kappa": 0.5}),
-             (zoo.OSTLRecurrent(m), {"scope": "group"}),
+             (zoo.OSTLRecurrent(m), {"scope": "diagonal"}),
+             (zoo.OSTLRecurrent(m, full_recurrence=True), {"scope": "group"}),
              (zoo.OSTLFeedforward(m), {}),
              (zoo.ThreeFactor(m), {"signal": "modulatory"}),
              (zoo.DNI(m), {"signal": "synthetic"})]

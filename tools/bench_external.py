@@ -271,11 +271,13 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
     return {"results": results, "grads": grads, "compile": comp, "meta": meta}
 
 
-ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl")
-ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9", "snap2": "SnAp-2", "ostl": "OSTL",
-             "bptt": "BPTT"}
+ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl_bt", "ostl")
+ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9", "snap2": "SnAp-2",
+             "ostl_bt": "OSTLRecurrent", "ostl": "OSTL, full recurrent term", "bptt": "BPTT"}
+#: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's
+#: OSTLRecurrent is its D-RTRL trace, compared with our alias ``ostl_bt``)
 BT_LABEL = {"eprop": "EProp", "eprop_k": "EProp(kappa_filter_decay=0.9)", "snap2": "SnAp(n=2)",
-            "ostl": "OSTLRecurrent"}
+            "ostl_bt": "OSTLRecurrent"}
 
 
 def run_zoo(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
@@ -291,7 +293,8 @@ def run_zoo(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             write_data(data, model, N, a.B, a.T, a.seed)
             gp = {}
             jobs = [("ours", "bptt")] + [(lib, al) for al in a.zoo_algos
-                                         for lib in ["ours"] + a.libs]
+                                         for lib in ["ours"] + a.libs
+                                         if lib == "ours" or al in BT_LABEL]
             for lib, algo in jobs:
                 cfg = {"lib": lib, "model": model, "algo": algo, "N": N, "B": a.B, "T": a.T,
                        "seed": a.seed, "decay": a.decay, "repeats": a.repeats, "run": True,

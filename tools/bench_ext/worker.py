@@ -132,9 +132,11 @@ NO_LEARNER = ("bptt", "fwd", "floor")
 
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
 ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "ostl",
-             "ostl_ff", "three_factor", "dni")
+             "ostl_ff", "ostl_bt", "three_factor", "dni")
+#: ``ostl_bt``: the ``OSTLRecurrent`` alias (braintrace's form: the D-RTRL trace); ``ostl``
+#: (the paper's full recurrent term) has no braintrace counterpart
 BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
-                  "ostl": "OSTLRecurrent"}
+                  "ostl_bt": "OSTLRecurrent"}
 
 
 def _zoo_learner(algo, net):
@@ -155,6 +157,8 @@ def _zoo_learner(algo, net):
         return zoo.OSTLAlgorithm(net, recurrent=True)
     if algo == "ostl_ff":
         return zoo.OSTLAlgorithm(net, recurrent=False)
+    if algo == "ostl_bt":
+        return zoo.OSTLRecurrent(net)
     if algo == "three_factor":
         return zoo.ThreeFactorAlgorithm(net, modulator=1.0)
     if algo == "dni":
@@ -205,7 +209,7 @@ def _learner(lib, algo, net, decay, x0):
                          random_feedback_key=brainstate.random.split_key())
         elif algo == "eprop_k":
             lr = L.EProp(net, kappa_filter_decay=0.9)
-        elif algo == "ostl":
+        elif algo == "ostl_bt":
             lr = L.OSTLRecurrent(net)
         else:
             raise ValueError(f"braintrace has no {algo!r} algorithm")
