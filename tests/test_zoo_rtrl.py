@@ -169,6 +169,67 @@ def test_snap_at_full_support_is_rtrl(name, batch):
         assert rel_err(g_snap[k], g_rtrl[k]) < 1e-5, k
 
 
+def _narrow_surrogate_lif():
+    """LIF whose surrogate derivative is zero outside |V - V_th| < 0.125 (compact support),
+    compiled at V = 0: every spike path has a zero derivative at the compile-time state."""
+    import braintools
+    m, x0 = models.lif_delta(0)
+    m.spk_fun = braintools.surrogate.PiecewiseQuadratic(alpha=8.0)
+    m.V.value = jnp.zeros_like(m.V.value)
+    return m, x0
+
+
+def test_snap_pattern_is_structural_not_probed():
+    """A path whose derivative is zero at the compile-time state (and at most states) is
+    still a path: the SnAp pattern comes from the jaxpr, so at full support it is RTRL."""
+    from brainscale.backends.rules_rtrl import snap_pattern
+    m, x0 = _narrow_surrogate_lif()
+    learner = zoo.SnApAlgorithm(m, n=2).compile_graph(x0)
+    (t,) = [t for t in learner.graph.traces if t.dim != "none"]
+    # at the compile-time state the step's hidden Jacobian is diagonal (no spike path) ...
+    z = jax.jacfwd(lambda v: m.spk_fun(v - 1.0))(jnp.zeros(5))
+    assert not np.any(np.asarray(z))
+    # ... yet two steps reach every neuron through the recurrent weights: full pattern
+    (p2,) = snap_pattern(learner._step.program, t, 2).values()
+    assert p2.all()
+    (p1,) = snap_pattern(learner._step.program, t, 1).values()
+    assert 0 < p1.sum() < p1.size                       # SnAp-1: each neuron's own weights
+    T = 20
+    rng = np.random.RandomState(3)
+    xs = jnp.asarray(rng.randn(T, 3) * 2.0, jnp.float32)
+    ys = jnp.asarray(rng.randn(T, 5), jnp.float32)
+    grads = {}
+    for key, cls, kw in (("rtrl", zoo.RTRLAlgorithm, {}), ("snap", zoo.SnApAlgorithm, {"n": 4})):
+        mm, _ = _narrow_surrogate_lif()
+        lr = cls(mm, **kw).compile_graph(x0)
+        grads[key], _ = brainscale.online_gradients(lr, xs, ys, loss_fn)
+    assert rel_err(grads["snap"], grads["rtrl"]) < 1e-5
+
+
+def test_structural_pattern_rules():
+    """jvp_pattern: constants' zeros stay zeros, value-dependent zeros do not, and what it
+    cannot analyse (control flow) depends on everything."""
+    from brainscale.backends.sparsity import jvp_pattern
+    mask = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+
+    def f(d, nd):
+        x, w = d
+        y = x @ (w * mask)
+        relu = jnp.where(y > 0, y, 0.0)
+        looped = jax.lax.fori_loop(0, 2, lambda i, c: c * 0.5, x[:2])
+        return [relu, looped]
+    relu, looped = jvp_pattern(f, [jnp.zeros(3), jnp.zeros((3, 2))])
+    w_idx = lambda a, n: 3 + 2 * a + n                                     # noqa: E731
+    expect = np.zeros((2, 9), bool)
+    for n in range(2):
+        for a in range(3):
+            if mask[a, n]:
+                expect[n, a] = expect[n, w_idx(a, n)] = True
+    np.testing.assert_array_equal(relu, expect)
+    # the loop's outputs depend on all of its operand (x[:2]), not on x[2] or w
+    assert looped[:, :2].all() and not looped[:, 2:].any()
+
+
 def test_snap_approaches_rtrl_as_n_grows():
     """A sparse recurrent LIF: the pattern fills in over a few steps of its recurrence."""
     T = 12

@@ -411,6 +411,21 @@ def test_dni_equals_literal_synthetic_gradient_equations(batch):
 # names
 # ---------------------------------------------------------------------------------------
 
+def test_ostl_recurrent_alias_is_braintraces_d_rtrl_trace():
+    """braintrace's OSTLRecurrent is its D-RTRL trace; the alias gives D-RTRL's gradients."""
+    T = 6
+    m, x0 = models.alif(2)
+    m_ref, _ = models.alif(2)
+    rng = np.random.RandomState(5)
+    xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
+    ys = jnp.asarray(rng.randn(T, 2, 5), jnp.float32)
+    g, _ = brainscale.online_gradients(zoo.OSTLRecurrent(m).compile_graph(x0), xs, ys, mse)
+    ref, _ = brainscale.online_gradients(
+        brainscale.DiagParamDimAlgorithm(m_ref).compile_graph(x0), xs, ys, mse)
+    for k in ref:
+        assert_rel_close(g[k], ref[k], f"OSTLRecurrent vs D-RTRL {k}", rtol=1e-6)
+
+
 def test_braintrace_names_and_compile_names():
     m, x0 = models.lif_delta(0)
     cases = [(zoo.SnAp(m, n=2), {"scope": "sparse", "snap_n": 2}),

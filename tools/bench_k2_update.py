@@ -16,7 +16,15 @@ either in place and copies the loop carry every step. Variants, the same arithme
   imaginary part): one element-wise fusion reads and writes the same element, so the update
   can run in place; the contraction reads the new array once more (an element-wise reduce);
 * ``rows-loop``: a ``fori_loop`` over the batch rows updating each row with
-  ``dynamic_update_slice`` (in-place by construction, one small fusion per row).
+  ``dynamic_update_slice`` (in-place by construction, one small fusion per row);
+* ``complex-from-old``: the packed pair, the contraction taken from the old trace (the
+  update and the contraction then read the same array: one pass if XLA merged them);
+* ``complex-batch-fused``: the packed pair, one loop over the batch rows doing update and
+  contraction of a row together (one pass over the trace if the loop ran in place).
+
+Both one-pass attempts are there to show whether XLA CPU can do the update and the
+contraction in one pass over the trace (``XLA_FLAGS`` such as
+``--xla_cpu_copy_insertion_use_region_analysis=true`` can be tried from the environment).
 
 The bound is reading the trace twice (update, contraction) and writing it once at the copy
 bandwidth measured in the same process. Scan over T steps, fastest of ``--repeats``.
@@ -77,7 +85,42 @@ def step_rows(es, inp):
     return es, _contract(es, d)
 
 
-VARIANTS = {"per-state": step_per_state, "complex-pair": step_complex, "rows-loop": step_rows}
+def step_complex_from_old(z, inp):
+    """The contraction rewritten on the *old* trace, so that update and contraction read the
+    same array (``Σ_i δ_i ε_i' = Σ_j c_j ε_j + x ⊗ Σ_i δ_i df_i``, ``c_j = Σ_i δ_i J_ij``): a
+    sibling pair a multi-output fusion could merge into one pass."""
+    J, df, x, d = inp
+    e = [jnp.real(z), jnp.imag(z)]
+    c = [d[..., 0] * J[..., 0, j] + d[..., 1] * J[..., 1, j] for j in range(2)]
+    g = jnp.sum(c[0][:, None, :] * e[0] + c[1][:, None, :] * e[1], axis=0) \
+        + x.T @ jnp.sum(d * df, axis=-1)
+    new = _update(e, J, df, x)
+    return jax.lax.complex(new[0], new[1]), g
+
+
+def step_complex_batch_fused(z, inp):
+    """One pass per example: a ``fori_loop`` over the batch rows updates row b in place and
+    adds its contraction while the row is still in cache."""
+    J, df, x, d = inp
+    B = J.shape[0]
+
+    def body(b, carry):
+        z, g = carry
+        ix = lambda a: jax.lax.dynamic_index_in_dim(a, b, 0, keepdims=False)   # noqa: E731
+        zb = ix(z)
+        new = _update([jnp.real(zb)[None], jnp.imag(zb)[None]], ix(J)[None], ix(df)[None],
+                      ix(x)[None])
+        nb = jax.lax.complex(new[0][0], new[1][0])
+        db = ix(d)
+        g = g + db[None, :, 0] * new[0][0] + db[None, :, 1] * new[1][0]
+        return jax.lax.dynamic_update_index_in_dim(z, nb, b, 0), g
+    return jax.lax.fori_loop(0, B, body, (z, jnp.zeros(z.shape[1:], jnp.float32)))
+
+
+VARIANTS = {"per-state": step_per_state, "complex-pair": step_complex, "rows-loop": step_rows,
+            "complex-from-old": step_complex_from_old,
+            "complex-batch-fused": step_complex_batch_fused}
+COMPLEX = ("complex-pair", "complex-from-old", "complex-batch-fused")
 
 
 def bandwidth(n_elems: int, repeats: int) -> float:
@@ -108,7 +151,7 @@ def measure(B, A, N, T, repeats, variants):
     bound_ms = 3 * trace_bytes / bw * 1e3       # read (update) + write + read (contraction)
     rows, ref = [], None
     for name in variants:
-        init = jax.lax.complex(*zeros) if name == "complex-pair" else zeros
+        init = jax.lax.complex(*zeros) if name in COMPLEX else zeros
         f = jax.jit(lambda e, step=VARIANTS[name]: jax.lax.scan(step, e, (J, df, x, d))[1].sum(0))
         c = f.lower(init).compile()
         hlo = c.as_text()

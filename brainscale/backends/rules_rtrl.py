@@ -13,9 +13,8 @@ in the backward, the full-step VJP and the old trace arrays (docs/rules.md).
   exact gradient, equal to BPTT's sum over time;
 * ``scope='sparse'`` (SnAp-n): the same with ``M`` kept on the SnAp-n pattern — the entries
   ``(h_i, θ_j)`` that ``θ_j`` reaches within n steps of the step's Jacobian pattern — and
-  zero elsewhere; at full support it is exact RTRL. The pattern comes from the Jacobians of
-  the step at the compile-time values and two random states (an entry zero at all three is
-  taken as structurally zero); ``M`` is stored dense;
+  zero elsewhere; at full support it is exact RTRL. The pattern is structural, proven on
+  the step's jaxpr for all values (:mod:`.sparsity`); ``M`` is stored dense;
 * ``scope='group'`` (OSTL with the recurrent term): ``M`` over the states of the groups the
   parameter's ops drive, propagated with the full Jacobian *within* those states (other
   states held fixed), and contracted with the step's learning signal δ (the spatial signal
@@ -111,57 +110,35 @@ def snap_pattern(program, trace, n: int) -> dict:
     """The SnAp-n pattern of ``trace``: ``{hidden index: bool (varshape, C)}``, the entries
     ``(h_i, θ_j)`` that ``θ_j`` reaches within ``n`` steps.
 
-    Immediate pattern ``P₁ = |∂h^t/∂y_p| · |∂y_p/∂θ|`` (the step's response to the op
-    output, through later layers within the step, times the op's own parameter pattern
-    taken at a random nonzero input, so that a silent spike does not hide a synapse), then
-    ``P_n = P_{n-1} ∪ |∂h^t/∂h^{t-1}| P_{n-1}``. The Jacobians are evaluated at the compile-
-    time states and two random ones; an entry zero at all three is taken as structurally zero.
+    Immediate pattern ``P₁ = |∂h^t/∂θ|`` and the step's hidden-to-hidden pattern
+    ``A = |∂h^t/∂h^{t-1}|``, both *structural*: proven on the step's jaxpr for every value of
+    the states, inputs and parameters (:func:`~brainscale.backends.sparsity.jvp_pattern`: a
+    surrogate derivative that is zero at some states, a silent spike, a weight that happens
+    to be zero do not hide a path; the constants of the model, a sparse matrix's structure
+    or a fixed mask, do). Then ``P_n = P_{n-1} ∪ A P_{n-1}``.
     """
-    from .. import _compat as C
+    from .sparsity import jvp_pattern
     g, b, lin = program.g, program.b, program.lin
     lay = _Layout(g, b, trace)
     theta_t, theta_p, hidden, others = b.gather(g.info.states)
     jaxpr = lin.jaxpr
     arg_avals = [jaxpr.invars[i].aval for i in b.arg_idx]
-    ops = [g.op_by_name[g.relation_by_id[r].op] for r in trace.relations]
+    args = tuple(jnp.zeros(av.shape, av.dtype) for av in arg_avals)
+    nh = len(hidden)
+
+    def step(diff, nondiff):
+        th_t, th_p, a, oth = nondiff
+        th = list(th_t)
+        th[lay.pi] = tuple(diff[nh:])
+        ins = b.assemble(tuple(th), th_p, a, list(diff[:nh]), oth)
+        outs = lin.eval(ins)
+        return [outs[i] for i in b.hidden_out]
+    diff = [jnp.asarray(h) for h in hidden] + [jnp.asarray(l) for l in theta_t[lay.pi]]
+    pats = jvp_pattern(step, diff, [theta_t, theta_p, args, others])
     sizes = [int(np.prod(np.shape(h), dtype=np.int64)) for h in hidden]
     offs = np.cumsum([0] + sizes)
-    A = np.zeros((offs[-1], offs[-1]), bool)
-    P = np.zeros((offs[-1], lay.C), bool)
-    rng = np.random.RandomState(0)
-    flat = lambda outs: jnp.concatenate([jnp.ravel(outs[i]).astype(jnp.float32)  # noqa: E731
-                                         for i in b.hidden_out])
-    for probe in range(3):
-        hs = tuple(hidden) if probe == 0 else tuple(
-            jnp.asarray(rng.randn(*np.shape(h)), jnp.result_type(h)) for h in hidden)
-        args = [jnp.asarray(rng.randn(*av.shape), av.dtype)
-                if jnp.issubdtype(av.dtype, jnp.inexact)
-                else jnp.asarray(rng.rand(*av.shape) < 0.5).astype(av.dtype) for av in arg_avals]
-        ins0 = b.assemble(theta_t, theta_p, tuple(args), [None] * len(hidden), others)
-
-        def new_h(hflat, xis):
-            ins = list(ins0)
-            for i, k in zip(b.hidden_idx, range(len(hidden))):
-                ins[i] = hflat[offs[k]:offs[k + 1]].reshape(np.shape(hidden[k])).astype(
-                    jnp.result_type(hidden[k]))
-
-            def on_op(o, eqn, invals):
-                y = C.eval_eqn(eqn, invals)[0]
-                return [y + xis[o.name].astype(y.dtype)] if o.name in xis else [y]
-            return flat(lin.eval(ins, on_op=on_op))
-        h0 = jnp.concatenate([jnp.ravel(h).astype(jnp.float32) for h in hs])
-        xi0 = {o.name: jnp.zeros(o.type.shape, jnp.float32) for o in ops}
-        Ja, Jy = jax.jacfwd(new_h, argnums=(0, 1))(h0, xi0)
-        A |= np.asarray(Ja) != 0
-        for o in ops:
-            op = g.op_object(o.name)
-            x_av = g.value_by_name[o.x].type if o.x is not None else None
-            xr = None if x_av is None else jnp.asarray(rng.randn(*x_av.shape), jnp.float32)
-            Gy = jax.jacfwd(lambda col: jnp.ravel(op.xw_to_y(
-                xr, b.w_tree(lay.pi, lay.split(col, theta_t[lay.pi])))).astype(jnp.float32))(
-                jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in theta_t[lay.pi]]))
-            Dy = np.asarray(Jy[o.name]).reshape(offs[-1], -1) != 0
-            P |= (Dy.astype(np.int64) @ (np.asarray(Gy) != 0).astype(np.int64)) > 0
+    rows = np.concatenate([p.reshape(-1, p.shape[-1]) for p in pats], axis=0)
+    A, P = rows[:, :offs[-1]], rows[:, offs[-1]:]
     reach, acc = P.copy(), P.copy()
     for _ in range(int(n) - 1):
         reach = (A.astype(np.int64) @ reach.astype(np.int64)) > 0
