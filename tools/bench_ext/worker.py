@@ -136,7 +136,8 @@ ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "
 #: ``ostl_bt``: the ``OSTLRecurrent`` alias (braintrace's form: the D-RTRL trace); ``ostl``
 #: (the paper's full recurrent term) has no braintrace counterpart
 BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
-                  "ostl_bt": "OSTLRecurrent"}
+                  "ostl_bt": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
+                  "three_factor": "ThreeFactor"}
 
 
 def _zoo_learner(algo, net):
@@ -211,6 +212,12 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.EProp(net, kappa_filter_decay=0.9)
         elif algo == "ostl_bt":
             lr = L.OSTLRecurrent(net)
+        elif algo == "ostl_ff":
+            lr = L.OSTLFeedforward(net)
+        elif algo == "uoro":          # one step per call, as ours (its default is a window)
+            lr = L.UORO(net, projection_key=0, vjp_method="single-step")
+        elif algo == "three_factor":
+            lr = L.ThreeFactor(net, modulator=1.0)
         else:
             raise ValueError(f"braintrace has no {algo!r} algorithm")
     else:
@@ -232,8 +239,10 @@ def _trace_states(lib, learner, net):
     shapes = []
     for s in sts:
         for leaf in jax.tree.leaves(s.value):
-            if np.issubdtype(np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype,
-                             np.floating):
+            dt = np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+            if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):    # a random key, not a trace
+                continue
+            if jax.dtypes.issubdtype(dt, np.floating):
                 elems += int(np.prod(np.shape(leaf)))
                 shapes.append(list(np.shape(leaf)))
     return elems, shapes
