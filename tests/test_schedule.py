@@ -102,17 +102,23 @@ def _pair(make_learner, make_model):
     return out
 
 
+def _sgd_matches_literal(l1, l2, m1, m2, xs, ys, lr):
+    """train_online with SGD on (m1, l1) equals the literal loop on (m2, l2)."""
+    opt = braintools.optim.SGD(lr=lr)
+    opt.register_trainable_weights(_params(m1))
+    losses = brainscale.train_online(l1, opt, xs, ys, _loss)
+    ref = _literal(l2, xs, ys, _due, _sgd_apply(m2, lr))
+    np.testing.assert_allclose(np.asarray(losses), ref, rtol=2e-5, atol=1e-7)
+    _close(_values(m1), _values(m2))
+    return ref
+
+
 def test_step_schedule_updates_after_every_step():
     (m1, l1, x0), (m2, l2, _) = _pair(lambda m: brainscale.DiagParamDimAlgorithm(m),
                                       lambda: models.gru_plain_in(B))
     assert set(brainscale.update_schedule(l1).values()) == {"step"}
     xs, ys = _data(x0), _targets(4)
-    opt = braintools.optim.SGD(lr=0.5)
-    opt.register_trainable_weights(_params(m1))
-    losses = brainscale.train_online(l1, opt, xs, ys, _loss)
-    ref = _literal(l2, xs, ys, _due, _sgd_apply(m2, 0.5))
-    np.testing.assert_allclose(np.asarray(losses), ref, rtol=2e-5, atol=1e-7)
-    _close(_values(m1), _values(m2))
+    ref = _sgd_matches_literal(l1, l2, m1, m2, xs, ys, 0.5)
     # the weights changed during the sequence: neither the losses nor the weights are those
     # of one update with the gradient summed at fixed weights
     m3, _ = models.gru_plain_in(B)
@@ -260,10 +266,4 @@ def test_one_parameter_with_two_schedules_is_refused():
 def test_exact_rtrl_takes_a_window_schedule():
     (m1, l1, x0), (m2, l2, _) = _pair(
         lambda m: zoo.RTRLAlgorithm(m, schedule="window", window=2), lambda: models.lif_delta(B))
-    xs, ys = _data(x0), _targets(5)
-    opt = braintools.optim.SGD(lr=0.5)
-    opt.register_trainable_weights(_params(m1))
-    losses = brainscale.train_online(l1, opt, xs, ys, _loss)
-    ref = _literal(l2, xs, ys, _due, _sgd_apply(m2, 0.5))
-    np.testing.assert_allclose(np.asarray(losses), ref, rtol=2e-5, atol=1e-7)
-    _close(_values(m1), _values(m2))
+    _sgd_matches_literal(l1, l2, m1, m2, _data(x0), _targets(5), 0.5)
