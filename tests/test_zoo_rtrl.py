@@ -301,3 +301,14 @@ def test_column_route_equals_bptt(cls, monkeypatch):
     ref = bptt_grads(m_ref, xs, loss_fn, targets=ys)
     for k in ref:
         assert rel_err(grads[k], ref[k]) < 1e-5, k
+
+
+def test_snap_pattern_too_large_is_a_clear_error(monkeypatch):
+    import brainscale.backends.sparsity as sparsity
+    real = sparsity.jvp_pattern
+    monkeypatch.setattr(sparsity, "jvp_pattern",
+                        lambda *a, **k: real(*a, **{**k, "max_elements": 10}))
+    m, x0 = models.lif_delta(0)
+    with pytest.raises(brainscale.BackendError, match=r"T0: SnAp-2's structural pattern is "
+                                                      r"too large to prove .*e-prop / D-RTRL"):
+        zoo.SnApAlgorithm(m, n=2).compile_graph(x0)

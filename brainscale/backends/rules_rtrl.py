@@ -134,7 +134,13 @@ def snap_pattern(program, trace, n: int) -> dict:
         outs = lin.eval(ins)
         return [outs[i] for i in b.hidden_out]
     diff = [jnp.asarray(h) for h in hidden] + [jnp.asarray(l) for l in theta_t[lay.pi]]
-    pats = jvp_pattern(step, diff, [theta_t, theta_p, args, others])
+    try:
+        pats = jvp_pattern(step, diff, [theta_t, theta_p, args, others])
+    except ValueError as e:
+        raise BackendError(
+            f"{trace.id}: SnAp-{n}'s structural pattern is too large to prove ({e}); SnAp keeps "
+            f"a dense influence matrix and is meant for small networks: use a smaller layer, "
+            f"or e-prop / D-RTRL (scope=diagonal) for this size") from None
     sizes = [int(np.prod(np.shape(h), dtype=np.int64)) for h in hidden]
     offs = np.cumsum([0] + sizes)
     rows = np.concatenate([p.reshape(-1, p.shape[-1]) for p in pats], axis=0)
