@@ -219,6 +219,19 @@ def test_structural_pattern_rules():
         looped = jax.lax.fori_loop(0, 2, lambda i, c: c * 0.5, x[:2])
         return [relu, looped]
     relu, looped = jvp_pattern(f, [jnp.zeros(3), jnp.zeros((3, 2))])
+    # a custom derivative rule is read, not its body (a surrogate spike's body has none);
+    # reached with tangents, such a call depends on all of its operands
+    from brainscale.backends import sparsity
+
+    @jax.custom_jvp
+    def spike(v):
+        return (v > 0).astype(v.dtype)
+    spike.defjvp(lambda p, t: (spike(p[0]), t[0] / (1 + jnp.abs(p[0]))))
+    (sp,) = jvp_pattern(lambda d, nd: [spike(d[0]) * 2.0], [jnp.zeros(3)])
+    np.testing.assert_array_equal(sp, np.eye(3, dtype=bool))
+    jp = jax.make_jaxpr(spike)(jnp.zeros(3))
+    ((kind, pat),) = sparsity._Interp(3).run(jp.jaxpr, jp.consts, [("tan", jnp.eye(3))])
+    assert kind == "tan" and np.asarray(pat).all()
     w_idx = lambda a, n: 3 + 2 * a + n                                     # noqa: E731
     expect = np.zeros((2, 9), bool)
     for n in range(2):

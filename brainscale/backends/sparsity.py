@@ -56,8 +56,10 @@ _STRUCTURAL = frozenset({
 _COEFFICIENT = frozenset({"mul", "dot_general", "conv_general_dilated", "csrmm", "csrmv",
                           "coomm", "coomv", "div"})
 #: equations that call one sub-jaxpr on their operands
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
-                    "custom_jvp_call", "custom_lin"})
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"})
+#: calls whose derivative is a custom rule, not their body's: read through for primal values
+#: only (a surrogate spike's body has a zero derivative, its rule does not)
+_CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 _K, _M, _T = "known", "mag", "tan"
 
@@ -104,9 +106,10 @@ def _bind(eqn, operands, axes=None):
     return jax.vmap(call, in_axes=axes, out_axes=-1)(*operands)
 
 
-def _sub_jaxpr(eqn):
+def _sub_jaxpr(eqn, tangents: bool):
     subs = C.eqn_subjaxprs(eqn)
-    if eqn.primitive.name not in _CALLS or len(subs) != 1:
+    name = eqn.primitive.name
+    if (name not in _CALLS and (tangents or name not in _CUSTOM_CALLS)) or len(subs) != 1:
         return None
     sub = subs[0]
     jaxpr = C.open_jaxpr(sub)
@@ -137,7 +140,7 @@ class _Interp:
 
     # -- one equation -------------------------------------------------------------------
     def eqn(self, eqn, vals):
-        sub = _sub_jaxpr(eqn)
+        sub = _sub_jaxpr(eqn, any(k == _T for k, _ in vals))
         if sub is not None:
             return self.run(sub[0], sub[1], vals)
         if C.eqn_subjaxprs(eqn):           # control flow, custom rules with tangents
