@@ -185,6 +185,9 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
     T = int(jnp.shape(leaves[0])[0])
     if reset:
         learner.reset_state()
+    if learner.mesh is not None and "sharding" in learner.graph.facts:
+        from .algorithms import _place_sequence     # split the batch as the IR says
+        inputs, targets = _place_sequence(learner, inputs, targets)
     read = {id(st) for st in learner._bound_states()}
     used = {k: p for k, p in params.items() if id(p) in read}
 

@@ -112,14 +112,22 @@ def windows():
     """online_gradients(chunk=3) and a multi-step window on a data-parallel mesh."""
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     out = {}
-    for how in ("chunk", "multi-step"):
+    for how in ("chunk", "multi-step", "train"):
         res = []
         for m in (None, mesh):
             net, x0 = build("lif")
             rng = np.random.RandomState(0)
             xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
             ys = jnp.asarray(rng.randn(T, B, N), jnp.float32)
-            if how == "chunk":
+            if how == "train":      # train_online, an SGD update after every step: the weights
+                import braintools
+                lr = learner(net, "param", mesh=m).compile_graph(x0)
+                params = net.states(brainstate.ParamState)
+                opt = braintools.optim.SGD(lr=0.1)
+                opt.register_trainable_weights(params)
+                brainscale.train_online(lr, opt, xs, ys, loss)
+                g = {k: p.value for k, p in params.items()}
+            elif how == "chunk":
                 lr = learner(net, "io", mesh=m).compile_graph(x0)
                 g, _ = brainscale.online_gradients(lr, xs, ys, loss, chunk=3)
             else:

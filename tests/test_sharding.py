@@ -145,7 +145,9 @@ def test_docs_quote_the_printed_ir(cases):
 
 
 def test_chunked_and_multi_step_windows_on_a_mesh(cases):
-    """online_gradients(chunk=3) and a vjp_method='multi-step' window, data parallel."""
+    """online_gradients(chunk=3), a vjp_method='multi-step' window and train_online (the
+    weights it leaves), data parallel."""
+    assert set(cases["windows"]) == {"chunk", "multi-step", "train"}
     for how, r in cases["windows"].items():
         assert r["err"] < 1e-5, (how, r)
         assert all(sp[0] == "data" for sp in r["specs"]), (how, r)
