@@ -627,6 +627,32 @@ def reset_model_states(model, batch_size: int | None = None, initial: dict | Non
         _set_at(model, tuple(path), old)
 
 
+def start_sequence(learner, inputs, targets, reset: bool):
+    """Before a sequence: reset the states and traces (``reset``) and, on a mesh, split the
+    ``(T, B, ...)`` inputs and targets over the batch as the IR says."""
+    if reset:
+        learner.reset_state()
+    if learner.mesh is not None and "sharding" in learner.graph.facts:
+        inputs, targets = _place_sequence(learner, inputs, targets)
+    return inputs, targets
+
+
+def step_gradient(learner, params: dict, loss_fn: Callable) -> Callable:
+    """``one(x, y) -> (grads, loss)``: one step of ``learner`` and the online gradient of
+    ``loss_fn(out, y)`` for the ``params`` the step reads (the others have none: brainstate's
+    grad refuses a state the function does not read)."""
+    read = {id(st) for st in learner._bound_states()}
+    used = {k: p for k, p in params.items() if id(p) in read}
+
+    def one(x, y):
+        def loss():
+            return loss_fn(learner(x), y)
+        if not used:
+            return {}, loss()
+        return brainstate.transform.grad(loss, used, return_value=True)()
+    return one
+
+
 def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callable,
                      params=None, jit: bool = True, chunk: int = 1, reset: bool = True,
                      mesh=None, batch_axis: str | None = None, neuron_axis: str | None = None):
@@ -665,26 +691,13 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
     if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
             (None, None), (learner.batch_axis, learner.neuron_axis))):
         learner.shard(mesh, batch_axis, neuron_axis)
-    if reset:
-        learner.reset_state()
-    if learner.mesh is not None and "sharding" in learner.graph.facts:
-        inputs, targets = _place_sequence(learner, inputs, targets)
+    inputs, targets = start_sequence(learner, inputs, targets, reset)
     if chunk != 1:
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             jit=jit)
     if params is None:
         params = learner.model.states(brainstate.ParamState)
-    # parameters the step does not read have zero gradient (brainstate's grad refuses them)
-    read = {id(st) for st in learner._bound_states()}
-    used = {k: p for k, p in params.items() if id(p) in read}
-
-    def one(x, y):
-        def loss():
-            return loss_fn(learner(x), y)
-        if not used:
-            return {}, loss()
-        g, l = brainstate.transform.grad(loss, used, return_value=True)()
-        return g, l
+    one = step_gradient(learner, params, loss_fn)
 
     zero = {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
 

@@ -27,6 +27,7 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
+from .algorithms import start_sequence, step_gradient
 from .errors import BrainscaleError
 
 __all__ = ["update_schedule", "schedule_key", "train_online"]
@@ -183,13 +184,8 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
     if not leaves or jnp.ndim(leaves[0]) < 1:
         raise BrainscaleError("inputs need a leading time axis (T, ...)")
     T = int(jnp.shape(leaves[0])[0])
-    if reset:
-        learner.reset_state()
-    if learner.mesh is not None and "sharding" in learner.graph.facts:
-        from .algorithms import _place_sequence     # split the batch as the IR says
-        inputs, targets = _place_sequence(learner, inputs, targets)
-    read = {id(st) for st in learner._bound_states()}
-    used = {k: p for k, p in params.items() if id(p) in read}
+    inputs, targets = start_sequence(learner, inputs, targets, reset)
+    one = step_gradient(learner, params, loss_fn)
 
     def zeros():
         return {k: jax.tree.map(jnp.zeros_like, p.value) for k, p in params.items()}
@@ -200,13 +196,7 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
 
     def body(acc, txy):
         t, x, y = txy
-
-        def loss():
-            return loss_fn(learner(x), y)
-        if used:
-            g, l = brainstate.transform.grad(loss, used, return_value=True)()
-        else:
-            g, l = {}, loss()
+        g, l = one(x, y)
         acc = {k: jax.tree.map(jnp.add, acc[k], g[k]) if k in g else acc[k] for k in acc}
         for key, names in groups.items():
             sub = {n: acc[n] for n in names}

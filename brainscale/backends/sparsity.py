@@ -53,8 +53,8 @@ _STRUCTURAL = frozenset({
     "coomv", "optimization_barrier"})
 #: structural maps where a primal float operand is a coefficient (its magnitude enters);
 #: in the others a primal operand beside tangents is a zero of the linear code
-_COEFFICIENT = frozenset({"mul", "dot_general", "conv_general_dilated", "csrmm", "csrmv",
-                          "coomm", "coomv", "div"})
+_COEFFICIENT = frozenset({"dot_general", "conv_general_dilated", "csrmm", "csrmv", "coomm",
+                          "coomv"})
 #: equations that call one sub-jaxpr on their operands
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"})
 #: calls whose derivative is a custom rule, not their body's: read through for primal values
@@ -204,29 +204,22 @@ class _Interp:
                 if not _is_float(a):
                     return [(_M, _ones(a))]
                 return [(_T, vals[0][1].reshape(a.shape + (self.n,)))]
-            if name in ("mul", "div") and n_tan == 1 and (name == "mul" or vals[0][0] == _T):
-                ops, axes = [], []
-                for (k, x), a in zip(vals, avals):
-                    if k == _T:
-                        ops.append(x)
-                        axes.append(-1)
-                    else:
-                        ops.append(_mag_of((k, x), a) if name == "mul" else jnp.ones_like(
-                            _mag_of((k, x), a)))
-                        axes.append(None)
-                res = _bind(eqn if name == "mul" else _MulEqn(eqn), ops, axes)
-                return [(_T, (res[0] > 0).astype(jnp.float32))]
+            out_shape = _aval(eqn.outvars[0]).shape + (self.n,)
+
+            def spread(x, a):      # an operand's pattern on the output (jax broadcasts
+                return jnp.broadcast_to(x.reshape(a.shape + (self.n,)), out_shape)  # rank 0)
+            if name == "mul" and n_tan == 1:           # tangent x coefficient
+                (t, ta), (c, ca) = sorted(zip(vals, avals), key=lambda p: p[0][0] != _T)
+                mag = jnp.broadcast_to(_mag_of(c, ca), out_shape[:-1])[..., None]
+                return [(_T, spread(t[1], ta) * mag)]
+            if name == "div" and n_tan == 1 and vals[0][0] == _T:     # tangent / coefficient
+                return [(_T, spread(vals[0][1], avals[0]))]
             if name in ("add", "sub", "add_any", "select_n"):
-                ops = vals[1:] if name == "select_n" else vals
-                oavals = avals[1:] if name == "select_n" else avals
-                out_a = _aval(eqn.outvars[0])
-                acc = jnp.zeros(out_a.shape + (self.n,), jnp.float32)
-                for (k, x), a in zip(ops, oavals):
+                ops = list(zip(vals, avals))[1 if name == "select_n" else 0:]
+                acc = jnp.zeros(out_shape, jnp.float32)
+                for (k, x), a in ops:
                     if k == _T:
-                        # broadcast the operand's pattern to the output (jax broadcasts only
-                        # rank-0 operands in these primitives)
-                        acc = jnp.maximum(acc, jnp.broadcast_to(
-                            x.reshape(a.shape + (self.n,)), out_a.shape + (self.n,)))
+                        acc = jnp.maximum(acc, spread(x, a))
                 return [(_T, acc)]
             if name in _STRUCTURAL and self._ints_known(eqn, vals):
                 ops, axes = [], []
@@ -265,14 +258,6 @@ class _Interp:
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
         return [rd(v) for v in jaxpr.outvars]
-
-
-class _MulEqn:
-    """``div(t, c)`` read as ``mul(t, 1)``: the tangent's pattern, broadcast."""
-
-    def __init__(self, eqn):
-        self.primitive = jax.lax.mul_p
-        self.params = {}
 
 
 def jvp_pattern(fun: Callable, diff: Sequence, nondiff: Sequence = (),
