@@ -17,11 +17,14 @@ class (braintrace name)    rule
 :class:`UOROAlgorithm`     UORO (``UORO``, ``RandomProjectionVjpAlgorithm``): unbiased
                            rank-1 estimate of RTRL (``policy=random``)
 :class:`EPropAlgorithm`    e-prop (``EProp``): D-RTRL's eligibility, symmetric or fixed
-                           random feedback (``signal=random``), optional κ filter
+                           random feedback (``signal=random``), optional κ filter at the
+                           neurons' outputs (``filter=kappa_out``, the paper's) or per
+                           state (``filter=kappa``, braintrace's)
 :class:`OSTLAlgorithm`     OSTL: the trace of the layer's own states with
                            (``scope=group``) or without the recurrent term
-                           (``OSTLRecurrent``, braintrace's D-RTRL-trace form, and
-                           ``OSTLFeedforward``)
+                           (``OSTLRecurrent``, braintrace's D-RTRL-trace form, with
+                           ``recurrence_scope='coupled'`` its block of the full step
+                           Jacobian, ``scope=block``; and ``OSTLFeedforward``)
 :class:`ThreeFactorAlgorithm`  three-factor (``ThreeFactor``): eligibility x a modulator
                            the caller supplies (``signal=modulatory``)
 :class:`DNIAlgorithm`      eligibility traces plus a synthetic gradient of the future
@@ -41,7 +44,7 @@ import numpy as np
 from ._stepdata import has_multi_step
 from .algorithms import ETraceAlgorithm
 from .errors import BrainscaleError, PipelineError
-from .ir.nodes import TRACE_AXES
+from .ir.nodes import INFLUENCE_SCOPES, TRACE_AXES
 from .passes.base import parse_pipeline
 from .passes.select_dims import SelectDimsPass
 
@@ -195,16 +198,18 @@ class RuleAlgorithm(ETraceAlgorithm):
     # -- inspection -----------------------------------------------------------------------
     def etrace_of(self, param) -> dict:
         """The traces of a parameter, as :meth:`ETraceAlgorithm.etrace_of`; a κ-filtered
-        trace gives ``{'eps': ε, 'eps_bar': ē}`` per (relation, group), and an influence or
+        trace gives ``{'eps': ε, 'eps_bar': ē}`` per (relation, group) (``filter=kappa_out``:
+        ``ē`` is the filtered eligibility trace at the output, without a state axis), and an
+        influence or
         random-projection trace the dict of :meth:`influence_of` under ``'influence'``."""
         self._require()
         g = self.graph
         name = param if isinstance(param, str) else self._param_name(param)
         traces = {g.trace_of_relation[r.id].id: g.trace_of_relation[r.id]
                   for r in g.relations if r.param == name}
-        if any(t.dim == "random" or t.scope != "diagonal" for t in traces.values()):
+        if any(t.dim == "random" or t.scope in INFLUENCE_SCOPES for t in traces.values()):
             return {"influence": self.influence_of(name)}
-        if not any(t.filter == "kappa" for t in traces.values()):
+        if not any(t.filter in ("kappa", "kappa_out") for t in traces.values()):
             return super().etrace_of(param)
         values = self._trace_values()
         out: dict = {}
@@ -339,23 +344,33 @@ class EPropAlgorithm(RuleAlgorithm):
             readout weights) or 'random' (through fixed random feedback weights ``B`` of the
             same shapes, feedback alignment: no weight transport).
         kappa: 0 (no filter) or the low-pass factor κ in (0, 1) of the filtered eligibility
-            ``ē ← κ ē + ε`` that the gradient reads (``filter=kappa``; it filters the
-            eligibility vector of each state, as braintrace's EProp does).
+            trace that the gradient reads.
+        kappa_at: where the filter acts. ``'output'`` (default, the paper): on the
+            eligibility trace at the neuron's output ``z`` (its spike),
+            ``ē ← κ ē + ∂z/∂h · ε``, contracted with ``L = ∂E/∂z`` (``filter=kappa_out``;
+            the output is proven on the model's structure, and a model without one is a
+            clear error). ``'state'``: on the eligibility vector of each state,
+            ``ē ← κ ē + ε``, contracted with ``∂E/∂h`` (``filter=kappa``, as braintrace's
+            EProp does). The two agree when ``∂z/∂h`` is constant.
         feedback_seed: seed of ``B``.
     """
     _policy = "param"
 
-    def __init__(self, model, feedback: str = "symmetric", kappa: float = 0.0, **kw):
+    def __init__(self, model, feedback: str = "symmetric", kappa: float = 0.0,
+                 kappa_at: str = "output", **kw):
         if feedback not in ("symmetric", "random"):
             raise ValueError(f"feedback must be 'symmetric' or 'random', got {feedback!r}")
+        if kappa_at not in ("output", "state"):
+            raise ValueError(f"kappa_at must be 'output' (the paper's filter of dz/dh * eps) "
+                             f"or 'state' (each state's eps), got {kappa_at!r}")
         kappa = float(kappa)
         if not 0.0 <= kappa < 1.0:
             raise ValueError(f"kappa must lie in [0, 1), got {kappa}")
         axes = {"signal": feedback}
         if kappa > 0:
-            axes.update(filter="kappa", kappa=kappa)
+            axes.update(filter="kappa_out" if kappa_at == "output" else "kappa", kappa=kappa)
         super().__init__(model, **axes, **kw)
-        self.feedback, self.kappa = feedback, kappa
+        self.feedback, self.kappa, self.kappa_at = feedback, kappa, kappa_at
 
 
 class OSTLAlgorithm(RuleAlgorithm):
@@ -441,36 +456,52 @@ RandomProjectionVjpAlgorithm = UORO
 
 
 class EProp(EPropAlgorithm):
-    """braintrace's name for :class:`EPropAlgorithm`: ``kappa_filter_decay`` is κ and
-    ``random_feedback_key`` (an int) the seed of the random feedback weights."""
+    """braintrace's name and behaviour for :class:`EPropAlgorithm`: ``kappa_filter_decay`` is
+    κ, filtering each state's eligibility vector as braintrace's EProp does
+    (``kappa_at='state'``), and ``random_feedback_key`` (an int) the seed of the random
+    feedback weights."""
 
     def __init__(self, model, feedback: str = "symmetric", kappa_filter_decay: float = 0.0,
-                 random_feedback_key: int | None = None, **kw):
+                 random_feedback_key: int | None = None, kappa_at: str = "state", **kw):
         if feedback == "random" and random_feedback_key is None:
             raise ValueError("feedback='random' requires random_feedback_key=<int seed>")
-        super().__init__(model, feedback=feedback, kappa=kappa_filter_decay,
+        super().__init__(model, feedback=feedback, kappa=kappa_filter_decay, kappa_at=kappa_at,
                          feedback_seed=int(random_feedback_key or 0), **kw)
 
 
 class OSTLRecurrent(OSTLAlgorithm):
-    """braintrace's name and behaviour: braintrace's ``OSTLRecurrent`` ('with-H' regime) is
-    its per-parameter D-RTRL trace (the hidden Jacobian kept per neuron, memory ``O(P·k)``),
-    so is this alias by default: ``OSTLAlgorithm(model, recurrent=False)``, at D-RTRL's cost.
-    The gradients agree on LIF / ALIF (``tools/bench_external.py --zoo``: cosine 1.0000);
-    braintrace's hidden Jacobian is the per-neuron block of the full step Jacobian, paths
-    through the recurrent weights' inputs included, which ours (D-RTRL's) cuts: on a GRU
-    the two differ slightly (cosine 0.99).
+    """braintrace's name: braintrace's ``OSTLRecurrent`` ('with-H' regime) is its
+    per-parameter D-RTRL trace with ``recurrence_scope='coupled'``: the hidden Jacobian of
+    each neuron is the per-neuron block of the *full* step Jacobian, paths through the
+    recurrent weights' inputs included (a unit's own output feeding back through its weight
+    ``W[n, n]``). ``recurrence_scope='coupled'`` computes exactly that (``scope=block``: one
+    JVP of the step per neuron and state, ``N·k`` per step); ``'diagonal'`` (default) is
+    D-RTRL's trace (``OSTLAlgorithm(model, recurrent=False)``), which cuts those paths at
+    D-RTRL's cost. The gradients agree on the LIF / ALIF benchmark nets (cosine 1.0000) and
+    differ slightly on a GRU (cosine 0.99); see benchmarks/README.md "The rule zoo".
 
     Args:
+        recurrence_scope: 'diagonal' or 'coupled' (braintrace's), see above.
         full_recurrence: True takes the paper's full recurrent term instead
             (``OSTLAlgorithm(model)``, ``scope=group``: the influence on the layer's states
             through the full Jacobian, exact for a single recurrent layer, memory
             ``B·N·|θ|``: small layers only).
     """
 
-    def __init__(self, model, full_recurrence: bool = False, **kw):
+    def __init__(self, model, full_recurrence: bool = False,
+                 recurrence_scope: str = "diagonal", **kw):
+        if recurrence_scope not in ("diagonal", "coupled"):
+            raise ValueError(f"recurrence_scope must be 'diagonal' (D-RTRL's trace) or "
+                             f"'coupled' (the per-neuron block of the full step Jacobian, "
+                             f"braintrace's), got {recurrence_scope!r}")
+        if full_recurrence and recurrence_scope != "diagonal":
+            raise ValueError("full_recurrence=True keeps the full influence matrix; "
+                             "recurrence_scope applies to the per-neuron trace only")
+        if recurrence_scope == "coupled":
+            kw["scope"] = "block"
         super().__init__(model, recurrent=bool(full_recurrence), **kw)
         self.full_recurrence = bool(full_recurrence)
+        self.recurrence_scope = recurrence_scope
 
 
 class OSTLFeedforward(OSTLAlgorithm):

@@ -160,12 +160,20 @@ class DenseOracle:
             It may be overridden per step with ``step(..., loss_fn=..., target=...)``; with a
             target it is called as ``loss_fn(out, target)``.
         step_fn: callable taking ``*args`` (defaults to ``model.update``).
+        jacobian: ``'cut'`` (D-RTRL's J: the paths through op outputs injected, i.e. cut) or
+            ``'block'`` (the full step Jacobian, every path, masked to its per-neuron blocks:
+            entries between the same element of the hidden states; all hidden states must
+            have one shape, i.e. one neuron group).
     """
 
     def __init__(self, model, *example_args, algorithm: str = "param", decay_or_rank=None,
-                 loss_fn: Callable | None = None, step_fn: Callable | None = None):
+                 loss_fn: Callable | None = None, step_fn: Callable | None = None,
+                 jacobian: str = "cut"):
         if algorithm not in ("param", "io"):
             raise ValueError(f"algorithm must be 'param' or 'io', got {algorithm!r}")
+        if jacobian not in ("cut", "block"):
+            raise ValueError(f"jacobian must be 'cut' or 'block', got {jacobian!r}")
+        self.jacobian = jacobian
         self.model = model
         self.algorithm = algorithm
         self.alpha = alpha_of(decay_or_rank) if algorithm == "io" else None
@@ -349,6 +357,17 @@ class DenseOracle:
         h_prev = self._flat_h([invals[i] for _, i, _, _ in self._hidden])
         ys_list = [ys[op.index] for op in self._ops]
         J, Ds = jax.jacfwd(f_inj, argnums=(0, 1))(h_prev, ys_list)
+        if self.jacobian == "block":
+            def f_full(h_flat):
+                vals = list(invals)
+                for (_, i, _, _), leaf in zip(self._hidden, self._unflat_h(h_flat)):
+                    vals[i] = leaf
+                e, _, _ = self._forward(vals)
+                return self._flat_h([_read(e, outvars[o]) for _, _, o, _ in self._hidden])
+            if len(set(self._h_sizes)) != 1:
+                raise ValueError("jacobian='block' needs hidden states of one shape")
+            elem = np.concatenate([np.arange(n) for n in self._h_sizes])
+            J = jax.jacfwd(f_full)(h_prev) * jnp.asarray(elem[:, None] == elem[None, :])
 
         Gs = []
         for op in self._ops:

@@ -263,7 +263,13 @@ def test_diagonal_rule_equals_its_literal_equations(name, dim, recursion, kappa,
 
 def test_etrace_of_shows_the_filtered_and_the_influence_traces():
     m, x0 = models.alif(2)
-    learner = zoo.EPropAlgorithm(m, kappa=0.5).compile_graph(x0)
+    out = zoo.EPropAlgorithm(models.alif(2)[0], kappa=0.5).compile_graph(x0)
+    out(x0)
+    (tr,) = out.etrace_of(out.model.syn).values()
+    for k in ("bias", "weight"):       # kappa_at='output': ē of dz/dh · ε, no state axis
+        assert tr["eps_bar"][k].shape == (2,) + m.syn.value[k].shape
+        assert tr["eps"][k].shape == (2,) + m.syn.value[k].shape + (2,)
+    learner = zoo.EPropAlgorithm(m, kappa=0.5, kappa_at="state").compile_graph(x0)
     learner(x0)
     (tr,) = learner.etrace_of(m.syn).values()
     # after one step from zero: ē = ε

@@ -23,8 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataclasses
+
 import brainscale
 from brainscale import zoo
+from brainscale.passes import DEFAULT_PIPELINE, function_pass, layout_trace
 
 import models
 from oracle import DenseOracle, bptt_grads
@@ -98,8 +101,11 @@ class BellecNet(brainstate.nn.Module):
         return self.w_out.execute(spike((v - self.thr(a)) / V_TH))
 
 
-def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0):
-    """Bellec et al. (2020)'s e-prop, written out (no autodiff): the summed weight gradient."""
+def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0, kappa_at="output"):
+    """Bellec et al. (2020)'s e-prop, written out (no autodiff): the summed weight gradient.
+    With ``kappa``: the paper's filtered eligibility trace ``ē ← κ ē + e``, ``e = ψ ε``
+    (``kappa_at='output'``), or the filtered eligibility vector ``ē ← κ ē + ε`` read as
+    ``ψ ē`` (``'state'``, braintrace's EProp)."""
     W_in = np.asarray(net_ref.w_in.value["weight"], np.float64)
     W_rec = np.asarray(net_ref.w_rec.value["weight"], np.float64)
     W_out = np.asarray(net_ref.w_out.value["weight"], np.float64)
@@ -132,8 +138,12 @@ def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0):
         err = y - y_star
         L = err @ B.T                                       # learning signal (…, N_REC)
         for k in ev:
-            if kappa:   # the filtered eligibility vector (docs/rules.md)
-                bar[k] = kappa * bar[k] + (ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k])
+            vec = ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k]
+            if kappa and kappa_at == "output":      # the paper: F_κ(ψ ε)
+                bar[k] = kappa * bar[k] + psi[..., None, :] * vec
+                e = bar[k]
+            elif kappa:   # the filtered eligibility vector (docs/rules.md)
+                bar[k] = kappa * bar[k] + vec
                 e = psi[..., None, :] * bar[k]
             else:
                 e = psi[..., None, :] * (ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k])
@@ -151,21 +161,28 @@ def _data(batch, T, seed=1):
 
 
 # every (neuron, feedback, filter) once, batched and unbatched in turn
-EPROP = [(adaptive, fb, kappa, (i + adaptive) % 2 * 2) for adaptive in (False, True)
-         for i, (fb, kappa) in enumerate((("symmetric", 0.0), ("random", 0.0),
-                                          ("symmetric", 0.6)))]
+EPROP = [(adaptive, fb, kappa, at, (i + adaptive) % 2 * 2) for adaptive in (False, True)
+         for i, (fb, kappa, at) in enumerate((("symmetric", 0.0, "output"),
+                                              ("random", 0.0, "output"),
+                                              ("symmetric", 0.6, "output"),
+                                              ("random", 0.6, "output"),
+                                              ("symmetric", 0.6, "state")))]
 
 
-@pytest.mark.parametrize("adaptive,feedback,kappa,batch", EPROP,
-                         ids=[f"{'alif' if a else 'lif'}-{f}-k{k}-b{b}" for a, f, k, b in EPROP])
-def test_eprop_equals_bellec_equations(adaptive, feedback, kappa, batch):
+@pytest.mark.parametrize("adaptive,feedback,kappa,kappa_at,batch", EPROP,
+                         ids=[f"{'alif' if a else 'lif'}-{f}-k{k}{'' if not k else '-' + at}-b{b}"
+                              for a, f, k, at, b in EPROP])
+def test_eprop_equals_bellec_equations(adaptive, feedback, kappa, kappa_at, batch):
     T = 15
     net, net_ref = BellecNet(batch, adaptive=adaptive), BellecNet(batch, adaptive=adaptive)
     xs, ys = _data(batch, T)
-    learner = zoo.EPropAlgorithm(net, feedback=feedback, kappa=kappa, feedback_seed=3)
+    learner = zoo.EPropAlgorithm(net, feedback=feedback, kappa=kappa, kappa_at=kappa_at,
+                                 feedback_seed=3)
     learner.compile_graph(xs[0])
     axes = {t.signal for t in learner.graph.traces if t.dim != "none"}
     assert axes == {feedback}
+    filters = {t.filter for t in learner.graph.traces if t.dim != "none"}
+    assert filters == {"none" if not kappa else "kappa_out" if kappa_at == "output" else "kappa"}
     B = None
     if feedback == "random":
         fbw = learner.feedback_weights()
@@ -174,12 +191,89 @@ def test_eprop_equals_bellec_equations(adaptive, feedback, kappa, batch):
         assert np.shape(B) == (N_REC, N_OUT)
         assert not np.allclose(B, net.w_out.value["weight"])
     grads, _ = brainscale.online_gradients(learner, xs, ys, mse)
-    ref = eprop_reference(net_ref, xs, ys, B=B, kappa=kappa)
+    ref = eprop_reference(net_ref, xs, ys, B=B, kappa=kappa, kappa_at=kappa_at)
     assert float(np.abs(ref["rec"]).max()) > 1e-3          # the recurrent weights learn
     assert_rel_close(grads[("w_in",)]["weight"], ref["in"], "W_in", rtol=1e-5)
     assert_rel_close(grads[("w_rec",)]["weight"], ref["rec"], "W_rec", rtol=1e-5)
     assert_rel_close(grads[("w_out",)]["weight"], ref["out"], "W_out", rtol=1e-5)
     assert_rel_close(grads[("w_out",)]["bias"], ref["b"], "b_out", rtol=1e-5)
+
+
+def _relayout(layout):
+    def run(graph, ctx):
+        out = [layout_trace(graph, dataclasses.replace(t, layout=layout))
+               if t.dim == "param" else t for t in graph.traces]
+        return graph.replace(traces=tuple(out))
+    return run
+
+
+_EPROP_DENSE = function_pass("test-eprop-to-dense", requires={"trace-arrays"})(_relayout("dense"))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_eprop_output_filter_is_proven_printed_and_runs_dense(adaptive):
+    """The output z is proven on the structure (the spike of the new states), printed on the
+    group, and the dense per-neuron layout computes the paper's gradient too."""
+    xs, ys = _data(2, 12)
+    ref = eprop_reference(BellecNet(2, adaptive=adaptive), xs, ys, kappa=0.7)
+    learner = zoo.EPropAlgorithm(BellecNet(2, adaptive=adaptive), kappa=0.7,
+                                 pipeline=[*DEFAULT_PIPELINE, "test-eprop-to-dense"])
+    learner.compile_graph(xs[0])
+    g = learner.graph
+    grp = g.groups[0]
+    z = g.value_by_name[grp.output]
+    jaxpr = g.info.jaxpr.jaxpr
+    assert jaxpr.eqns[z.eqn].primitive.name.startswith("custom_jvp")      # the spike
+    text = learner.ir()
+    assert f"output={grp.output}" in text and f"at={grp.output}" in text and "layout=dense" in text
+    grads, _ = brainscale.online_gradients(learner, xs, ys, mse)
+    assert_rel_close(grads[("w_rec",)]["weight"], ref["rec"], "W_rec", rtol=1e-5)
+    assert_rel_close(grads[("w_in",)]["weight"], ref["in"], "W_in", rtol=1e-5)
+
+
+class _TwoWayALIF(BellecNet):
+    """ALIF whose adaptation also leaves the step by itself: no single output of the neuron."""
+
+    def update(self, x):
+        y = super().update(x)
+        return y + jnp.sum(self.a.value, axis=-1, keepdims=True)
+
+
+def _wrong_output(graph, ctx):
+    grp = graph.groups[0]
+    x_prev = next(v.name for v in graph.values if v.name != grp.output and v.eqn is not None
+                  and v.type.shape == tuple(grp.varshape))
+    return graph.replace(groups=(dataclasses.replace(grp, output=x_prev),) + graph.groups[1:])
+
+
+_WRONG_OUTPUT = function_pass("test-wrong-output", requires={"trace-arrays"})(_wrong_output)
+
+
+def test_eprop_output_filter_errors():
+    from brainscale.errors import BackendError, PassError, PipelineError, UnsupportedModelError
+    xs, _ = _data(2, 3)
+    # no value every path of the group passes through
+    with pytest.raises(UnsupportedModelError, match=r"no output z for filter=kappa_out.*"
+                                                    r"kappa_at='state'"):
+        zoo.EPropAlgorithm(_TwoWayALIF(2, adaptive=True), kappa=0.5).compile_graph(xs[0])
+    # ... while the per-state filter needs none
+    zoo.EPropAlgorithm(_TwoWayALIF(2, adaptive=True), kappa=0.5,
+                       kappa_at="state").compile_graph(xs[0])
+    # a user pass naming another value as the output: the verifier re-proves it
+    with pytest.raises(PassError, match=r"output %x\d is defined by eqn \d+; the value every "
+                                        r"path .* set output to that value"):
+        zoo.EPropAlgorithm(BellecNet(2), kappa=0.5,
+                           pipeline=[*DEFAULT_PIPELINE, "test-wrong-output"]).compile_graph(xs[0])
+    # the axis combination
+    with pytest.raises(PipelineError, match="signal=modulatory gives no such signal"):
+        zoo.RuleAlgorithm(BellecNet(2), policy="param", signal="modulatory",
+                          filter="kappa_out", kappa=0.5).compile_graph(xs[0])
+    # a backend whose step has no learning signal at the outputs
+    with pytest.raises(BackendError, match="learning signal at the neurons' outputs"):
+        brainscale.DiagParamDimAlgorithm(
+            BellecNet(2), pipeline=["absorb-normalization", "hidden-groups", "relations",
+                                    "select-dims{policy=param,filter=kappa_out,kappa=0.5}",
+                                    "fuse-traces", "layout-traces"]).compile_graph(xs[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,6 +518,60 @@ def test_ostl_recurrent_alias_is_braintraces_d_rtrl_trace():
         brainscale.DiagParamDimAlgorithm(m_ref).compile_graph(x0), xs, ys, mse)
     for k in ref:
         assert_rel_close(g[k], ref[k], f"OSTLRecurrent vs D-RTRL {k}", rtol=1e-6)
+
+
+BLOCK = [("lif_delta", 0), ("alif", 2), ("gru_rh", 2)]
+
+
+@pytest.mark.parametrize("name,batch", BLOCK, ids=[f"{n}-b{b}" for n, b in BLOCK])
+def test_block_scope_equals_the_oracle_with_the_full_jacobians_blocks(name, batch):
+    """scope=block: D-RTRL's trace with J the per-neuron block of the *full* step Jacobian
+    (jacfwd of the whole step, masked to same-neuron entries), per step, against the dense
+    oracle; and it differs from D-RTRL's cut J (the recurrent weights' own-neuron paths)."""
+    from test_online_oracle import _out_shape, loss_fn
+    m, x0 = models.make(name, batch)
+    m_ref, _ = models.make(name, batch)
+    m_cut, _ = models.make(name, batch)
+    learner = zoo.RuleAlgorithm(m, policy="param", scope="block").compile_graph(x0)
+    assert {t.scope for t in learner.graph.traces if t.dim != "none"} == {"block"}
+    assert "scope=block" in learner.ir()
+    cut = brainscale.DiagParamDimAlgorithm(m_cut).compile_graph(x0)
+    orc = DenseOracle(m_ref, x0, algorithm="param", loss_fn=loss_fn, jacobian="block")
+    params = m.states(brainstate.ParamState)
+    params_cut = m_cut.states(brainstate.ParamState)
+
+    def stepper(lr, ps):
+        @brainstate.transform.jit
+        def step(x, t):
+            return brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)()
+        return step
+    step, step_cut = stepper(learner, params), stepper(cut, params_cut)
+    rng = np.random.RandomState(11)
+    shape = _out_shape(name, batch, x0)
+    differs = 0.0
+    for t in range(8):
+        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
+        tgt = jnp.asarray(rng.randn(*shape), jnp.float32)
+        g, gc = step(x, tgt), step_cut(x, tgt)
+        r = orc.step(x, target=tgt)
+        for k in params:
+            assert_rel_close(g[k], r["grads"][k], f"t={t} {k}", rtol=1e-4)
+            for a, b in zip(jax.tree.leaves(g[k]), jax.tree.leaves(gc[k])):
+                differs = max(differs, float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                             / (np.abs(np.asarray(a)).max() + 1e-12)))
+    assert differs > 1e-3
+
+
+def test_block_scope_errors():
+    from brainscale.errors import BackendError, PipelineError
+    m, x0 = models.lif_delta(2)
+    with pytest.raises(PipelineError, match="scope=block needs dim=param"):
+        zoo.RuleAlgorithm(m, policy="io", scope="block", decay_or_rank=0.9).compile_graph(x0)
+    with pytest.raises(BackendError, match="block of the full step Jacobian"):
+        brainscale.DiagParamDimAlgorithm(
+            m, pipeline=["absorb-normalization", "hidden-groups", "relations",
+                         "select-dims{policy=param,scope=block}", "fuse-traces",
+                         "layout-traces"]).compile_graph(x0)
 
 
 def test_braintrace_names_and_compile_names():

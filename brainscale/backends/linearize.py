@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _compat as C
 
-__all__ = ["Linearizer", "Forward", "sg", "StepLinearization", "step_function", "full_linearize"]
+__all__ = ["Linearizer", "Forward", "sg", "StepLinearization", "step_function", "full_linearize",
+           "block_jacobian", "output_vars"]
 
 sg = jax.lax.stop_gradient
 
@@ -24,12 +26,15 @@ class Forward:
     """What one forward evaluation gives the trace rules.
 
     ``outs``: every jaxpr output; ``xs``: op name -> its input ``x`` (None for ops without
-    one); ``J``: group id -> ``(..., k, k)``; ``DF``: (op name, group id) -> ``(..., k)``.
+    one); ``J``: group id -> ``(..., k, k)``; ``DF``: (op name, group id) -> ``(..., k)``;
+    ``PSI``: group id -> ``(..., k)``, ``ψ = ∂z^t/∂h^t`` at the group's output ``z`` (only
+    for the groups of ``filter=kappa_out`` traces).
     """
-    __slots__ = ("outs", "xs", "J", "DF")
+    __slots__ = ("outs", "xs", "J", "DF", "PSI")
 
-    def __init__(self, outs, xs, J, DF):
+    def __init__(self, outs, xs, J, DF, PSI=None):
         self.outs, self.xs, self.J, self.DF = outs, xs, J, DF
+        self.PSI = {} if PSI is None else PSI
 
 
 class Linearizer:
@@ -50,14 +55,18 @@ class Linearizer:
             self.hid_of_var.setdefault(self.jaxpr.outvars[h.outvar], []).append(k)
         traced = {rid for t in graph.traces if t.dim in ("param", "io") for rid in t.relations}
         self.traced = [r for r in graph.relations if r.id in traced]
+        #: groups whose output z the forward differentiates (filter=kappa_out): id -> var
+        self.out_var = output_vars(graph, self.jaxpr)
 
     # -- evaluation ---------------------------------------------------------------------
-    def eval(self, ins, on_op=None, on_hidden=None, cut: bool = False) -> list:
+    def eval(self, ins, on_op=None, on_hidden=None, cut: bool = False,
+             captured: dict | None = None) -> list:
         """Evaluate the jaxpr on ``ins``; ``on_op(op, eqn, invals) -> outs`` replaces trace-op
         equations, ``on_hidden(k, value) -> value`` sees every new hidden value; with ``cut``
         the activity operand of every cut plain-weight map (``graph.cuts``) is
         ``stop_gradient``-ed (paths through it leave J and df, as through a trace op's
-        input)."""
+        input); ``captured`` (a dict var -> None) receives the value of each of its
+        variables (after ``on_hidden``)."""
         jaxpr = self.jaxpr
         env = {}
         for v, c in zip(jaxpr.constvars, self.consts):
@@ -84,6 +93,8 @@ class Linearizer:
                     for k in hid_of_var[v]:
                         val = on_hidden(k, val)
                 env[v] = val
+                if captured is not None and v in captured:
+                    captured[v] = val
         return [rd(v) for v in jaxpr.outvars]
 
     def forward(self, theta_t, theta_p, args, hidden, others) -> Forward:
@@ -91,26 +102,63 @@ class Linearizer:
         ins_fixed = b.assemble(theta_t, theta_p, args, [None] * len(hidden), others)
         names = [o.name for o in g.ops]
         pos = {n: i for i, n in enumerate(names)}
+        cap_vars = list(self.out_var.values())
 
-        def F(h_prev, xi):
+        def F(h_prev, xi, o=None):
             ins = list(ins_fixed)
             for i, v in zip(b.hidden_idx, h_prev):
                 ins[i] = v
             xs = {}
 
-            def on_op(o, eqn, invals):
-                nx = o.n_x_leaves
-                xs[o.name] = invals[0] if nx else None
-                x_in = invals[:nx] if o.x_elementwise else [sg(v) for v in invals[:nx]]
+            def on_op(o_, eqn, invals):
+                nx = o_.n_x_leaves
+                xs[o_.name] = invals[0] if nx else None
+                x_in = invals[:nx] if o_.x_elementwise else [sg(v) for v in invals[:nx]]
                 y = C.eval_eqn(eqn, list(x_in) + list(invals[nx:]))[0]
-                return [y + xi[pos[o.name]]]
-            outs = self.eval(ins, on_op=on_op, cut=True)
-            return outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names]
+                return [y + xi[pos[o_.name]]]
+            if o is None:
+                outs = self.eval(ins, on_op=on_op, cut=True)
+                return outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names]
+            captured = dict.fromkeys(cap_vars)
+            outs = self.eval(ins, on_op=on_op, cut=True, captured=captured,
+                             on_hidden=lambda k, val: val + o[k].astype(val.dtype))
+            return (outs, [xs[n] if xs.get(n) is not None else jnp.zeros(()) for n in names],
+                    [captured[v] for v in cap_vars])
 
         xi0 = tuple(jnp.zeros(o.type.shape, o.type.dtype) for o in g.ops)
         h0 = tuple(hidden)
         dirs_h, dirs_xi, jdir, fdir = self._directions(h0, xi0)
-        if dirs_h is None:
+        PSI = {}
+        if self.out_var:
+            # ψ = ∂z^t/∂h^t: a perturbation o_k added to every new hidden value, tangents of
+            # ones on o at state j of every output group at once (z is element-wise in its own
+            # group's new states only: proven by the verifier), read at each group's z
+            gids = list(self.out_var)
+            o0 = tuple(jnp.zeros(jnp.shape(h), jnp.result_type(h)) for h in h0)
+            kmax = max(g.group_by_id[gid].num_state for gid in gids)
+            zh = [jnp.zeros_like(h) for h in h0]
+            zx = [jnp.zeros_like(x) for x in xi0]
+            dh = [] if dirs_h is None else [[c[i] for c in dirs_h] for i in range(len(dirs_h[0]))]
+            dx = [] if dirs_h is None else [[c[i] for c in dirs_xi] for i in range(len(dirs_h[0]))]
+            n_old = len(dh)
+            do = [zh] * n_old
+            for j in range(kmax):
+                to = list(zh)
+                for gid in gids:
+                    grp = g.group_by_id[gid]
+                    if j < grp.num_state:
+                        k = self.hid_pos[grp.states[j]]
+                        to[k] = jnp.ones_like(h0[k])
+                do.append(to)
+            dh += [zh] * kmax
+            dx += [zx] * kmax
+            (outs, xs, zs), f_jvp = jax.linearize(F, h0, xi0, o0)
+            tang, _, tz = jax.vmap(f_jvp)(_stack(dh), _stack(dx), _stack(do))
+            PSI = {gid: jnp.stack([tz[i][n_old + j] for j in range(g.group_by_id[gid].num_state)],
+                                  axis=-1) for i, gid in enumerate(gids)}
+            if dirs_h is None:
+                tang = None
+        elif dirs_h is None:
             outs, xs = F(h0, xi0)
             tang = None
         else:
@@ -129,7 +177,7 @@ class Linearizer:
                 ks = [self.hid_pos[s] for s in g.group_by_id[gid].states]
                 DF[(q, gid)] = jnp.stack([hid_t[ki][d] for ki in ks], axis=-1)
         xs_map = {o.name: (xs[i] if o.n_x_leaves else None) for i, o in enumerate(g.ops)}
-        return Forward(outs, xs_map, J, DF)
+        return Forward(outs, xs_map, J, DF, PSI)
 
     def _directions(self, h0, xi0):
         """Tangent directions: J columns (one per state index) and df (per op colour)."""
@@ -173,8 +221,24 @@ class Linearizer:
                         fdir[(r.op, gid)] = len(dh)
             dh.append([jnp.zeros_like(h) for h in h0])
             dx.append(tx)
-        stack = lambda seq: tuple(jnp.stack(list(col)) for col in zip(*seq))  # noqa: E731
-        return stack(dh), stack(dx), jdir, fdir
+        return _stack(dh), _stack(dx), jdir, fdir
+
+
+def _stack(seq):
+    """Directions (a list of per-input lists) as one batch of tangents per input."""
+    return tuple(jnp.stack(list(col)) for col in zip(*seq))
+
+
+def output_vars(graph, jaxpr) -> dict:
+    """``{group id: jaxpr var of its output z}`` for the groups of ``filter=kappa_out`` traces
+    (``HiddenGroup.output`` names a Value whose equation computes ``z``)."""
+    gids = dict.fromkeys(gid for t in graph.traces if t.filter == "kappa_out"
+                         for rid in t.relations for gid in graph.relation_by_id[rid].groups)
+    out = {}
+    for gid in gids:
+        v = graph.value_by_name[graph.group_by_id[gid].output]
+        out[gid] = jaxpr.eqns[v.eqn].outvars[0]
+    return out
 
 
 # -- the full step (every path, op inputs included): influence-matrix rules ----------------
@@ -210,3 +274,46 @@ def full_linearize(lin, theta_t, theta_p, args, hidden, others) -> StepLineariza
     primals = (tuple(hidden), tuple(tuple(t) for t in theta_t))
     outs, f_jvp = jax.linearize(F, *primals)
     return StepLinearization(outs, f_jvp)
+
+
+def block_jacobian(lin, theta_t, theta_p, args, hidden, others, gids,
+                   batch_size: int = 64) -> dict:
+    """``{group id: (..., k, k)}``: per neuron ``n``, the ``k×k`` block ``∂h_n^t/∂h_n^{t-1}`` of
+    the **full** step Jacobian — every path kept, through trace-op inputs and plain weights
+    too (``scope='block'``; the ``J`` of the cut linearisation keeps only the paths inside a
+    neuron). Extracted exactly with one JVP of the step per (neuron, state) of the group (all
+    examples at once; examples never interact), ``batch_size`` directions per vmapped batch,
+    so the cost is ``N·k`` tangent evaluations of the step per group, not a dense ``N×N``
+    Jacobian in memory."""
+    g, b = lin.g, lin.b
+    F = step_function(lin, theta_p, args, others)
+    theta = tuple(tuple(t) for t in theta_t)
+    h0 = tuple(hidden)
+    bat = (int(g.batch),) if g.batch else ()
+    out = {}
+    for gid in gids:
+        grp = g.group_by_id[gid]
+        ks = [lin.hid_pos[s] for s in grp.states]
+        k = len(ks)
+        idx = [b.hidden_out[ki] for ki in ks]
+        # only the group's new states: the readout and other groups leave the linear map
+        _, f_jvp = jax.linearize(lambda h, idx=idx: tuple(F(h, theta)[i] for i in idx), h0)
+        vs = tuple(grp.varshape)
+        nshape = vs[len(bat):]
+        n = int(np.prod(nshape, dtype=np.int64))
+
+        def column(d, ks=ks, k=k, vs=vs, nshape=nshape, n=n, f_jvp=f_jvp):
+            ni, j = d // k, d % k
+            onehot = (jnp.arange(n) == ni).reshape(nshape)
+            th = [jnp.zeros_like(h) for h in h0]
+            for jj, ki in enumerate(ks):
+                th[ki] = jnp.broadcast_to((onehot & (j == jj)).astype(h0[ki].dtype), vs)
+            tang = f_jvp(tuple(th))
+            # row i of column (ni, j): output state i at neuron ni, every example
+            return jnp.stack([tg.reshape(bat + (n,))[..., ni] for tg in tang], axis=-1)
+        cols = jax.lax.map(column, jnp.arange(n * k), batch_size=min(batch_size, n * k))
+        cols = cols.reshape((n, k) + bat + (k,))                          # (n, j, *bat, i)
+        nb = len(bat)
+        blk = jnp.transpose(cols, tuple(range(2, 2 + nb)) + (0, 2 + nb, 1))  # (*bat, n, i, j)
+        out[gid] = blk.reshape(bat + nshape + (k, k))
+    return out

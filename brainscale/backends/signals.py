@@ -47,7 +47,10 @@ class Signals:
         self.feedback: dict = {}     # op name -> fixed feedback leaves (FeedbackSignals)
 
     def omega(self, hidden, others):
-        """Ω(η, ζ, θ_trace, θ_plain, args) -> non-hidden outputs (see the module docstring)."""
+        """Ω(η, ζ, θ_trace, θ_plain, args, ω) -> non-hidden outputs (see the module
+        docstring); ``ω`` (optional, one per entry of ``lin.out_var``) is added to each group
+        output ``z`` in ``m`` after the group's new values, so ``∂/∂ω = L = ∂L^t/∂z^t``
+        (``filter=kappa_out``; every path of the group passes through ``z``)."""
         g, b = self.g, self.b
         none_ops = self.none_ops
         hidden_c = [sg(h) for h in hidden]
@@ -56,7 +59,9 @@ class Signals:
         keep = list(range(b.n_out)) + list(b.other_out)
         lin, feedback = self.lin, self.feedback
 
-        def omega(eta, zeta, th_t, th_p, a):
+        out_pos = {v: i for i, v in enumerate(self.lin.out_var.values())}
+
+        def omega(eta, zeta, th_t, th_p, a, om=()):
             ins = b.assemble(th_t, th_p, a, hidden_c, others_c)
             jaxpr = lin.jaxpr
             env_m: dict = {}
@@ -102,6 +107,8 @@ class Signals:
                     for k in lin.hid_of_var.get(v, ()):
                         hm, hs = env_m[v], env_s[v]
                         env_m[v] = sg(hm) + eta[k] + (hs - sg(hs))
+                    if om and v in out_pos:
+                        env_m[v] = env_m[v] + om[out_pos[v]]
             outs = [rd(env_m, v) for v in jaxpr.outvars]
             return tuple(outs[i] if is_float(outs[i]) else jnp.zeros(()) for i in keep)
         return omega
@@ -112,22 +119,30 @@ class Signals:
         keep = list(range(self.b.n_out)) + list(self.b.other_out)
         return [outv[i].aval for i in keep]
 
-    def learning_signals(self, theta_t, theta_p, args, hidden, others, cts):
+    def learning_signals(self, theta_t, theta_p, args, hidden, others, cts,
+                         outputs: bool = False):
         """``(delta, d_zeta, g_t, g_p, g_a)``: δ per hidden state, the ζ-signal per op
-        (``{op name: array}``), and the instantaneous gradients (``g_t`` as mutable lists)."""
+        (``{op name: array}``), and the instantaneous gradients (``g_t`` as mutable lists);
+        with ``outputs`` a sixth item, ``{group id: L}`` with ``L = ∂L^t/∂z^t`` at every
+        group output of ``lin.out_var``."""
         ct_outs, ct_hidden, ct_others, _ct_traces = cts
         g = self.g
         omega = self.omega(hidden, others)
         eta0 = tuple(jnp.zeros_like(h) for h in hidden)
         zeta0 = tuple(jnp.zeros(o.type.shape, o.type.dtype) for o in g.ops)
         args_f = tuple(a if is_float(a) else sg(jnp.asarray(a)) for a in args)
-        _, vjp = jax.vjp(omega, eta0, zeta0, tuple(theta_t), tuple(theta_p), args_f)
+        out_var = self.lin.out_var if outputs else {}
+        om0 = tuple(jnp.zeros(v.aval.shape, v.aval.dtype) for v in out_var.values())
+        _, vjp = jax.vjp(omega, eta0, zeta0, tuple(theta_t), tuple(theta_p), args_f, om0)
         keep_cts = tuple(ct_outs) + tuple(ct_others)
         keep_cts = tuple(c if is_float(c) and jnp.issubdtype(a.dtype, jnp.inexact) else jnp.zeros(())
                          for c, a in zip(keep_cts, self.keep_avals()))
-        d_eta, d_zeta, g_t, g_p, g_a = vjp(keep_cts)
+        d_eta, d_zeta, g_t, g_p, g_a, d_om = vjp(keep_cts)
         delta = [de + (ch if is_float(ch) else 0.) for de, ch in zip(d_eta, ct_hidden)]
         d_zeta = {o.name: z for o, z in zip(g.ops, d_zeta)}
+        if outputs:
+            return (delta, d_zeta, [list(x) for x in g_t], g_p, g_a,
+                    dict(zip(out_var, d_om)))
         return delta, d_zeta, [list(x) for x in g_t], g_p, g_a
 
     def group_delta(self, gid, delta):

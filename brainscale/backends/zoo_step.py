@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import BackendError
 from .base import CompiledStep, register_backend
 from .jax_backend import JaxBackend
-from .linearize import full_linearize
+from .linearize import block_jacobian, full_linearize
 from .rules import RuleContext
 from . import rules_rtrl as _rules_rtrl  # noqa: F401  (registers the influence rules)
 from . import rules_zoo as _rules_zoo  # noqa: F401    (registers the diagonal variants)
@@ -47,11 +47,15 @@ class ZooProgram(Program):
 
     def __init__(self, graph, backend, feedback_seed: int = 0):
         super().__init__(graph, backend)
-        full = [e for e in self.plan if e.rule.needs_program]
+        full = [e for e in self.plan if e.rule.needs_program == "full-step"]
         full_rel = {rid for e in full for t in e.traces for rid in t.relations}
         # the diagonal linearisation only for the diagonal traces
         self.lin.traced = [r for r in self.lin.traced if r.id not in full_rel]
         self.needs_full = bool(full)
+        #: groups of scope=block traces: the step computes their block of the full Jacobian
+        self.block_groups = tuple(dict.fromkeys(
+            gid for e in self.plan for t in e.traces if t.scope == "block"
+            for rid in t.relations for gid in graph.relation_by_id[rid].groups))
         self.exact_rels = {rid for e in self.plan if getattr(e.rule, "full_vjp", False)
                            for t in e.traces if t.scope != "group" for rid in t.relations}
         self.needs_vjp = bool(self.exact_rels)
@@ -118,6 +122,9 @@ class ZooProgram(Program):
         step = {"aux": aux, "inputs": (theta_t, theta_p, args, hidden, others)}
         if self.needs_full:
             step["full"] = full_linearize(self.lin, theta_t, theta_p, args, hidden, others)
+        if self.block_groups:
+            step["JB"] = block_jacobian(self.lin, theta_t, theta_p, args, hidden, others,
+                                        self.block_groups)
         ctx = RuleContext(self.g, b, self.sig, tuple(theta_t), fwd, step)
         new_traces = self.update_traces(ctx, list(traces), skip)
         outs = fwd.outs
@@ -163,12 +170,18 @@ class ZooProgram(Program):
         (theta_t, theta_p, args, hidden, others, traces_old, new_traces, xs, new_hidden,
          aux) = res
         aux = aux or {}
-        delta, d_zeta, g_t, g_p, g_a = self.sig.learning_signals(theta_t, theta_p, args, hidden,
-                                                                 others, cts)
+        outputs = bool(self.lin.out_var)
+        res_sig = self.sig.learning_signals(theta_t, theta_p, args, hidden, others, cts,
+                                            outputs=outputs)
+        delta, d_zeta, g_t, g_p, g_a = res_sig[:5]
         deltas = {"symmetric": delta}
+        d_out = {"symmetric": res_sig[5]} if outputs else {}
         if "random" in self.signals_used:
-            deltas["random"] = self.fb_sig.learning_signals(theta_t, theta_p, args, hidden,
-                                                            others, cts)[0]
+            res_fb = self.fb_sig.learning_signals(theta_t, theta_p, args, hidden, others, cts,
+                                                  outputs=outputs)
+            deltas["random"] = res_fb[0]
+            if outputs:
+                d_out["random"] = res_fb[5]
         if "modulatory" in self.signals_used:
             m = aux.get("modulator")
             if m is None:
@@ -191,6 +204,8 @@ class ZooProgram(Program):
             ct_aux = dict(ct_aux)
             ct_aux["sg"] = self._sg_grads(sgp, hidden, target)
         step = {"aux": aux, "old": {}}
+        if outputs:     # filter=kappa_out: L = ∂L^t/∂z^t, and the states' own cotangents
+            step["d_out"], step["ct_hidden"] = d_out, cts[1]
         if self.needs_vjp:
             step["vjp"] = full_vjp(self.lin, theta_t, theta_p, args, hidden, others,
                                    output_cotangents(self.b, jaxpr, cts))
@@ -245,7 +260,7 @@ class ZooBackend(JaxBackend):
     """The JAX step for every rule axis (see the module docstring)."""
     name = "jax-zoo"
     signals = ("symmetric", "random", "modulatory", "synthetic")
-    program_features = ("full-step",)
+    program_features = ("full-step", "output-signal", "block-jacobian")
 
     def __init__(self, jit: bool = True, feedback_seed: int = 0):
         super().__init__(jit=jit)

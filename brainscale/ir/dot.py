@@ -192,7 +192,7 @@ def to_dot(graph, settings: PrintSettings = PrintSettings(), show_locs: bool = F
     grouped = {st for g in graph.groups for st in g.states}
     for g in graph.groups:
         head = f"{g.id} varshape=[{','.join(map(str, g.varshape))}] n={g.num_state}"
-        lines = [head]
+        lines = [head] + ([f"output={g.output}"] if g.output else [])
         if s.print_attrs and g.attrs:
             lines.append(", ".join(f"{k}={_fmt_val(v)}" for k, v in g.attrs))
         emit(f"  subgraph {_id('cluster_' + g.id)} {{")

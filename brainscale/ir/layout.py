@@ -21,6 +21,8 @@ role       layout / state                     shape
 ``eps_x``  (io) the op input ``x``            ``x.shape`` (real-valued even for spikes)
 ``eps_f``  (io) one (relation, group)         ``varshape + (k,)``
 ``eps_bar``  ``filter=kappa``: as its ``eps``    the type of that ``eps`` array
+``eps_bar``  ``filter=kappa_out``: one per     one state's ``eps`` type (``state=None``)
+             (relation, group, leaf)
 ``m``      scope group/coupled/sparse: one    ``varshape + θ_l`` (``varshape`` of the
            hidden state (group, state), leaf  state's group, batch axis included)
 ``u_h``    dim random: one hidden state       ``varshape``
@@ -38,7 +40,7 @@ from typing import Collection
 
 import numpy as np
 
-from .nodes import TraceArray
+from .nodes import INFLUENCE_SCOPES, TraceArray
 from .types import TensorType, TreeType
 
 __all__ = ["trace_arrays", "check_trace_arrays", "batch_shape", "neuron_shape",
@@ -168,7 +170,7 @@ def influence_groups(graph, trace) -> tuple[str, ...]:
 
 
 def _is_influence(trace) -> bool:
-    return trace.dim == "random" or (trace.dim == "param" and trace.scope != "diagonal")
+    return trace.dim == "random" or (trace.dim == "param" and trace.scope in INFLUENCE_SCOPES)
 
 
 def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool = True,
@@ -241,6 +243,10 @@ def trace_arrays(graph, trace, *, storage: str | None = None, split_states: bool
             for a in list(out):
                 add("eps_bar", a.type, relation=a.relation, group=a.group, leaf=a.leaf,
                     state=a.state)
+        elif trace.filter == "kappa_out":
+            for key in dict.fromkeys((a.relation, a.group, a.leaf) for a in list(out)):
+                add("eps_bar", eps_type(graph, key[0], key[1], key[2], layout, 0),
+                    relation=key[0], group=key[1], leaf=key[2], state=None)
     elif trace.dim == "io":
         first = graph.op_by_name[graph.relation_by_id[trace.relations[0]].op]
         x = trace.shared_x or first.x
@@ -307,6 +313,18 @@ def check_trace_arrays(graph, trace) -> str | None:
         if [(a.relation, a.group, a.leaf, a.state, a.type) for a in eps] != \
                 [(a.relation, a.group, a.leaf, a.state, a.type) for a in bars]:
             return "its eps_bar arrays must mirror its eps arrays (same keys and types, in order)"
+        arrays = eps
+    if trace.dim == "param" and trace.filter == "kappa_out":
+        eps = tuple(a for a in arrays if a.role == "eps")
+        bars = tuple(a for a in arrays if a.role != "eps")
+        if [a.role for a in arrays] != ["eps"] * len(eps) + ["eps_bar"] * len(bars):
+            return ("a kappa_out-filtered trace keeps its eps arrays, then one eps_bar per "
+                    "(relation, group, leaf)")
+        keys = list(dict.fromkeys((a.relation, a.group, a.leaf) for a in eps))
+        want = [(r, g, l, None, eps_type(graph, r, g, l, trace.layout, 0)) for r, g, l in keys]
+        if [(a.relation, a.group, a.leaf, a.state, a.type) for a in bars] != want:
+            return ("its eps_bar arrays must be one per (relation, group, leaf) of its eps "
+                    "arrays, in order, with state=None and one state's eps type")
         arrays = eps
     need: dict = {}      # coverage key -> expected type
     if trace.dim == "param":

@@ -25,7 +25,7 @@ __all__ = ["Input", "HiddenState", "Param", "Value", "Op", "HiddenGroup", "Relat
 TRACE_DIMS = ("param", "io", "random", "none")
 PARAM_LAYOUTS = ("compact", "channel", "dense")
 #: eps / eps_x / eps_f: D-RTRL and ES-D-RTRL; eps_bar: the kappa-filtered copy of an eps
-#: array; m: one block of a dense influence matrix dh/dtheta (coupled / group / sparse
+#: array (filter=kappa_out: of the eligibility trace at the group's output, one per leaf); m: one block of a dense influence matrix dh/dtheta (coupled / group / sparse
 #: scopes); u_h / u_p: the hidden and parameter factors of a rank-1 (UORO) trace
 ARRAY_ROLES = ("eps", "eps_x", "eps_f", "eps_bar", "m", "u_h", "u_p")
 
@@ -33,12 +33,15 @@ ARRAY_ROLES = ("eps", "eps_x", "eps_f", "eps_bar", "m", "u_h", "u_p")
 #: first value is the default (D-RTRL / ES-D-RTRL), which the IR does not print
 TRACE_AXES = {
     "recursion": ("jacobian", "leak", "none"),
-    "scope": ("diagonal", "group", "coupled", "sparse"),
+    "scope": ("diagonal", "group", "coupled", "sparse", "block"),
     "signal": ("symmetric", "random", "modulatory", "synthetic"),
-    "filter": ("none", "kappa"),
+    "filter": ("none", "kappa", "kappa_out"),
     "schedule": ("step", "window", "end"),
 }
 AXIS_DEFAULTS = {k: v[0] for k, v in TRACE_AXES.items()}
+#: scopes that keep an influence matrix over hidden states (``block`` and ``diagonal`` keep
+#: the per-neuron trace: they differ only in the hidden Jacobian J)
+INFLUENCE_SCOPES = ("group", "coupled", "sparse")
 OP_KINDS = ("dense", "conv", "sparse", "elemwise", "lora", "function", "custom")
 PARAM_KINDS = ("etrace", "plain")
 
@@ -148,11 +151,17 @@ class Op:
 
 @dataclass(frozen=True, slots=True)
 class HiddenGroup:
-    """Hidden states of one neuron shape coupled element-wise inside a neuron."""
+    """Hidden states of one neuron shape coupled element-wise inside a neuron.
+
+    ``output`` names the :class:`Value` ``z`` through which the group's new states reach
+    everything else, element-wise per neuron (its spike; :mod:`brainscale.passes.outputs`):
+    set for the groups of ``filter=kappa_out`` traces, which filter ``∂z/∂h · ε``.
+    """
     id: str                     # 'G0', ...
     states: tuple[str, ...]     # hidden-state names, in jaxpr order
     varshape: tuple[int, ...]   # the common shape (batch axis included)
     attrs: FrozenAttrs = ()
+    output: str | None = None   # the Value z of the neuron's output (filter=kappa_out)
 
     def __post_init__(self):
         _check_id("G", self.id)
@@ -188,7 +197,9 @@ class TraceArray:
     * ``role='eps_f'`` (io-dim): the output trace of one (relation, group), its ``k`` states on
       the trailing axis;
     * ``role='eps_bar'`` (``filter=kappa``): the low-pass filtered copy of the ``eps`` array
-      with the same relation, group, leaf and state;
+      with the same relation, group, leaf and state; (``filter=kappa_out``) the filtered
+      eligibility trace ``ē ← κ ē + Σ_i ψ_i ε_i`` (``ψ = ∂z/∂h`` at the group's output) of
+      one (relation, group, leaf), ``state=None``, typed as one state's ``eps``;
     * ``role='m'`` (param-dim, scope ``group`` / ``coupled`` / ``sparse``): the influence
       ``∂h/∂θ_leaf`` of one parameter leaf on one hidden state (``group``, ``state``), per
       example: ``varshape + leaf shape``;
@@ -276,10 +287,12 @@ class Trace:
     enters (``jacobian`` J·ε, ``leak`` α·ε with α = ``decay``, ``none``); ``scope`` which
     hidden-to-hidden paths J keeps (``diagonal`` element-wise inside a neuron, ``group`` the
     full Jacobian inside the groups the op drives, ``coupled`` every hidden state: exact RTRL,
-    ``sparse`` the SnAp-n pattern, ``snap_n`` = n); ``signal`` the learning signal
+    ``sparse`` the SnAp-n pattern, ``snap_n`` = n; ``block`` the per-neuron trace with J the
+    per-neuron k×k block of the *full* step Jacobian, paths through op inputs included); ``signal`` the learning signal
     (``symmetric`` ∂L/∂h, ``random`` through fixed random feedback weights, ``modulatory`` a
     user-supplied third factor, ``synthetic`` plus a learned synthetic gradient);
-    ``filter`` (``none``, ``kappa``: ē ← κ ē + ε); ``schedule`` when gradients are
+    ``filter`` (``none``, ``kappa``: ē ← κ ē + ε per state, ``kappa_out``: ē ← κ ē +
+    ∂z/∂h · ε at the group's output ``z``, Bellec et al.); ``schedule`` when gradients are
     emitted (``step``, ``window`` of ``window`` steps, ``end`` of the sequence).
 
     Every field but ``attrs`` is read by the backends. ``arrays`` is filled by the
@@ -297,11 +310,11 @@ class Trace:
     arrays: tuple[TraceArray, ...] = ()
     attrs: FrozenAttrs = ()         # notes: reason, costs, ...
     recursion: str = "jacobian"     # 'jacobian' | 'leak' | 'none'
-    scope: str = "diagonal"         # 'diagonal' | 'group' | 'coupled' | 'sparse'
+    scope: str = "diagonal"         # 'diagonal' | 'group' | 'coupled' | 'sparse' | 'block'
     signal: str = "symmetric"       # 'symmetric' | 'random' | 'modulatory' | 'synthetic'
-    filter: str = "none"            # 'none' | 'kappa'
+    filter: str = "none"            # 'none' | 'kappa' | 'kappa_out'
     schedule: str = "step"          # 'step' | 'window' | 'end'
-    kappa: float | None = None      # filter=kappa: the low-pass factor
+    kappa: float | None = None      # filter=kappa / kappa_out: the low-pass factor
     snap_n: int | None = None       # scope=sparse: the SnAp order n
     window: int | None = None       # schedule=window: steps per window
 

@@ -112,7 +112,8 @@ def print_graph(graph, settings: PrintSettings = PrintSettings()) -> str:
     for g in graph.groups:
         members = ", ".join(f"%{n}" for n in g.states)
         lines.append(_line(f"group {g.id} = [{members}] varshape=[{','.join(map(str, g.varshape))}]"
-                           f" n={g.num_state}", g.attrs, None, s))
+                           f" n={g.num_state}" + (f" output={g.output}" if g.output else ""),
+                           g.attrs, None, s))
     if graph.relations:
         lines.append("")
     for r in graph.relations:
@@ -183,7 +184,12 @@ def array_body(graph, a) -> str:
         elif fields is not None:
             parts.append(f"leaf={a.leaf}")
     if a.group is not None:
-        parts.append(_state_names(graph, a))
+        g = graph.group_by_id.get(a.group)
+        if a.role == "eps_bar" and a.state is None and g is not None and g.output is not None \
+                and a.type.shape[-1:] != (g.num_state,):
+            parts.append(f"at={g.output}")          # filter=kappa_out: dz/dh . eps at z
+        else:
+            parts.append(_state_names(graph, a))
     return f"{a.role}({', '.join(parts)})"
 
 

@@ -126,11 +126,11 @@ def axes_error(t) -> str | None:
                     f"{', '.join(nondefault) or 'coefficients'}; drop them")
         return None
     # coefficients belong to their axis value
-    if (t.filter == "kappa") != (t.kappa is not None):
-        return (f"filter={t.filter} with kappa={t.kappa}: filter=kappa needs the low-pass factor "
-                f"kappa in (0, 1), and kappa needs filter=kappa")
+    if (t.filter in ("kappa", "kappa_out")) != (t.kappa is not None):
+        return (f"filter={t.filter} with kappa={t.kappa}: filter=kappa / kappa_out needs the "
+                f"low-pass factor kappa in (0, 1), and kappa needs filter=kappa or kappa_out")
     if t.kappa is not None and not 0.0 < float(t.kappa) < 1.0:
-        return f"filter=kappa needs kappa in (0, 1), got kappa={t.kappa}"
+        return f"filter={t.filter} needs kappa in (0, 1), got kappa={t.kappa}"
     if (t.scope == "sparse") != (t.snap_n is not None):
         return (f"scope={t.scope} with snap_n={t.snap_n}: scope=sparse needs the SnAp order "
                 f"snap_n (an int >= 1), and snap_n needs scope=sparse")
@@ -160,13 +160,13 @@ def axes_error(t) -> str | None:
         if t.recursion != "jacobian":
             return (f"scope={t.scope} chooses which paths of the hidden-to-hidden Jacobian the "
                     f"trace keeps, so it needs recursion=jacobian, not recursion={t.recursion}")
-        if t.dim == "param" and t.layout != "dense":
+        if t.dim == "param" and t.layout != "dense" and t.scope != "block":
             return (f"scope={t.scope} keeps a dense influence matrix: it needs layout=dense, "
                     f"not layout={t.layout}")
         if t.filter != "none":
             return (f"filter={t.filter} applies to a diagonal per-parameter trace (e-prop); "
                     f"scope={t.scope} needs filter=none")
-        if t.signal != "symmetric" and t.scope != "group":
+        if t.signal != "symmetric" and t.scope not in ("group", "block"):
             return (f"scope={t.scope} is exact up to its pattern: its gradient is the full VJP "
                     f"of the step with the trace, so it needs signal=symmetric, not "
                     f"signal={t.signal}")
@@ -176,10 +176,42 @@ def axes_error(t) -> str | None:
                     f"scope=coupled, not scope={t.scope}")
         if t.layout is not None or t.shared_x is not None or t.decay is not None:
             return "dim=random keeps a rank-1 pair u_h, u_p: it sets no layout, shared_x or decay"
-    if t.filter == "kappa" and t.dim != "param":
-        return (f"filter=kappa low-pass filters a per-parameter trace; dim={t.dim} keeps "
+    if t.filter in ("kappa", "kappa_out") and t.dim != "param":
+        return (f"filter={t.filter} low-pass filters a per-parameter trace; dim={t.dim} keeps "
                 f"factors whose filtered sum is not a product of filtered factors: use "
                 f"dim=param")
+    if t.filter == "kappa_out":
+        if t.signal not in ("symmetric", "random"):
+            return (f"filter=kappa_out contracts the filtered eligibility trace with the "
+                    f"learning signal at the neuron's output, L = dE/dz (symmetric or "
+                    f"through random feedback); signal={t.signal} gives no such signal: use "
+                    f"filter=kappa")
+        if t.layout not in ("compact", "dense"):
+            return (f"filter=kappa_out runs on the compact and dense layouts, not "
+                    f"layout={t.layout}; use layout=dense, or filter=kappa")
+    return None
+
+
+def group_output_error(graph, gid) -> str | None:
+    """Why group ``gid``'s ``output`` is not the value the structure proves (None if it is):
+    set, a value of the graph defined by the equation that computes the proven ``z``."""
+    from ..errors import UnsupportedModelError
+    from ..passes.outputs import group_output
+    grp = graph.group_by_id[gid]
+    if grp.output is None:
+        return (f"group {gid} has no output: run select-dims with filter=kappa_out (it sets "
+                f"the groups' outputs), or set HiddenGroup.output to its Value")
+    v = graph.value_by_name.get(grp.output)
+    if v is None:
+        return f"group {gid} names output {grp.output}, which is not a value of the graph"
+    try:
+        ei, var = group_output(graph, gid)
+    except UnsupportedModelError as e:
+        return str(e)
+    if v.eqn != ei:
+        return (f"group {gid}'s output {grp.output} is defined by eqn {v.eqn}; the value "
+                f"every path of the group passes through, element-wise, is the output of eqn "
+                f"{ei}: set output to that value")
     return None
 
 
@@ -210,6 +242,11 @@ def _verify_trace(graph, t, covered) -> None:
         _fail(graph, f"trace {t.id}: {why}", here)
     rels = [graph.relation_by_id[rid] for rid in t.relations]
     ops = [graph.op_by_name[r.op] for r in rels]
+    if t.filter == "kappa_out":
+        for gid in dict.fromkeys(g for r in rels for g in r.groups):
+            why = group_output_error(graph, gid)
+            if why:
+                _fail(graph, f"trace {t.id} has filter=kappa_out, but {why}", here)
     influence = t.dim == "random" or (t.dim == "param" and t.scope in ("coupled", "sparse"))
     if t.dim != "none" and not influence:
         for r in rels:

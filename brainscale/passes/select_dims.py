@@ -19,8 +19,8 @@ Every decision and its reason appears in the dump.
 
 The other rule axes (docs/rules.md) are options too and become fields of every trace:
 ``recursion`` (jacobian | leak | none), ``scope`` (diagonal | group | coupled | sparse, with
-``snap_n``), ``signal`` (symmetric | random | modulatory | synthetic), ``filter`` (none | kappa,
-with ``kappa``) and ``schedule`` (step | window, with ``window`` | end); ``policy='random'``
+``snap_n`` | block), ``signal`` (symmetric | random | modulatory | synthetic), ``filter`` (none | kappa |
+kappa_out, with ``kappa``) and ``schedule`` (step | window, with ``window`` | end); ``policy='random'``
 gives rank-1 random-projection (UORO) traces. A non-diagonal scope or a random projection
 keeps one trace per *parameter* (all its ops: the influence of a weight is the sum over its
 uses) and prices the influence matrix over the hidden states it covers:
@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import PipelineError, UnsupportedModelError
 from ..ir import Trace
 from ..ir.layout import trace_arrays
-from ..ir.nodes import TRACE_AXES
+from ..ir.nodes import INFLUENCE_SCOPES, TRACE_AXES
 from ..ir.verify import axes_error
 from .base import Pass, register_pass
 
@@ -98,6 +98,29 @@ def _no_state_reason(graph) -> str:
     return "output reaches no hidden state: its instantaneous gradient is exact"
 
 
+def with_group_outputs(graph, ctx, who: str, relations):
+    """``graph`` with the output ``z`` of every group the relations reach proven and set
+    (:mod:`.outputs`): a :class:`~brainscale.ir.Value` per output and ``HiddenGroup.output``
+    naming it. Raises UnsupportedModelError for a group without one."""
+    from ..ir import TensorType, Value
+    from ..ir.nodes import replace as node_replace
+    from .outputs import group_output, output_value_name
+    values = list(graph.values)
+    known = {v.name for v in values}
+    groups = {g.id: g for g in graph.groups}
+    for gid in dict.fromkeys(g for r in relations for g in r.groups):
+        ei, var = group_output(graph, gid)
+        name = output_value_name(gid)
+        if name not in known:
+            values.append(Value(name, TensorType.from_aval(var.aval), ei,
+                                deps=tuple(groups[gid].states)))
+            known.add(name)
+        groups[gid] = node_replace(groups[gid], output=name)
+        ctx.note(who, f"{gid}: output {name} (eqn {ei}) for filter=kappa_out")
+    return graph.replace(values=tuple(values),
+                         groups=tuple(groups[g.id] for g in graph.groups))
+
+
 @register_pass
 @dataclass(frozen=True)
 class SelectDimsPass(Pass):
@@ -142,7 +165,7 @@ class SelectDimsPass(Pass):
                 raise PipelineError(f"select-dims: {k} must be one of {', '.join(legal)}, got "
                                     f"{getattr(self, k)!r}")
         ax = self.axes()
-        non_diag = self.scope != "diagonal" or self.policy == "random"
+        non_diag = self.scope in INFLUENCE_SCOPES or self.policy == "random"
         if non_diag and self.policy not in ("param", "random"):
             raise PipelineError(
                 f"select-dims{{scope={self.scope}}} keeps influence matrices, which are "
@@ -197,7 +220,7 @@ class SelectDimsPass(Pass):
                                 "give it with decay=... (or rank=...), e.g. "
                                 "select-dims{recursion=leak,decay=0.9}")
         self.check_axes(alpha if alpha is not None else 0.5)
-        if self.scope != "diagonal" or self.policy == "random":
+        if self.scope in INFLUENCE_SCOPES or self.policy == "random":
             return self._run_influence(graph, ctx, alpha)
         over = self.override_map()
         for name in over:
@@ -268,9 +291,9 @@ class SelectDimsPass(Pass):
                 f"or select-dims{{decay=0.99}} / select-dims{{rank=100}}")
         traces = []
         axes = self.axes()
-        if any(ch[1] == "io" for ch in choices) and self.filter == "kappa":
+        if any(ch[1] == "io" for ch in choices) and self.filter in ("kappa", "kappa_out"):
             raise PipelineError(
-                f"select-dims: filter=kappa low-pass filters per-parameter traces, but "
+                f"select-dims: filter={self.filter} low-pass filters per-parameter traces, but "
                 f"{', '.join(ch[0].id for ch in choices if ch[1] == 'io')} got io-dim: use "
                 f"policy=param")
         for i, (rel, dim, why, c) in enumerate(choices):
@@ -288,7 +311,12 @@ class SelectDimsPass(Pass):
                 fields.update(axes)
             traces.append(Trace(f"T{i}", dim, (rel.id,), attrs=(("reason", why),), **fields))
             ctx.note(self.name, f"{rel.id} ({rel.param}): {dim} — {why}")
-        return graph.replace(traces=tuple(traces))
+        graph = graph.replace(traces=tuple(traces))
+        if self.filter == "kappa_out":
+            graph = with_group_outputs(graph, ctx, self.name,
+                                       [graph.relation_by_id[rid] for t in traces
+                                        if t.dim == "param" for rid in t.relations])
+        return graph
 
     def _run_influence(self, graph, ctx, alpha):
         """One trace per parameter with an influence matrix (scope group / coupled / sparse)
