@@ -31,7 +31,9 @@ gets jax 0.12). Interpreters are found with ``$BENCH_PYTHON311`` / ``$BENCH_PYTH
 ``--zoo`` compares the rules of ``brainscale.zoo`` that braintrace also ships (e-prop with
 and without the κ filter, SnAp-2, OSTL with the recurrent term) in ours and braintrace, with
 BPTT: time per step, and the gradient of one window against BPTT and against ours
-(``external_zoo.json`` / ``external_zoo.md``).
+(``external_zoo.json`` / ``external_zoo.md``). ``--zoo-algos`` also takes ``ostl_ff``,
+``uoro``, ``three_factor`` and ``dni`` (braintrace's ``DNI`` with a zero synthesiser, fed one
+step per call: a one-step window).
 
 Example::
 
@@ -275,12 +277,13 @@ ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl_bt", "ostl")
 ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9", "snap2": "SnAp-2",
              "ostl_bt": "OSTLRecurrent", "ostl": "OSTL, full recurrent term",
              "ostl_ff": "OSTLFeedforward", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
-             "bptt": "BPTT"}
+             "dni": "DNI", "bptt": "BPTT"}
 #: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's
 #: OSTLRecurrent is its D-RTRL trace, compared with our alias ``ostl_bt``)
 BT_LABEL = {"eprop": "EProp", "eprop_k": "EProp(kappa_filter_decay=0.9)", "snap2": "SnAp(n=2)",
             "ostl_bt": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward",
-            "uoro": "UORO(vjp_method='single-step')", "three_factor": "ThreeFactor(modulator=1.0)"}
+            "uoro": "UORO(vjp_method='single-step')", "three_factor": "ThreeFactor(modulator=1.0)",
+            "dni": "DNI + zero SyntheticGradient, 1-step windows"}
 
 
 def run_zoo(a, pythons: dict, out_dir: Path, meta: dict) -> dict:

@@ -137,7 +137,7 @@ ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "
 #: (the paper's full recurrent term) has no braintrace counterpart
 BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
                   "ostl_bt": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
-                  "three_factor": "ThreeFactor"}
+                  "three_factor": "ThreeFactor", "dni": "DNI"}
 
 
 def _zoo_learner(algo, net):
@@ -218,12 +218,23 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.UORO(net, projection_key=0, vjp_method="single-step")
         elif algo == "three_factor":
             lr = L.ThreeFactor(net, modulator=1.0)
+        elif algo == "dni":
+            # multi-step only (its vjp_method must be 'multi-step'); fed one plain step per
+            # call (no MultiStepData): a one-step window, the closest to ours (per step).
+            # Its synthetic cotangent reaches plain (non-trace) parameters only; its trace
+            # parameters get its multi-step D_RTRL gradient. The synthesiser needs the
+            # compiled graph's group shapes: attached below.
+            lr = L.DNI(net)
         else:
             raise ValueError(f"braintrace has no {algo!r} algorithm")
     else:
         raise ValueError(lib)
     t0 = time.perf_counter()
     lr.compile_graph(x0)
+    if lib == "braintrace" and algo == "dni":
+        # its default synthesiser (scale=0.0: zero weight and bias), so the injected exit
+        # cotangent is zero, as ours with its zero-initialised synthetic-gradient module
+        lr.attach_synthesizer(L.SyntheticGradient(lr.group_signal_shapes()))
     return lr, time.perf_counter() - t0
 
 
@@ -233,6 +244,9 @@ def _trace_states(lib, learner, net):
         sts = list(learner._traces)
     else:
         mine = {id(s) for s in net.states().values()}
+        synth = getattr(learner, "synthesizer", None)     # braintrace DNI: not a trace
+        if synth is not None:
+            mine |= {id(s) for s in synth.states().values()}
         sts = [s for s in learner.states().values() if id(s) not in mine]
     import jax
     elems = 0
