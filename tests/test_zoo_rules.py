@@ -101,11 +101,12 @@ class BellecNet(brainstate.nn.Module):
         return self.w_out.execute(spike((v - self.thr(a)) / V_TH))
 
 
-def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0, kappa_at="output"):
+def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0, kappa_at="output", v_loss=False):
     """Bellec et al. (2020)'s e-prop, written out (no autodiff): the summed weight gradient.
     With ``kappa``: the paper's filtered eligibility trace ``ē ← κ ē + e``, ``e = ψ ε``
     (``kappa_at='output'``), or the filtered eligibility vector ``ē ← κ ē + ε`` read as
-    ``ψ ē`` (``'state'``, braintrace's EProp)."""
+    ``ψ ē`` (``'state'``, braintrace's EProp). ``v_loss``: the loss also adds ``Σ v^t``,
+    whose gradient reaches the weights through ``v``'s own eligibility vector ``ε_v``."""
     W_in = np.asarray(net_ref.w_in.value["weight"], np.float64)
     W_rec = np.asarray(net_ref.w_rec.value["weight"], np.float64)
     W_out = np.asarray(net_ref.w_out.value["weight"], np.float64)
@@ -148,6 +149,9 @@ def eprop_reference(net_ref, xs, ys, B=None, kappa=0.0, kappa_at="output"):
             else:
                 e = psi[..., None, :] * (ev[k] - BETA * ea[k] if net_ref.adaptive else ev[k])
             g[k] = g[k] + np.sum((L[..., None, :] * e).reshape(-1, *e.shape[-2:]), axis=0)
+            if v_loss:
+                g[k] = g[k] + np.sum(np.broadcast_to(ev[k], e.shape).reshape(-1, *e.shape[-2:]),
+                                     axis=0)
         g["out"] = g["out"] + z.reshape(-1, N_REC).T @ err.reshape(-1, N_OUT)
         g["b"] = g["b"] + err.reshape(-1, N_OUT).sum(0)
     return g
@@ -229,6 +233,28 @@ def test_eprop_output_filter_is_proven_printed_and_runs_dense(adaptive):
     grads, _ = brainscale.online_gradients(learner, xs, ys, mse)
     assert_rel_close(grads[("w_rec",)]["weight"], ref["rec"], "W_rec", rtol=1e-5)
     assert_rel_close(grads[("w_in",)]["weight"], ref["in"], "W_in", rtol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_eprop_output_filter_with_a_loss_on_the_states(adaptive):
+    """A loss that reads the new membrane potential itself adds its D-RTRL term ∂L/∂v · ε_v
+    beside the paper's L · ē (the learning signal at z does not carry it)."""
+    xs, ys = _data(2, 10)
+    net = BellecNet(2, adaptive=adaptive)
+    learner = zoo.EPropAlgorithm(net, kappa=0.6).compile_graph(xs[0])
+    params = net.states(brainstate.ParamState)
+
+    @brainstate.transform.jit
+    def step(x, y):
+        return brainstate.transform.grad(lambda: mse(learner(x), y) + jnp.sum(net.v.value),
+                                         params)()
+    acc = None
+    for x, y in zip(xs, ys):
+        g = step(x, y)
+        acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+    ref = eprop_reference(BellecNet(2, adaptive=adaptive), xs, ys, kappa=0.6, v_loss=True)
+    assert_rel_close(acc[("w_rec",)]["weight"], ref["rec"], "W_rec", rtol=1e-5)
+    assert_rel_close(acc[("w_in",)]["weight"], ref["in"], "W_in", rtol=1e-5)
 
 
 class _TwoWayALIF(BellecNet):

@@ -274,14 +274,15 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
 
 
 ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl_bt", "ostl")
-ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9", "snap2": "SnAp-2",
-             "ostl_bt": "OSTLRecurrent", "ostl": "OSTL, full recurrent term",
+ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9 (per state)",
+             "eprop_kz": "e-prop κ=0.9 (at the output, the paper's)", "snap2": "SnAp-2",
+             "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent(recurrence_scope='coupled')", "ostl": "OSTL, full recurrent term",
              "ostl_ff": "OSTLFeedforward", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
              "dni": "DNI", "bptt": "BPTT"}
 #: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's
 #: OSTLRecurrent is its D-RTRL trace, compared with our alias ``ostl_bt``)
 BT_LABEL = {"eprop": "EProp", "eprop_k": "EProp(kappa_filter_decay=0.9)", "snap2": "SnAp(n=2)",
-            "ostl_bt": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward",
+            "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward",
             "uoro": "UORO(vjp_method='single-step')", "three_factor": "ThreeFactor(modulator=1.0)",
             "dni": "DNI + zero SyntheticGradient, 1-step windows"}
 

@@ -197,14 +197,23 @@ class KappaOutRule:
                 dg = jnp.concatenate([direct.astype(L.dtype), L[..., None]], axis=-1)
                 eps = blk.gather(ctx.binding, vals[:n], self.dense)
                 bar = self._bar_tree(ctx, blk, t, vals, n)
+                op, w = ctx.op(blk.op), ctx.w(blk.param)
                 if self.dense:
                     eps_all = jax.tree.map(
                         lambda e, b, _nS=blk.nS: jnp.concatenate(
                             [e, jnp.expand_dims(b.astype(e.dtype), _nS)], axis=_nS), eps, bar)
+                    bar_only = jax.tree.map(lambda b, _nS=blk.nS: jnp.expand_dims(b, _nS), bar)
                 else:
-                    eps_all = list(eps) + [bar]
-                grad = contract_param(ctx.op(blk.op), ctx.w(blk.param), eps_all, dg,
-                                      self.dense, blk.bshape)
+                    eps_all, bar_only = list(eps) + [bar], [bar]
+
+                def with_direct(eps_all=eps_all, dg=dg, op=op, w=w, blk=blk):
+                    return contract_param(op, w, eps_all, dg, self.dense, blk.bshape)
+
+                def without(bar_only=bar_only, L=L, op=op, w=w, blk=blk):
+                    return contract_param(op, w, bar_only, L[..., None], self.dense, blk.bshape)
+                # the states' own cotangent is zero unless the loss reads them: skip reading
+                # the k eps arrays then (a trace-sized pass per step)
+                grad = jax.lax.cond(jnp.any(direct != 0), with_direct, without)
                 pi = ctx.binding.tparam_pos(blk.param)
                 out.extend((pi, li, leaf) for li, leaf in enumerate(jax.tree.leaves(grad)))
         return out

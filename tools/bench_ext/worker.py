@@ -131,12 +131,15 @@ def copy_bandwidth(n_bytes: int = 256 * 2 ** 20, repeats: int = 7, loop: int = 1
 NO_LEARNER = ("bptt", "fwd", "floor")
 
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
-ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "ostl",
-             "ostl_ff", "ostl_bt", "three_factor", "dni")
+ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "eprop_kz",
+             "ostl", "ostl_ff", "ostl_bt", "ostl_cpl", "three_factor", "dni")
 #: ``ostl_bt``: the ``OSTLRecurrent`` alias (braintrace's form: the D-RTRL trace); ``ostl``
 #: (the paper's full recurrent term) has no braintrace counterpart
+#: ``eprop_k``: κ = 0.9 on each state's trace (braintrace's EProp); ``eprop_kz``: the paper's
+#: filter at the neuron's output (ours only); ``ostl_cpl``: OSTLRecurrent with braintrace's
+#: coupled recurrence scope (our scope=block), braintrace's OSTLRecurrent beside it
 BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
-                  "ostl_bt": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
+                  "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
                   "three_factor": "ThreeFactor", "dni": "DNI"}
 
 
@@ -153,13 +156,17 @@ def _zoo_learner(algo, net):
     if algo == "eprop_rf":
         return zoo.EPropAlgorithm(net, feedback="random")
     if algo == "eprop_k":
-        return zoo.EPropAlgorithm(net, kappa=0.9)
+        return zoo.EPropAlgorithm(net, kappa=0.9, kappa_at="state")
+    if algo == "eprop_kz":
+        return zoo.EPropAlgorithm(net, kappa=0.9, kappa_at="output")
     if algo == "ostl":
         return zoo.OSTLAlgorithm(net, recurrent=True)
     if algo == "ostl_ff":
         return zoo.OSTLAlgorithm(net, recurrent=False)
     if algo == "ostl_bt":
         return zoo.OSTLRecurrent(net)
+    if algo == "ostl_cpl":
+        return zoo.OSTLRecurrent(net, recurrence_scope="coupled")
     if algo == "three_factor":
         return zoo.ThreeFactorAlgorithm(net, modulator=1.0)
     if algo == "dni":
@@ -210,7 +217,7 @@ def _learner(lib, algo, net, decay, x0):
                          random_feedback_key=brainstate.random.split_key())
         elif algo == "eprop_k":
             lr = L.EProp(net, kappa_filter_decay=0.9)
-        elif algo == "ostl_bt":
+        elif algo in ("ostl_bt", "ostl_cpl"):
             lr = L.OSTLRecurrent(net)
         elif algo == "ostl_ff":
             lr = L.OSTLFeedforward(net)
