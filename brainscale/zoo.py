@@ -22,9 +22,9 @@ class (braintrace name)    rule
                            state (``filter=kappa``, braintrace's)
 :class:`OSTLAlgorithm`     OSTL: the trace of the layer's own states with
                            (``scope=group``) or without the recurrent term
-                           (``OSTLRecurrent``, braintrace's D-RTRL-trace form, with
-                           ``recurrence_scope='coupled'`` its block of the full step
-                           Jacobian, ``scope=block``; and ``OSTLFeedforward``)
+                           (``OSTLRecurrent``: braintrace's form, the D-RTRL trace with
+                           each neuron's block of the full step Jacobian, ``scope=block``;
+                           and ``OSTLFeedforward``)
 :class:`ThreeFactorAlgorithm`  three-factor (``ThreeFactor``): eligibility x a modulator
                            the caller supplies (``signal=modulatory``)
 :class:`DNIAlgorithm`      eligibility traces plus a synthetic gradient of the future
@@ -470,18 +470,19 @@ class EProp(EPropAlgorithm):
 
 
 class OSTLRecurrent(OSTLAlgorithm):
-    """braintrace's name: braintrace's ``OSTLRecurrent`` ('with-H' regime) is its
-    per-parameter D-RTRL trace with ``recurrence_scope='coupled'``: the hidden Jacobian of
-    each neuron is the per-neuron block of the *full* step Jacobian, paths through the
+    """braintrace's name and behaviour: braintrace's ``OSTLRecurrent`` ('with-H' regime) is
+    its per-parameter D-RTRL trace with ``recurrence_scope='coupled'``: the hidden Jacobian
+    of each neuron is the per-neuron block of the *full* step Jacobian, paths through the
     recurrent weights' inputs included (a unit's own output feeding back through its weight
-    ``W[n, n]``). ``recurrence_scope='coupled'`` computes exactly that (``scope=block``: one
-    JVP of the step per neuron and state, ``N·k`` per step); ``'diagonal'`` (default) is
-    D-RTRL's trace (``OSTLAlgorithm(model, recurrent=False)``), which cuts those paths at
-    D-RTRL's cost. The gradients agree on the LIF / ALIF benchmark nets (cosine 1.0000) and
-    differ slightly on a GRU (cosine 0.99); see benchmarks/README.md "The rule zoo".
+    ``W[n, n]``). So is this alias by default (``scope=block``; the block assembled from
+    D-RTRL's forward where the structure allows, see :mod:`brainscale.backends.block`, else
+    one JVP of the step per neuron and state). ``recurrence_scope='diagonal'`` is D-RTRL's
+    trace (``OSTLAlgorithm(model, recurrent=False)``), which cuts those paths: the same
+    gradient on the LIF / ALIF benchmark nets (cosine 1.0000), slightly different on a GRU
+    (cosine 0.99); see benchmarks/README.md "The rule zoo".
 
     Args:
-        recurrence_scope: 'diagonal' or 'coupled' (braintrace's), see above.
+        recurrence_scope: 'coupled' (default, braintrace's) or 'diagonal', see above.
         full_recurrence: True takes the paper's full recurrent term instead
             (``OSTLAlgorithm(model)``, ``scope=group``: the influence on the layer's states
             through the full Jacobian, exact for a single recurrent layer, memory
@@ -489,14 +490,13 @@ class OSTLRecurrent(OSTLAlgorithm):
     """
 
     def __init__(self, model, full_recurrence: bool = False,
-                 recurrence_scope: str = "diagonal", **kw):
+                 recurrence_scope: str = "coupled", **kw):
         if recurrence_scope not in ("diagonal", "coupled"):
             raise ValueError(f"recurrence_scope must be 'diagonal' (D-RTRL's trace) or "
                              f"'coupled' (the per-neuron block of the full step Jacobian, "
                              f"braintrace's), got {recurrence_scope!r}")
-        if full_recurrence and recurrence_scope != "diagonal":
-            raise ValueError("full_recurrence=True keeps the full influence matrix; "
-                             "recurrence_scope applies to the per-neuron trace only")
+        if full_recurrence:
+            recurrence_scope = "diagonal"     # the influence matrix keeps every path anyway
         if recurrence_scope == "coupled":
             kw["scope"] = "block"
         super().__init__(model, recurrent=bool(full_recurrence), **kw)

@@ -532,14 +532,20 @@ def test_dni_equals_literal_synthetic_gradient_equations(batch):
 # ---------------------------------------------------------------------------------------
 
 def test_ostl_recurrent_alias_is_braintraces_d_rtrl_trace():
-    """braintrace's OSTLRecurrent is its D-RTRL trace; the alias gives D-RTRL's gradients."""
+    """braintrace's OSTLRecurrent is its D-RTRL trace with the coupled (block) hidden
+    Jacobian: the alias's default; recurrence_scope='diagonal' gives D-RTRL's gradients."""
     T = 6
     m, x0 = models.alif(2)
     m_ref, _ = models.alif(2)
     rng = np.random.RandomState(5)
     xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
     ys = jnp.asarray(rng.randn(T, 2, 5), jnp.float32)
-    g, _ = brainscale.online_gradients(zoo.OSTLRecurrent(m).compile_graph(x0), xs, ys, mse)
+    alias = zoo.OSTLRecurrent(models.alif(2)[0]).compile_graph(x0)
+    assert {t.scope for t in alias.graph.traces if t.dim != "none"} == {"block"}
+    assert zoo.OSTLRecurrent(models.alif(2)[0], full_recurrence=True).compile_graph(
+        x0).graph.traces[0].scope == "group"
+    g, _ = brainscale.online_gradients(
+        zoo.OSTLRecurrent(m, recurrence_scope="diagonal").compile_graph(x0), xs, ys, mse)
     ref, _ = brainscale.online_gradients(
         brainscale.DiagParamDimAlgorithm(m_ref).compile_graph(x0), xs, ys, mse)
     for k in ref:
@@ -588,6 +594,41 @@ def test_block_scope_equals_the_oracle_with_the_full_jacobians_blocks(name, batc
     assert differs > 1e-3
 
 
+STRUCT = [("gru3", 2), ("alif", 0), ("elemwise_tau", 2), ("single_layer_2state", 2),
+          ("masked_rec", 2)]
+
+
+@pytest.mark.parametrize("name,batch", STRUCT, ids=[f"{n}-b{b}" for n, b in STRUCT])
+def test_block_scope_structured_equals_one_jvp_per_neuron(name, batch, monkeypatch):
+    """Where the structure allows (brainscale/backends/block.py), the block is assembled from
+    J, df and the op inputs' tangents; it equals the general extraction (one JVP of the step
+    per neuron and state) on multi-layer and multi-state nets."""
+    from test_online_oracle import _out_shape, loss_fn
+    import brainscale.backends.zoo_step as zs
+
+    def grads(structured):
+        if not structured:
+            monkeypatch.setattr(zs, "block_plan", lambda prog, gid: (None, "forced"))
+        m, x0 = models.make(name, batch)
+        lr = zoo.RuleAlgorithm(m, policy="param", scope="block").compile_graph(x0)
+        notes = [n for n in lr._step.notes if n.startswith("scope=block")]
+        assert notes and all(("structured" in n) == structured for n in notes), notes
+        ps = m.states(brainstate.ParamState)
+        step = brainstate.transform.jit(
+            lambda x, t: brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)())
+        rng = np.random.RandomState(3)
+        shape = _out_shape(name, batch, x0)
+        out = []
+        for _ in range(6):
+            x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
+            out.append(step(x, jnp.asarray(rng.randn(*shape), jnp.float32)))
+        return out
+    fast, slow = grads(True), grads(False)
+    for t, (a, b) in enumerate(zip(fast, slow)):
+        for k in a:
+            assert_rel_close(a[k], b[k], f"t={t} {k}", rtol=1e-5)
+
+
 def test_block_scope_errors():
     from brainscale.errors import BackendError, PipelineError
     m, x0 = models.lif_delta(2)
@@ -606,7 +647,8 @@ def test_braintrace_names_and_compile_names():
              (zoo.UORO(m, projection_key=3), {"scope": "coupled"}),
              (zoo.EProp(m, feedback="random", kappa_filter_decay=0.5, random_feedback_key=1),
               {"signal": "random", "filter": "kappa", "kappa": 0.5}),
-             (zoo.OSTLRecurrent(m), {"scope": "diagonal"}),
+             (zoo.OSTLRecurrent(m), {"scope": "block"}),
+             (zoo.OSTLRecurrent(m, recurrence_scope="diagonal"), {"scope": "diagonal"}),
              (zoo.OSTLRecurrent(m, full_recurrence=True), {"scope": "group"}),
              (zoo.OSTLFeedforward(m), {}),
              (zoo.ThreeFactor(m), {"signal": "modulatory"}),

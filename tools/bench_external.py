@@ -276,7 +276,8 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
 ZOO_COMPARE = ("eprop", "eprop_k", "snap2", "ostl_bt", "ostl")
 ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9 (per state)",
              "eprop_kz": "e-prop κ=0.9 (at the output, the paper's)", "snap2": "SnAp-2",
-             "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent(recurrence_scope='coupled')", "ostl": "OSTL, full recurrent term",
+             "ostl_bt": "OSTLRecurrent(recurrence_scope='diagonal')",
+             "ostl_cpl": "OSTLRecurrent (recurrence_scope='coupled')", "ostl": "OSTL, full recurrent term",
              "ostl_ff": "OSTLFeedforward", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
              "dni": "DNI", "bptt": "BPTT"}
 #: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's

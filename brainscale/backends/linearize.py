@@ -28,13 +28,16 @@ class Forward:
     ``outs``: every jaxpr output; ``xs``: op name -> its input ``x`` (None for ops without
     one); ``J``: group id -> ``(..., k, k)``; ``DF``: (op name, group id) -> ``(..., k)``;
     ``PSI``: group id -> ``(..., k)``, ``ψ = ∂z^t/∂h^t`` at the group's output ``z`` (only
-    for the groups of ``filter=kappa_out`` traces).
+    for the groups of ``filter=kappa_out`` traces); ``XT``: (op name, group id) ->
+    ``x.shape + (k,)``, the tangent of the op's input along ``J``'s direction ``j`` (ones on
+    state ``j`` of every group; only for the ops of :attr:`Linearizer.x_tangents`).
     """
-    __slots__ = ("outs", "xs", "J", "DF", "PSI")
+    __slots__ = ("outs", "xs", "J", "DF", "PSI", "XT")
 
-    def __init__(self, outs, xs, J, DF, PSI=None):
+    def __init__(self, outs, xs, J, DF, PSI=None, XT=None):
         self.outs, self.xs, self.J, self.DF = outs, xs, J, DF
         self.PSI = {} if PSI is None else PSI
+        self.XT = {} if XT is None else XT
 
 
 class Linearizer:
@@ -57,6 +60,9 @@ class Linearizer:
         self.traced = [r for r in graph.relations if r.id in traced]
         #: groups whose output z the forward differentiates (filter=kappa_out): id -> var
         self.out_var = output_vars(graph, self.jaxpr)
+        #: (op name, group id) pairs whose input tangent along J's directions the forward
+        #: returns (``Forward.XT``; set by a program that needs it, e.g. scope=block)
+        self.x_tangents: tuple = ()
 
     # -- evaluation ---------------------------------------------------------------------
     def eval(self, ins, on_op=None, on_hidden=None, cut: bool = False,
@@ -153,7 +159,7 @@ class Linearizer:
             dh += [zh] * kmax
             dx += [zx] * kmax
             (outs, xs, zs), f_jvp = jax.linearize(F, h0, xi0, o0)
-            tang, _, tz = jax.vmap(f_jvp)(_stack(dh), _stack(dx), _stack(do))
+            tang, tx, tz = jax.vmap(f_jvp)(_stack(dh), _stack(dx), _stack(do))
             PSI = {gid: jnp.stack([tz[i][n_old + j] for j in range(g.group_by_id[gid].num_state)],
                                   axis=-1) for i, gid in enumerate(gids)}
             if dirs_h is None:
@@ -163,7 +169,10 @@ class Linearizer:
             tang = None
         else:
             (outs, xs), f_jvp = jax.linearize(F, h0, xi0)
-            tang = jax.vmap(lambda th, tx: f_jvp(th, tx)[0])(dirs_h, dirs_xi)
+            if self.x_tangents:
+                tang, tx = jax.vmap(lambda th, t: f_jvp(th, t))(dirs_h, dirs_xi)
+            else:
+                tang = jax.vmap(lambda th, t: f_jvp(th, t)[0])(dirs_h, dirs_xi)
         J, DF = {}, {}
         if tang is not None:
             hid_t = [tang[b.hidden_out[k]] for k in range(len(g.hidden))]
@@ -176,8 +185,14 @@ class Linearizer:
             for (q, gid), d in fdir.items():
                 ks = [self.hid_pos[s] for s in g.group_by_id[gid].states]
                 DF[(q, gid)] = jnp.stack([hid_t[ki][d] for ki in ks], axis=-1)
+        XT = {}
+        if tang is not None and self.x_tangents:
+            for q, gid in self.x_tangents:
+                t = tx[pos[q]]
+                XT[(q, gid)] = jnp.stack([t[jdir[gid][j]] for j in range(len(jdir[gid]))],
+                                         axis=-1)
         xs_map = {o.name: (xs[i] if o.n_x_leaves else None) for i, o in enumerate(g.ops)}
-        return Forward(outs, xs_map, J, DF, PSI)
+        return Forward(outs, xs_map, J, DF, PSI, XT)
 
     def _directions(self, h0, xi0):
         """Tangent directions: J columns (one per state index) and df (per op colour)."""

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import BackendError
 from .base import CompiledStep, register_backend
 from .jax_backend import JaxBackend
+from .block import block_plan, structured_block
 from .linearize import block_jacobian, full_linearize
 from .rules import RuleContext
 from . import rules_rtrl as _rules_rtrl  # noqa: F401  (registers the influence rules)
@@ -56,6 +57,19 @@ class ZooProgram(Program):
         self.block_groups = tuple(dict.fromkeys(
             gid for e in self.plan for t in e.traces if t.scope == "block"
             for rid in t.relations for gid in graph.relation_by_id[rid].groups))
+        # per group: the structured block (module block) where proven, else the general one
+        self.block_plans, self.block_notes = {}, []
+        for gid in self.block_groups:
+            plan, why = block_plan(self, gid)
+            if plan is None:
+                self.block_notes.append(f"scope=block {gid}: one JVP of the step per neuron "
+                                        f"and state ({why})")
+                continue
+            self.block_plans[gid] = plan
+            self.block_notes.append(f"scope=block {gid}: structured (J, df and the input "
+                                    f"tangents of {', '.join(plan.ops) or 'no op'})")
+        self.lin.x_tangents = tuple((q, gid) for gid, pl in self.block_plans.items()
+                                    for q in pl.ops)
         self.exact_rels = {rid for e in self.plan if getattr(e.rule, "full_vjp", False)
                            for t in e.traces if t.scope != "group" for rid in t.relations}
         self.needs_vjp = bool(self.exact_rels)
@@ -72,6 +86,9 @@ class ZooProgram(Program):
             prep = getattr(e.rule, "prepare", None)
             if prep is not None:
                 prep(self, e.traces)
+
+    def notes(self) -> tuple:
+        return super().notes() + tuple(self.block_notes)
 
     # -- what the learner must provide -------------------------------------------------
     def _feedback_weights(self, seed: int) -> dict:
@@ -123,8 +140,11 @@ class ZooProgram(Program):
         if self.needs_full:
             step["full"] = full_linearize(self.lin, theta_t, theta_p, args, hidden, others)
         if self.block_groups:
+            general = tuple(gid for gid in self.block_groups if gid not in self.block_plans)
             step["JB"] = block_jacobian(self.lin, theta_t, theta_p, args, hidden, others,
-                                        self.block_groups)
+                                        general) if general else {}
+            for gid, plan in self.block_plans.items():
+                step["JB"][gid] = structured_block(self, plan, fwd, theta_t)
         ctx = RuleContext(self.g, b, self.sig, tuple(theta_t), fwd, step)
         new_traces = self.update_traces(ctx, list(traces), skip)
         outs = fwd.outs

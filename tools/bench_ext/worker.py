@@ -133,13 +133,14 @@ NO_LEARNER = ("bptt", "fwd", "floor")
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
 ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "eprop_kz",
              "ostl", "ostl_ff", "ostl_bt", "ostl_cpl", "three_factor", "dni")
-#: ``ostl_bt``: the ``OSTLRecurrent`` alias (braintrace's form: the D-RTRL trace); ``ostl``
+#: ``ostl_bt``: ``OSTLRecurrent(recurrence_scope='diagonal')``, the D-RTRL trace; ``ostl``
 #: (the paper's full recurrent term) has no braintrace counterpart
 #: ``eprop_k``: κ = 0.9 on each state's trace (braintrace's EProp); ``eprop_kz``: the paper's
 #: filter at the neuron's output (ours only); ``ostl_cpl``: OSTLRecurrent with braintrace's
 #: coupled recurrence scope (our scope=block), braintrace's OSTLRecurrent beside it
 BRAINTRACE_ZOO = {"snap2": "SnAp", "eprop": "EProp", "eprop_rf": "EProp", "eprop_k": "EProp",
-                  "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent", "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
+                  "ostl_bt": "OSTLRecurrent", "ostl_cpl": "OSTLRecurrent",
+                  "ostl_ff": "OSTLFeedforward", "uoro": "UORO",
                   "three_factor": "ThreeFactor", "dni": "DNI"}
 
 
@@ -163,9 +164,9 @@ def _zoo_learner(algo, net):
         return zoo.OSTLAlgorithm(net, recurrent=True)
     if algo == "ostl_ff":
         return zoo.OSTLAlgorithm(net, recurrent=False)
-    if algo == "ostl_bt":
-        return zoo.OSTLRecurrent(net)
-    if algo == "ostl_cpl":
+    if algo == "ostl_bt":             # the D-RTRL trace (the alias's default until 2026-12-06)
+        return zoo.OSTLRecurrent(net, recurrence_scope="diagonal")
+    if algo == "ostl_cpl":            # braintrace's form, the alias's default
         return zoo.OSTLRecurrent(net, recurrence_scope="coupled")
     if algo == "three_factor":
         return zoo.ThreeFactorAlgorithm(net, modulator=1.0)
