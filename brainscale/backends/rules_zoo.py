@@ -80,25 +80,34 @@ class IORecursionRule(IORule):
         return out
 
 
-class KappaFilterRule:
-    """Mixin: e-prop's filtered trace. The first half of the arrays is ``ε`` (the base rule's
-    arrays), the second half ``ē``; the gradient contracts ``ē``."""
+class _FilteredTrace:
+    """Mixin of the filter rules: the first arrays of a trace are the base rule's ``ε``, the
+    rest the filtered arrays."""
 
     @staticmethod
     def _split(trace) -> int:
         return sum(1 for a in trace.arrays if a.role == "eps")
 
-    @staticmethod
-    def _eps_view(trace):
-        n = sum(1 for a in trace.arrays if a.role == "eps")
-        return dataclasses.replace(trace, arrays=trace.arrays[:n], filter="none", kappa=None)
+    @classmethod
+    def _eps_view(cls, trace):
+        return dataclasses.replace(trace, arrays=trace.arrays[:cls._split(trace)],
+                                   filter="none", kappa=None)
+
+    def _advance_eps(self, ctx, t, vals):
+        """``(n, base view, new ε)``: the base rule's update of the ``ε`` arrays."""
+        n = self._split(t)
+        base = self._eps_view(t)
+        return n, base, super().update(with_recursion(ctx, t), [base], [list(vals[:n])])[0]
+
+
+class KappaFilterRule(_FilteredTrace):
+    """Mixin: e-prop's filtered trace. The first half of the arrays is ``ε`` (the base rule's
+    arrays), the second half ``ē``; the gradient contracts ``ē``."""
 
     def update(self, ctx, traces, arrays):
         out = []
         for t, vals in zip(traces, arrays):
-            n = self._split(t)
-            base = self._eps_view(t)
-            new_eps = super().update(with_recursion(ctx, t), [base], [list(vals[:n])])[0]
+            n, _, new_eps = self._advance_eps(ctx, t, vals)
             k = float(t.kappa)
             bars = [k * vals[n + i].astype(a.type.dtype) + new_eps[i].astype(a.type.dtype)
                     for i, a in enumerate(t.arrays[n:])]
@@ -114,22 +123,13 @@ class KappaFilterRule:
         return out
 
 
-class KappaOutRule:
+class KappaOutRule(_FilteredTrace):
     """Mixin: e-prop's filtered eligibility trace at the neurons' outputs (see the module
     docstring). The first arrays are the base rule's ``ε``, then one ``ē`` per (relation,
     group, leaf)."""
     needs_program = "output-signal"
     needs_program_why = ("computes the learning signal at the neurons' outputs "
                          "(L = dE/dz, filter=kappa_out)")
-
-    @staticmethod
-    def _split(trace) -> int:
-        return sum(1 for a in trace.arrays if a.role == "eps")
-
-    @classmethod
-    def _eps_view(cls, trace):
-        return dataclasses.replace(trace, arrays=trace.arrays[:cls._split(trace)],
-                                   filter="none", kappa=None)
 
     @staticmethod
     def _bar_pos(trace, n) -> dict:
@@ -144,9 +144,7 @@ class KappaOutRule:
     def update(self, ctx, traces, arrays):
         out = []
         for t, vals in zip(traces, arrays):
-            n = self._split(t)
-            base = self._eps_view(t)
-            new_eps = super().update(with_recursion(ctx, t), [base], [list(vals[:n])])[0]
+            n, base, new_eps = self._advance_eps(ctx, t, vals)
             new = list(new_eps) + list(vals[n:])
             pos = self._bar_pos(t, n)
             kap = float(t.kappa)
