@@ -13,6 +13,7 @@ from .absorb import AbsorbNormalizationPass as AbsorbNormalizationPass
 from .hidden_groups import HiddenGroupsPass as HiddenGroupsPass
 from .relations import RelationsPass as RelationsPass
 from .select_dims import SelectDimsPass as SelectDimsPass, relation_costs as relation_costs
+from . import outputs as outputs  # noqa: E402  (registers the verifier's proof of group outputs)
 from .fuse_traces import FuseTracesPass as FuseTracesPass
 from .shard import ShardPass as ShardPass
 from .layout import (LayoutTracesPass as LayoutTracesPass, trace_arrays as trace_arrays,

@@ -28,9 +28,10 @@ import numpy as np
 
 from .. import _compat as C
 from ..errors import UnsupportedModelError
+from ..ir.verify import STRUCTURAL_PROOFS
 from .rules import DEP_RULES, EMPTY, Dep, RuleContext, _shapes, _unsupported_rule, union
 
-__all__ = ["group_output", "output_value_name"]
+__all__ = ["group_output", "output_value_name", "output_error"]
 
 
 def output_value_name(gid: str) -> str:
@@ -154,3 +155,22 @@ def group_output(graph, gid: str):
         f"element-wise value of its new states through which they reach everything else "
         f"(its spike). Use filter=kappa (EPropAlgorithm(..., kappa_at='state')) to filter "
         f"each state's trace instead")
+
+
+def output_error(graph, gid) -> str | None:
+    """The verifier's check (``STRUCTURAL_PROOFS['group-output']``): None when group
+    ``gid``'s ``output`` names the value :func:`group_output` proves, else why not."""
+    grp = graph.group_by_id[gid]
+    v = graph.value_by_name[grp.output]
+    try:
+        ei, _ = group_output(graph, gid)
+    except UnsupportedModelError as e:
+        return str(e)
+    if v.eqn != ei:
+        return (f"group {gid}'s output {grp.output} is defined by eqn {v.eqn}; the value "
+                f"every path of the group passes through, element-wise, is the output of eqn "
+                f"{ei}: set output to that value")
+    return None
+
+
+STRUCTURAL_PROOFS["group-output"] = output_error
