@@ -24,7 +24,8 @@ class (braintrace name)    rule
                            (``scope=group``) or without the recurrent term
                            (``OSTLRecurrent``: braintrace's form, the D-RTRL trace with
                            each neuron's block of the full step Jacobian, ``scope=block``;
-                           and ``OSTLFeedforward``)
+                           and ``OSTLFeedforward``, braintrace's: pp_prop with
+                           α = 1e-6, or ``keep_dynamics=True``: the diagonal trace)
 :class:`ThreeFactorAlgorithm`  three-factor (``ThreeFactor``): eligibility x a modulator
                            the caller supplies (``signal=modulatory``)
 :class:`DNIAlgorithm`      eligibility traces plus a synthetic gradient of the future
@@ -505,11 +506,22 @@ class OSTLRecurrent(OSTLAlgorithm):
 
 
 class OSTLFeedforward(OSTLAlgorithm):
-    """braintrace's name for ``OSTLAlgorithm(model, recurrent=False)`` (each neuron's own
-    dynamics in the trace; braintrace drops them, with a near-zero io-dim decay)."""
+    """braintrace's name and behaviour: braintrace's ``OSTLFeedforward`` ('without-H') is its
+    input x output (pp_prop) trace with a negligible decay, ``decay_or_rank=1e-6``: the
+    eligibility is ``≈ df ⊗ x`` of the current step, each neuron's own dynamics dropped. So is
+    this alias by default (ES-D-RTRL, ``policy='io'``, α = ``decay_or_rank``).
+    ``keep_dynamics=True`` keeps them instead (``OSTLAlgorithm(model, recurrent=False)``, the
+    diagonal per-parameter trace: exact, equal to BPTT, on a feed-forward SNN).
+    """
 
-    def __init__(self, model, **kw):
-        super().__init__(model, recurrent=False, **kw)
+    def __init__(self, model, decay_or_rank: float | int = 1e-6, keep_dynamics: bool = False,
+                 **kw):
+        if keep_dynamics:
+            super().__init__(model, recurrent=False, **kw)
+        else:
+            super().__init__(model, recurrent=False, policy="io", decay_or_rank=decay_or_rank,
+                             **kw)
+        self.keep_dynamics = bool(keep_dynamics)
 
 
 class ThreeFactor(ThreeFactorAlgorithm):

@@ -332,11 +332,22 @@ def test_ostl_feedforward_equals_bptt_on_a_feedforward_snn(batch):
     xs = jnp.asarray(rng.randn(T, *np.shape(x0)), jnp.float32)
     ys = jnp.asarray(rng.randn(T, *np.shape(models.single_layer_2state(batch, spiking=True)[0]
                                             .update(x0))), jnp.float32)
-    learner = zoo.OSTLFeedforward(m).compile_graph(x0)
+    learner = zoo.OSTLFeedforward(m, keep_dynamics=True).compile_graph(x0)
     g, _ = brainscale.online_gradients(learner, xs, ys, mse)
     ref = bptt_grads(m_ref, xs, mse, targets=ys)
     for k in ref:
         assert_rel_close(g[k], ref[k], f"OSTL feed-forward vs BPTT {k}", rtol=1e-5)
+    # the alias's default is braintrace's form: pp_prop with a negligible decay (each
+    # neuron's dynamics dropped), equal to our ES-D-RTRL at that decay, not to BPTT
+    m2, _ = models.single_layer_2state(batch, spiking=True)
+    m3, _ = models.single_layer_2state(batch, spiking=True)
+    bt = zoo.OSTLFeedforward(m2).compile_graph(x0)
+    assert {t.dim for t in bt.graph.traces if t.dim != "none"} == {"io"}
+    g2, _ = brainscale.online_gradients(bt, xs, ys, mse)
+    g3, _ = brainscale.online_gradients(
+        brainscale.DiagIODimAlgorithm(m3, decay_or_rank=1e-6).compile_graph(x0), xs, ys, mse)
+    for k in g3:
+        assert_rel_close(g2[k], g3[k], f"OSTLFeedforward vs ES-D-RTRL {k}", rtol=1e-6)
 
 
 class TwoLayer(brainstate.nn.Module):
@@ -650,7 +661,7 @@ def test_braintrace_names_and_compile_names():
              (zoo.OSTLRecurrent(m), {"scope": "block"}),
              (zoo.OSTLRecurrent(m, recurrence_scope="diagonal"), {"scope": "diagonal"}),
              (zoo.OSTLRecurrent(m, full_recurrence=True), {"scope": "group"}),
-             (zoo.OSTLFeedforward(m), {}),
+             (zoo.OSTLFeedforward(m, keep_dynamics=True), {}),
              (zoo.ThreeFactor(m), {"signal": "modulatory"}),
              (zoo.DNI(m), {"signal": "synthetic"})]
     for learner, axes in cases:
