@@ -278,7 +278,7 @@ ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9 (per state)",
              "eprop_kz": "e-prop κ=0.9 (at the output, the paper's)", "snap2": "SnAp-2",
              "ostl_bt": "OSTLRecurrent(recurrence_scope='diagonal')",
              "ostl_cpl": "OSTLRecurrent (recurrence_scope='coupled')", "ostl": "OSTL, full recurrent term",
-             "ostl_ff": "OSTLFeedforward", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
+             "ostl_ff": "OSTLFeedforward", "ostl_ffd": "OSTLFeedforward(keep_dynamics=True)", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
              "dni": "DNI", "bptt": "BPTT"}
 #: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's
 #: OSTLRecurrent is its D-RTRL trace, compared with our alias ``ostl_bt``)

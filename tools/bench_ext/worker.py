@@ -132,7 +132,7 @@ NO_LEARNER = ("bptt", "fwd", "floor")
 
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
 ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "eprop_kz",
-             "ostl", "ostl_ff", "ostl_bt", "ostl_cpl", "three_factor", "dni")
+             "ostl", "ostl_ff", "ostl_ffd", "ostl_bt", "ostl_cpl", "three_factor", "dni")
 #: ``ostl_bt``: ``OSTLRecurrent(recurrence_scope='diagonal')``, the D-RTRL trace; ``ostl``
 #: (the paper's full recurrent term) has no braintrace counterpart
 #: ``eprop_k``: κ = 0.9 on each state's trace (braintrace's EProp); ``eprop_kz``: the paper's
@@ -162,8 +162,10 @@ def _zoo_learner(algo, net):
         return zoo.EPropAlgorithm(net, kappa=0.9, kappa_at="output")
     if algo == "ostl":
         return zoo.OSTLAlgorithm(net, recurrent=True)
-    if algo == "ostl_ff":
-        return zoo.OSTLAlgorithm(net, recurrent=False)
+    if algo == "ostl_ff":             # braintrace's form (pp_prop, decay 1e-6)
+        return zoo.OSTLFeedforward(net)
+    if algo == "ostl_ffd":            # each neuron's dynamics kept (ours only)
+        return zoo.OSTLFeedforward(net, keep_dynamics=True)
     if algo == "ostl_bt":             # the D-RTRL trace (the alias's default until 2026-12-06)
         return zoo.OSTLRecurrent(net, recurrence_scope="diagonal")
     if algo == "ostl_cpl":            # braintrace's form, the alias's default
