@@ -34,6 +34,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _compat as C
+
 __all__ = ["block_plan", "structured_block"]
 
 
@@ -103,7 +105,6 @@ def block_plan(program, gid):
         xs = {}
 
         def on_op(o, eqn, invals):
-            from .. import _compat as C
             xs[o.name] = invals[0]
             return C.eval_eqn(eqn, invals)
         lin.eval(ins, on_op=on_op)
@@ -119,7 +120,7 @@ def block_plan(program, gid):
     mine = [hid_pos[s] for s in grp.states]
     col_neuron = np.full(offs[-1], -1, np.int64)          # column -> neuron of the group
     for k in mine:
-        col_neuron[offs[k]:offs[k + 1]] = np.arange(sizes[k]) % n if sizes[k] == n else -2
+        col_neuron[offs[k]:offs[k + 1]] = np.arange(n) if sizes[k] == n else -2
     if (col_neuron[np.concatenate([np.arange(offs[k], offs[k + 1]) for k in mine])] < 0).any():
         return None, "the group's states are not one value per neuron"
     owners = {}
@@ -143,8 +144,9 @@ def block_plan(program, gid):
             if (neu != neu[0]).any():
                 return None, f"an element of op {q}'s input depends on several neurons"
             own[p] = neu[0]
-        owners[q] = own
-    return BlockPlan(gid, tuple(ops), owners, n), None
+        if (own >= 0).any():              # else no path from the group crosses op q
+            owners[q] = own
+    return BlockPlan(gid, tuple(owners), owners, n), None
 
 
 def structured_block(program, plan, fwd, theta_t):
