@@ -55,7 +55,7 @@ __all__ = ["RuleAlgorithm", "RTRLAlgorithm", "SnApAlgorithm", "UOROAlgorithm",
            "OSTLFeedforward", "ThreeFactor", "DNI", "RULE_OPTIONS"]
 
 #: the select-dims options a rule algorithm sets (the axes and their coefficients)
-RULE_OPTIONS = tuple(TRACE_AXES) + ("kappa", "snap_n", "window")
+RULE_OPTIONS = tuple(TRACE_AXES) + ("kappa", "snap_n", "window")   # readout is an axis
 
 
 class _RandomKey(brainstate.ShortTermState):
@@ -76,8 +76,9 @@ class RuleAlgorithm(ETraceAlgorithm):
         model: the brainstate model (states initialised).
         policy: the factorisation ``select-dims`` chooses: 'param', 'io', 'auto' (hybrid)
             or 'random' (UORO).
-        recursion, scope, signal, filter, schedule, kappa, snap_n, window: the rule axes
-            (docs/rules.md); None leaves the default (D-RTRL's).
+        recursion, scope, signal, filter, schedule, kappa, snap_n, window, readout: the rule
+            axes (docs/rules.md); None leaves the default (D-RTRL's; ``readout``: ``step`` for
+            the exact scopes, else ``trace``).
         feedback_seed: seed of the fixed random feedback weights (``signal='random'``).
         key_seed: seed of the random key of random-projection traces.
         **kw: the options of :class:`~brainscale.algorithms.ETraceAlgorithm`
@@ -95,8 +96,8 @@ class RuleAlgorithm(ETraceAlgorithm):
     def __init__(self, model, *, policy: str | None = None, recursion: str | None = None,
                  scope: str | None = None, signal: str | None = None, filter: str | None = None,
                  schedule: str | None = None, kappa: float | None = None,
-                 snap_n: int | None = None, window: int | None = None, feedback_seed: int = 0,
-                 key_seed: int = 0, **kw):
+                 snap_n: int | None = None, window: int | None = None,
+                 readout: str | None = None, feedback_seed: int = 0, key_seed: int = 0, **kw):
         if kw.get("vjp_method", "single-step") != "single-step":
             raise BrainscaleError(
                 f"{type(self).__name__} runs one step per call (vjp_method='single-step'): "
@@ -108,7 +109,8 @@ class RuleAlgorithm(ETraceAlgorithm):
         if policy is not None:
             self._policy = policy
         given = dict(recursion=recursion, scope=scope, signal=signal, filter=filter,
-                     schedule=schedule, kappa=kappa, snap_n=snap_n, window=window)
+                     schedule=schedule, kappa=kappa, snap_n=snap_n, window=window,
+                     readout=readout)
         self.rule_axes = {**self._rule_axes, **{k: v for k, v in given.items() if v is not None}}
         self._user_pipeline = self.pipeline
         self._key = _RandomKey(jax.random.PRNGKey(int(key_seed)))
@@ -422,18 +424,29 @@ class DNIAlgorithm(RuleAlgorithm):
 
     Each hidden group with a trace gets a linear synthetic-gradient module
     ``ĝ(h) = h W + b`` (its states stacked, per example) predicting ``∂(future losses)/∂h``.
-    The learning signal of the traces is ``∂L^t/∂h^t + ĝ(h^t)`` (``signal=synthetic``); the
-    module is regressed online on its bootstrapped target
-    ``∂(L^t + ĝ(h^t)·h^t)/∂h^{t-1}``: the gradient returned for its parameters
-    (:meth:`synthetic_params`, zero-initialised) is that of ``½‖ĝ(h^{t-1}) − target‖²``.
-    Train them with the model's parameters, e.g.
+    The learning signal is that of ``L^t + ĝ(h^t)·h^t`` (``signal=synthetic``): the step's
+    loss plus the predicted future losses. The module is regressed online on its
+    bootstrapped target ``∂(L^t + ĝ(h^t)·h^t)/∂h^{t-1}``: the gradient returned for its
+    parameters (:meth:`synthetic_params`, zero-initialised) is that of
+    ``½‖ĝ(h^{t-1}) − target‖²``. Train them with the model's parameters, e.g.
     ``online_gradients(learner, xs, ys, loss, params={**net.states(ParamState),
     **learner.synthetic_params()})``.
+
+    Args:
+        model: the brainstate model (states initialised).
+        readout: how the traces turn into gradients. ``'step'`` (default, printed
+            ``readout=step``): the last step exact, ``∂(L^t + ĝ·h^t)/∂θ`` at fixed
+            ``h^{t-1}`` plus the target above contracted with the previous trace
+            ``ε^{t-1}``; the VJP it needs is the one the target already takes, and every
+            path of the step (through the recurrent weights too) counts, as in braintrace's
+            one-step windows. ``'trace'``: the signal ``∂L^t/∂h^t + ĝ(h^t)`` times the new
+            trace ``ε^t`` (D-RTRL's read-out).
+        **kw: the options of :class:`RuleAlgorithm`.
     """
     _policy = "param"
 
-    def __init__(self, model, **kw):
-        super().__init__(model, signal="synthetic", **kw)
+    def __init__(self, model, readout: str = "step", **kw):
+        super().__init__(model, signal="synthetic", readout=readout, **kw)
 
     def synthetic_params(self) -> dict:
         """``{('synthetic', group id): ParamState}`` of the synthetic-gradient modules."""

@@ -164,16 +164,21 @@ class DenseOracle:
             ``'block'`` (the full step Jacobian, every path, masked to its per-neuron blocks:
             entries between the same element of the hidden states; all hidden states must
             have one shape, i.e. one neuron group).
+        readout: ``'trace'`` (the gradient is ``δ^t · E^t``, or ``ε_x^t ⊗ (δ^t · ε_f^t)``) or
+            ``'step'`` (the last step exact: ``∂L^t/∂θ`` with ``h^{t-1}`` fixed, every path,
+            plus ``∂L^t/∂h^{t-1}`` (autodiff of the whole step) times the previous trace).
     """
 
     def __init__(self, model, *example_args, algorithm: str = "param", decay_or_rank=None,
                  loss_fn: Callable | None = None, step_fn: Callable | None = None,
-                 jacobian: str = "cut"):
+                 jacobian: str = "cut", readout: str = "trace"):
         if algorithm not in ("param", "io"):
             raise ValueError(f"algorithm must be 'param' or 'io', got {algorithm!r}")
         if jacobian not in ("cut", "block"):
             raise ValueError(f"jacobian must be 'cut' or 'block', got {jacobian!r}")
-        self.jacobian = jacobian
+        if readout not in ("trace", "step"):
+            raise ValueError(f"readout must be 'trace' or 'step', got {readout!r}")
+        self.jacobian, self.readout = jacobian, readout
         self.model = model
         self.algorithm = algorithm
         self.alpha = alpha_of(decay_or_rank) if algorithm == "io" else None
@@ -501,6 +506,28 @@ class DenseOracle:
             else:
                 grads_leaves[si] = list(leaves)
 
+        step_read = self.readout == "step"
+        if step_read:
+            # the whole step differentiated in (h^{t-1}, θ): ∂L^t/∂h^{t-1} and ∂L^t/∂θ|h
+            tp_pos = [i for si in self.trace_param_idx for i in self._st_in[si]]
+
+            def L_full(h_flat, tp_leaves):
+                vals = list(invals)
+                for (_, i, _, _), leaf in zip(self._hidden, self._unflat_h(h_flat)):
+                    vals[i] = leaf
+                for i, leaf in zip(tp_pos, tp_leaves):
+                    vals[i] = leaf
+                e, _, _ = self._forward(vals)
+                return L_of([_read(e, self._jaxpr.outvars[p]) for p in fpos])
+            h_prev = self._flat_h([invals[i] for _, i, _, _ in self._hidden])
+            dh_prev, dtp = jax.grad(L_full, argnums=(0, 1))(h_prev, [invals[i] for i in tp_pos])
+            k = 0
+            for si in self.trace_param_idx:
+                n = len(self._st_in[si])
+                acc(si, dtp[k:k + n])
+                k += n
+            E_old, eps_f_old, eps_x_old = dict(self._E), dict(self._eps_f), dict(self._eps_x)
+
         alpha = self.alpha
         new_eps_x = {}
         if self.algorithm == "io":
@@ -522,12 +549,14 @@ class DenseOracle:
             # direct gradient: VJP of w -> op(x_q, w) with the direct signal c_q
             _, vjp_w = jax.vjp(lambda ww, x=x, op=op: op.apply(x, ww), w)
             direct = vjp_w(cs[op.index].astype(op.y_var.aval.dtype))[0]
-            acc(op.param_idx, direct)
+            if not step_read:
+                acc(op.param_idx, direct)
             _, unravel = ravel_pytree(w)
             if self.algorithm == "param" or op.x_key is None:
                 E = J @ self._E[op.index] + D @ G
                 self._E[op.index] = E
-                acc(op.param_idx, unravel(delta @ E))
+                acc(op.param_idx, unravel(dh_prev @ E_old[op.index] if step_read
+                                          else delta @ E))
                 if self.algorithm == "param":
                     traces[(op.index, path)] = np.asarray(E)
                 else:
@@ -536,8 +565,13 @@ class DenseOracle:
                 eps_f = alpha * (J @ self._eps_f[op.index]) + (1.0 - alpha) * D
                 self._eps_f[op.index] = eps_f
                 ex = new_eps_x[op.x_key]
-                c = jnp.reshape(delta @ eps_f, op.y_shape).astype(op.y_var.aval.dtype)
-                _, vjp_e = jax.vjp(lambda ww, ex=ex, op=op: op.apply(ex, ww), w)
+                if step_read:           # the previous factors (zero before the first step)
+                    ex_r = eps_x_old.get(op.x_key, [jnp.zeros_like(e) for e in ex])
+                    c = dh_prev @ eps_f_old[op.index]
+                else:
+                    ex_r, c = ex, delta @ eps_f
+                c = jnp.reshape(c, op.y_shape).astype(op.y_var.aval.dtype)
+                _, vjp_e = jax.vjp(lambda ww, ex=ex_r, op=op: op.apply(ex, ww), w)
                 acc(op.param_idx, vjp_e(c)[0])
                 traces_io["x"][op.index] = (np.asarray(ex[0]) if len(ex) == 1
                                             else [np.asarray(e) for e in ex])

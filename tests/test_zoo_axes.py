@@ -91,6 +91,12 @@ BAD = [
     ("policy=param,scope=coupled,signal=random", "signal=symmetric"),
     ("policy=param,schedule=window", "window"),
     ("policy=param,scope=diagonal,signal=telepathy", "signal"),
+    ("policy=param,readout=sometimes", "readout must be one of trace, step"),
+    ("policy=param,scope=coupled,readout=trace", "readout=step"),
+    ("policy=random,scope=coupled,readout=trace", "dim=random reads its gradient"),
+    ("policy=param,filter=kappa,kappa=0.5,readout=step", "filter=kappa"),
+    ("policy=param,signal=random,readout=step", "signal=random has no such cotangent"),
+    ("policy=param,signal=modulatory,readout=step", "signal=modulatory"),
 ]
 
 
@@ -137,7 +143,42 @@ def test_rule_key_carries_the_non_default_axes():
         ("io", None, "jax", (("signal", "random"),))
 
 
+def test_verifier_refuses_two_readouts_on_one_parameter():
+    """readout=step takes a parameter's whole instantaneous gradient from the step's VJP, so
+    a pass that gives one of its traces another read-out is refused."""
+    class Shared(brainstate.nn.Module):         # one weight, two ops
+        def __init__(self):
+            super().__init__()
+            self.w = brainscale.ETraceParam({"weight": jnp.eye(3) * 0.5},
+                                            brainscale.MatMulOp())
+            self.v = brainscale.ETraceState(jnp.ones(3) * 0.1)
+
+        def update(self, x):
+            self.v.value = 0.9 * self.v.value + self.w.execute(x) + self.w.execute(
+                jnp.tanh(self.v.value))
+            return self.v.value
+    m, x0 = Shared(), jnp.ones(3)
+    g = brainscale.compile(m, x0, algorithm=None, backend="jax-zoo",
+                           pipeline="hidden-groups,relations,select-dims{policy=param},"
+                                    "layout-traces").graph
+    ids = [t.id for t in g.traces if t.dim != "none"]
+    assert len(ids) == 2, g          # the weight has two traces
+    first = ids[0]
+
+    @brainscale.function_pass("zoo-test-mixed-readout2", requires={"trace-arrays"},
+                              register=False)
+    def mixed2(graph, ctx):
+        ts = [dataclasses.replace(t, readout="step") if t.id == first else t
+              for t in graph.traces]
+        return graph.replace(traces=tuple(ts))
+    with pytest.raises(PassError, match="every trace of one parameter needs the same readout"):
+        brainscale.compile(m, x0, algorithm=None, backend="jax-zoo",
+                           pipeline=["hidden-groups", "relations", "select-dims{policy=param}",
+                                     "layout-traces", mixed2])
+
+
 @pytest.mark.parametrize("options,needle", [
+    ("policy=param,readout=step", "readout=step (the last step exact"),
     ("policy=param,signal=random", "signal=random, a learning signal the step of backend 'jax'"),
     ("policy=param,scope=coupled", "needs a step that passes its rules the full step"),
 ])
@@ -157,6 +198,13 @@ def test_zoo_rules_refuse_drivers_that_compute_the_symmetric_signal():
     with pytest.raises(BackendError, match="signal=random, but this driver"):
         brainscale.online_gradients(learner, xs, xs[..., :1] * 0 + jnp.ones((4, 2, 5)),
                                     loss_fn, chunk=2)
+    dni = zoo.DNIAlgorithm(models.lif_delta(2)[0]).compile_graph(x0)
+    with pytest.raises(BackendError, match="signal=synthetic, but this driver"):
+        brainscale.online_gradients(dni, xs, jnp.ones((4, 2, 5)), loss_fn, chunk=2)
+    stepped = zoo.RuleAlgorithm(models.lif_delta(2)[0], policy="param",
+                                readout="step").compile_graph(x0)
+    with pytest.raises(BackendError, match="readout=step, which reads the previous trace"):
+        brainscale.online_gradients(stepped, xs, jnp.ones((4, 2, 5)), loss_fn, chunk=2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -482,11 +482,16 @@ class LeakyRNN(brainstate.nn.Module):
         return self.h.value
 
 
+@pytest.mark.parametrize("readout", ["step", "trace"])
 @pytest.mark.parametrize("batch", [0, 2])
-def test_dni_equals_literal_synthetic_gradient_equations(batch):
+def test_dni_equals_literal_synthetic_gradient_equations(batch, readout):
+    """``readout='trace'``: ``(δ + ĝ(h^t)) · E^t``; ``'step'`` (the default): the last step
+    exact, ``∂(L^t + ĝ·h^t)/∂θ|_{h^{t-1}} + target · E^{t-1}``."""
     net, ref = LeakyRNN(batch), LeakyRNN(batch)
     x0 = jnp.zeros(_shape(batch, 2))
-    learner = zoo.DNIAlgorithm(net).compile_graph(x0)
+    learner = zoo.DNIAlgorithm(net, **({} if readout == "step" else {"readout": readout}))
+    learner.compile_graph(x0)
+    assert ("readout=step" in learner.ir()) == (readout == "step")
     (sg_state,) = learner.synthetic_params().values()
     rng = np.random.RandomState(8)
     A = jnp.asarray(rng.randn(4, 4) * 0.3, jnp.float32)
@@ -518,13 +523,23 @@ def test_dni_equals_literal_synthetic_gradient_equations(batch):
         dy = jnp.concatenate([jnp.broadcast_to(jnp.eye(4), np.shape(h) + (4,)),
                               jnp.einsum("...i,jk->...jik", pre, jnp.eye(4)).reshape(
                                   np.shape(h) + (-1,))], -1)             # (..., 4, |θ|)
-        E = 0.8 * E + df[..., None] * dy
+        E_old, E = E, 0.8 * E + df[..., None] * dy
         h_new = F(h, x, W, b)
         sig = tgt + ghat(h_new)                                            # δ + ĝ(h^t)
-        g_theta = jnp.einsum("...n,...nc->c", sig, E)
-        # the synthetic module's target and regression gradient
+        # the synthetic module's target
         _, vjp = jax.vjp(lambda hp: F(hp, x, W, b), h)
         (target,) = vjp(tgt + ghat(h_new))
+        if readout == "trace":
+            g_theta = jnp.einsum("...n,...nc->c", sig, E)
+        else:       # ∂/∂θ at fixed h^{t-1} (every path) + the target with the old trace
+            _, vjp_t = jax.vjp(lambda b_, W_: F(h, x, W_, b_), b, W)
+            gb, gW = vjp_t(sig)
+            g_theta = jnp.concatenate([gb, gW.ravel()]) + \
+                jnp.einsum("...n,...nc->c", target, E_old)
+            if s:   # the two read-outs differ once there is a previous trace
+                assert not np.allclose(g_theta, jnp.einsum("...n,...nc->c", sig, E),
+                                       rtol=1e-3)
+        # the synthetic module's regression gradient
         err = ghat(h) - target
         gA = h.reshape(-1, 4).T @ err.reshape(-1, 4)
         gc = err.reshape(-1, 4).sum(0)
@@ -678,3 +693,77 @@ def test_braintrace_names_and_compile_names():
         zoo.EProp(m, feedback="random")
     with pytest.raises(ValueError, match="SnAp order"):
         zoo.SnApAlgorithm(m, n=0)
+
+
+# ---------------------------------------------------------------------------------------
+# readout=step: the last step exact
+# ---------------------------------------------------------------------------------------
+
+READOUT = [("lif_delta", 0, "param"), ("alif", 2, "param"), ("gru_rh", 2, "param"),
+           ("alif", 2, "io"), ("gru_rh", 0, "io"), ("sparse_rec", 2, "param")]
+
+
+@pytest.mark.parametrize("name,batch,policy", READOUT,
+                         ids=[f"{n}-b{b}-{p}" for n, b, p in READOUT])
+def test_step_readout_equals_the_oracle(name, batch, policy):
+    """readout=step: ``∂L^t/∂θ`` at fixed ``h^{t-1}`` (every path of the step) plus
+    ``∂L^t/∂h^{t-1}`` (the whole step's VJP) times the previous trace, per step, against the
+    dense oracle written with autodiff of the whole step; D-RTRL (param) and ES-D-RTRL (io)
+    traces; and it differs from the usual read-out δ^t · ε^t."""
+    from test_online_oracle import _out_shape, loss_fn
+    kw = {} if policy == "param" else {"decay_or_rank": 0.9}
+    m, x0 = models.make(name, batch)
+    m_ref, _ = models.make(name, batch)
+    m_tr, _ = models.make(name, batch)
+    learner = zoo.RuleAlgorithm(m, policy=policy, readout="step", **kw).compile_graph(x0)
+    assert {t.readout for t in learner.graph.traces if t.dim != "none"} == {"step"}
+    assert "readout=step" in learner.ir()
+    usual = zoo.RuleAlgorithm(m_tr, policy=policy, **kw).compile_graph(x0)
+    orc = DenseOracle(m_ref, x0, algorithm=policy, loss_fn=loss_fn, readout="step", **kw)
+    params, params_tr = m.states(brainstate.ParamState), m_tr.states(brainstate.ParamState)
+
+    def stepper(lr, ps):
+        @brainstate.transform.jit
+        def step(x, t):
+            return brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)()
+        return step
+    step, step_tr = stepper(learner, params), stepper(usual, params_tr)
+    rng = np.random.RandomState(12)
+    shape = _out_shape(name, batch, x0)
+    differs = 0.0
+    for t in range(8):
+        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
+        tgt = jnp.asarray(rng.randn(*shape), jnp.float32)
+        g, gt = step(x, tgt), step_tr(x, tgt)
+        r = orc.step(x, target=tgt)
+        for k in params:
+            assert_rel_close(g[k], r["grads"][k], f"t={t} {k}", rtol=2e-4)
+            for a, b in zip(jax.tree.leaves(g[k]), jax.tree.leaves(gt[k])):
+                differs = max(differs, float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                             / (np.abs(np.asarray(a)).max() + 1e-12)))
+    assert differs > 1e-3
+
+
+def test_step_readout_on_group_scope_and_exact_scopes():
+    """OSTL's group scope takes readout=step too (the old influence of its groups through
+    the step's VJP); the exact scopes read out that way by default (printed), and a trace
+    that would read them otherwise is refused."""
+    from test_online_oracle import loss_fn
+    m, x0 = models.make("alif", 2)
+    g_step = zoo.OSTLAlgorithm(m, readout="step").compile_graph(x0)
+    assert {(t.scope, t.readout) for t in g_step.graph.traces if t.dim != "none"} == \
+        {("group", "step")}
+    rt = zoo.RTRLAlgorithm(models.make("alif", 2)[0]).compile_graph(x0)
+    assert "readout=step" in rt.ir()
+    # on one recurrent layer the group scope is exact with either read-out: both equal BPTT
+    xs = jnp.asarray(np.random.RandomState(3).randn(6, *np.shape(x0)), jnp.float32)
+    from test_online_oracle import _out_shape
+    ys = jnp.asarray(np.random.RandomState(4).randn(6, *_out_shape("alif", 2, x0)),
+                     jnp.float32)
+    g, _ = brainscale.online_gradients(g_step, xs, ys, loss_fn)
+    m_ref, _ = models.make("alif", 2)
+    ref = bptt_grads(m_ref, list(xs), loss_fn, targets=list(ys))
+    for k in g:
+        assert_rel_close(g[k], ref[k], f"OSTL readout=step vs BPTT {k}", rtol=1e-4)
+    with pytest.raises(brainscale.PipelineError, match="readout=step"):
+        zoo.RTRLAlgorithm(models.make("alif", 2)[0], readout="trace").compile_graph(x0)

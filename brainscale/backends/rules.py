@@ -74,7 +74,7 @@ def rule_key(trace) -> tuple:
     axes and learning signal: the key a step groups traces by (one rule call per key)."""
     from ..ir.nodes import AXIS_DEFAULTS
     base = (trace.dim, trace.layout if trace.dim == "param" else None, trace.path)
-    extra = {k: getattr(trace, k) for k in RULE_AXES + ("signal",)
+    extra = {k: getattr(trace, k) for k in RULE_AXES + ("signal", "readout")
              if getattr(trace, k) != AXIS_DEFAULTS[k]}
     return base + ((_axes_key(extra),) if extra else ())
 
@@ -116,6 +116,12 @@ def make_rule(trace, backend) -> "TraceRule":
             f"needs a step that {rule.needs_program_why}; backend {name!r} does not emit one. "
             f"Compile with backend='jax-zoo' or an algorithm of brainscale.zoo (e.g. "
             f"RTRLAlgorithm)")
+    if trace.readout == "step" and "step-readout" not in getattr(backend, "program_features", ()):
+        raise BackendError(
+            f"trace {trace.id} has readout=step (the last step exact: its gradient reads the "
+            f"previous trace through one VJP of the whole step); the step of backend {name!r} "
+            f"does not compute that VJP. Compile with backend='jax-zoo' or an algorithm of "
+            f"brainscale.zoo (e.g. DNIAlgorithm, RuleAlgorithm(model, readout='step'))")
     return rule
 
 
@@ -264,9 +270,10 @@ def param_blocks(graph, trace) -> list[ParamBlock]:
 
 
 def check_signal(ctx, traces) -> None:
-    """A trace whose learning signal is not ``symmetric`` gets its δ from a step that
-    computes that signal (``ctx.step`` set, the jax-zoo backend); a driver that computes the
-    symmetric δ itself (chunked online gradients, multi-step windows) must not run it."""
+    """A trace whose learning signal is not ``symmetric``, or whose read-out is not
+    ``trace``, gets its δ from a step that computes that signal (``ctx.step`` set, the
+    jax-zoo backend); a driver that computes the symmetric δ itself (chunked online
+    gradients, multi-step windows) must not run it."""
     if ctx.step is None:
         for t in traces:
             if t.signal != "symmetric":
@@ -274,6 +281,12 @@ def check_signal(ctx, traces) -> None:
                     f"trace {t.id} has signal={t.signal}, but this driver computes the "
                     f"symmetric learning signal itself (online_gradients(chunk=K>1), "
                     f"multi-step windows): run the learner one step per call (chunk=1)")
+            if t.readout != "trace":
+                raise BackendError(
+                    f"trace {t.id} has readout={t.readout}, which reads the previous trace "
+                    f"through one VJP of the whole step; this driver (online_gradients("
+                    f"chunk=K>1), multi-step windows) reads δ^t · ε^t: run the learner one "
+                    f"step per call (chunk=1)")
 
 
 def _tree_add(a, b):

@@ -326,7 +326,7 @@ class InfluenceRule(TraceRule):
             lay = _Layout(ctx.graph, b, t)
             theta_leaves = ctx.theta_t[lay.pi]
             dt = jnp.result_type(*theta_leaves)
-            if t.scope == "group":
+            if t.readout == "trace":
                 # δ (the spatial signal) with the new influence of the traced groups
                 acc = jnp.zeros((lay.C,), dt)
                 for entry in lay.covered:

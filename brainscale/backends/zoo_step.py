@@ -70,9 +70,19 @@ class ZooProgram(Program):
                                     f"tangents of {', '.join(plan.ops) or 'no op'})")
         self.lin.x_tangents = tuple((q, gid) for gid, pl in self.block_plans.items()
                                     for q in pl.ops)
-        self.exact_rels = {rid for e in self.plan if getattr(e.rule, "full_vjp", False)
-                           for t in e.traces if t.scope != "group" for rid in t.relations}
-        self.needs_vjp = bool(self.exact_rels)
+        #: relations whose gradient is read out through the step's VJP (readout=step): the
+        #: influence rules do it themselves (``full_vjp``); for the per-neuron traces the
+        #: step contracts the previous arrays with ∂L^t/∂h^{t-1} and adds ∂L^t/∂θ|h
+        self.exact_rels = {rid for e in self.plan for t in e.traces if t.readout == "step"
+                           for rid in t.relations}
+        self.step_read = [i for i, e in enumerate(self.plan)
+                          if e.traces[0].readout == "step" and not getattr(e.rule, "full_vjp", False)]
+        #: the signals whose full-step VJP the backward takes (symmetric: the step's cotangents;
+        #: synthetic: plus ĝ(h^t) at the new states)
+        self.vjp_signals = {t.signal for i in self.step_read for t in self.plan[i].traces}
+        self.needs_vjp = "symmetric" in self.vjp_signals or any(
+            getattr(e.rule, "full_vjp", False) and e.traces[0].readout == "step"
+            for e in self.plan)
         self.signals_used = {t.signal for e in self.plan for t in e.traces}
         self.feedback = self._feedback_weights(feedback_seed) \
             if "random" in self.signals_used else {}
@@ -211,6 +221,7 @@ class ZooProgram(Program):
                                                      jnp.shape(h)) for h in hidden]
         jaxpr = self.lin.jaxpr
         ct_aux = jax.tree.map(zero_cotangent, aux)
+        vjps = {}
         if "synthetic" in self.signals_used:
             sgp = aux.get("sg")
             if sgp is None:
@@ -219,25 +230,41 @@ class ZooProgram(Program):
             ghat = [jax.lax.stop_gradient(v) for v in self._synthetic(sgp, new_hidden)]
             deltas["synthetic"] = [d + gh for d, gh in zip(delta, ghat)]
             # the bootstrapped target of ĝ(h^{t-1}): ∂(L^t + ĝ(h^t)·h^t)/∂h^{t-1}
-            target, _ = full_vjp(self.lin, theta_t, theta_p, args, hidden, others,
-                                 output_cotangents(self.b, jaxpr, cts, extra_hidden=ghat))
+            vjps["synthetic"] = full_vjp(self.lin, theta_t, theta_p, args, hidden, others,
+                                         output_cotangents(self.b, jaxpr, cts,
+                                                           extra_hidden=ghat))
+            target = vjps["synthetic"][0]
             ct_aux = dict(ct_aux)
             ct_aux["sg"] = self._sg_grads(sgp, hidden, target)
         step = {"aux": aux, "old": {}}
         if outputs:     # filter=kappa_out: L = ∂L^t/∂z^t, and the states' own cotangents
             step["d_out"], step["ct_hidden"] = d_out, cts[1]
         if self.needs_vjp:
-            step["vjp"] = full_vjp(self.lin, theta_t, theta_p, args, hidden, others,
-                                   output_cotangents(self.b, jaxpr, cts))
+            vjps["symmetric"] = step["vjp"] = full_vjp(
+                self.lin, theta_t, theta_p, args, hidden, others,
+                output_cotangents(self.b, jaxpr, cts))
         for e in self.plan:
             for t, ps in zip(e.traces, e.positions):
                 step["old"][t.id] = [traces_old[p] for p in ps]
         ctx = RuleContext(self.g, self.b, self.sig, tuple(theta_t), None, step)
-        for e in self.plan:
-            d = deltas[e.traces[0].signal]
+        inst = {}               # readout=step: ∂L^t/∂θ|h of each parameter, once
+        for i, e in enumerate(self.plan):
+            sig = e.traces[0].signal
+            if i in self.step_read:
+                # the last step exact: the previous arrays with ∂L^t/∂h^{t-1}
+                dh_prev, dtheta = vjps[sig]
+                for t in e.traces:
+                    for rid in t.relations:
+                        pi = self.b.tparam_pos(self.g.relation_by_id[rid].param)
+                        inst.setdefault(pi, dtheta[pi])
+                self.add_grads(g_t, e.rule.grad(ctx, e.traces,
+                                                [[traces_old[p] for p in ps]
+                                                 for ps in e.positions], list(dh_prev)))
+                continue
             self.add_grads(g_t, e.rule.grad(ctx, e.traces,
                                             [[new_traces[p] for p in ps] for ps in e.positions],
-                                            d))
+                                            deltas[sig]))
+        self.add_grads(g_t, [(pi, li, g) for pi, gs in inst.items() for li, g in enumerate(gs)])
         xs_map = {o.name: x for o, x in zip(self.g.ops, xs)}
         direct = self.sig.direct_grads(theta_t, xs_map, d_zeta)
         exact_params = {self.b.tparam_pos(self.g.relation_by_id[rid].param)
@@ -280,7 +307,7 @@ class ZooBackend(JaxBackend):
     """The JAX step for every rule axis (see the module docstring)."""
     name = "jax-zoo"
     signals = ("symmetric", "random", "modulatory", "synthetic")
-    program_features = ("full-step", "output-signal", "block-jacobian")
+    program_features = ("full-step", "output-signal", "block-jacobian", "step-readout")
 
     def __init__(self, jit: bool = True, feedback_seed: int = 0):
         super().__init__(jit=jit)

@@ -37,6 +37,7 @@ TRACE_AXES = {
     "signal": ("symmetric", "random", "modulatory", "synthetic"),
     "filter": ("none", "kappa", "kappa_out"),
     "schedule": ("step", "window", "end"),
+    "readout": ("trace", "step"),
 }
 AXIS_DEFAULTS = {k: v[0] for k, v in TRACE_AXES.items()}
 #: scopes that keep an influence matrix over hidden states (``block`` and ``diagonal`` keep
@@ -293,7 +294,11 @@ class Trace:
     user-supplied third factor, ``synthetic`` plus a learned synthetic gradient);
     ``filter`` (``none``, ``kappa``: ē ← κ ē + ε per state, ``kappa_out``: ē ← κ ē +
     ∂z/∂h · ε at the group's output ``z``, Bellec et al.); ``schedule`` when gradients are
-    emitted (``step``, ``window`` of ``window`` steps, ``end`` of the sequence).
+    emitted (``step``, ``window`` of ``window`` steps, ``end`` of the sequence); ``readout``
+    how the gradient reads the trace (``trace``: the signal of step t times the new trace,
+    ``δ^t · ε^t``; ``step``: the last step exact, ``∂L^t/∂θ|_{h^{t-1}} + ∂L^t/∂h^{t-1} ·
+    ε^{t-1}`` with ``∂L^t/∂h^{t-1}`` one VJP of the whole step, as exact RTRL reads its
+    influence matrix).
 
     Every field but ``attrs`` is read by the backends. ``arrays`` is filled by the
     ``layout-traces`` pass (or a backend's variant); shapes and bytes derive from it.
@@ -314,6 +319,7 @@ class Trace:
     signal: str = "symmetric"       # 'symmetric' | 'random' | 'modulatory' | 'synthetic'
     filter: str = "none"            # 'none' | 'kappa' | 'kappa_out'
     schedule: str = "step"          # 'step' | 'window' | 'end'
+    readout: str = "trace"          # 'trace' | 'step'
     kappa: float | None = None      # filter=kappa / kappa_out: the low-pass factor
     snap_n: int | None = None       # scope=sparse: the SnAp order n
     window: int | None = None       # schedule=window: steps per window

@@ -91,6 +91,21 @@ def verify(graph) -> None:
     covered: dict[str, str] = {}
     for t in graph.traces:
         _verify_trace(graph, t, covered)
+    readouts: dict = {}
+    for t in graph.traces:
+        if t.dim == "none":
+            continue
+        for rid in t.relations:
+            r = graph.relation_by_id.get(rid)
+            if r is None:
+                continue
+            other = readouts.setdefault(r.param, (t.id, t.readout))
+            if other[1] != t.readout:
+                _fail(graph, f"traces {other[0]} and {t.id} of parameter {r.param!r} have "
+                             f"readout={other[1]} and readout={t.readout}: readout=step takes "
+                             f"the parameter's whole instantaneous gradient from the step's "
+                             f"VJP, so every trace of one parameter needs the same readout",
+                      f"trace {t.id} =")
     if "trace-dims" in graph.facts:
         for r in graph.relations:
             if r.id not in covered:
@@ -106,7 +121,7 @@ def verify(graph) -> None:
 #: trace note keys that would read like (and print over) a typed field
 _TYPED_KEYS = ("layout", "shared_x", "alpha", "decay", "rank", "decay_rank", "path", "bytes",
                "arrays", "storage", "recursion", "scope", "signal", "filter", "schedule",
-               "kappa", "snap_n", "window")
+               "kappa", "snap_n", "window", "readout")
 
 
 def _positive_int(v) -> bool:
@@ -176,6 +191,21 @@ def axes_error(t) -> str | None:
                     f"scope=coupled, not scope={t.scope}")
         if t.layout is not None or t.shared_x is not None or t.decay is not None:
             return "dim=random keeps a rank-1 pair u_h, u_p: it sets no layout, shared_x or decay"
+    # the read-out: the exact scopes read their influence through the step's VJP
+    exact = t.dim == "random" or t.scope in ("coupled", "sparse")
+    if exact and t.readout != "step":
+        what = "dim=random" if t.dim == "random" else f"scope={t.scope}"
+        return (f"{what} reads its gradient as ∂L/∂θ|h + ∂L/∂h^(t-1) · M^(t-1) through the "
+                f"full VJP of the step (readout=step), not readout={t.readout}")
+    if t.readout == "step":
+        if t.filter != "none":
+            return (f"readout=step reads the previous trace through the step's VJP, but "
+                    f"filter={t.filter} reads the filtered trace with the signal of step t: "
+                    f"use readout=trace with a filter, or filter=none")
+        if t.signal not in ("symmetric", "synthetic"):
+            return (f"readout=step takes the exact cotangent of the step's loss (plus ĝ for "
+                    f"signal=synthetic) back through the step; signal={t.signal} has no such "
+                    f"cotangent: use readout=trace")
     if t.filter in ("kappa", "kappa_out") and t.dim != "param":
         return (f"filter={t.filter} low-pass filters a per-parameter trace; dim={t.dim} keeps "
                 f"factors whose filtered sum is not a product of filtered factors: use "

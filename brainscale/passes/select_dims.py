@@ -20,7 +20,10 @@ Every decision and its reason appears in the dump.
 The other rule axes (docs/rules.md) are options too and become fields of every trace:
 ``recursion`` (jacobian | leak | none), ``scope`` (diagonal | group | coupled | sparse, with
 ``snap_n`` | block), ``signal`` (symmetric | random | modulatory | synthetic), ``filter`` (none | kappa |
-kappa_out, with ``kappa``) and ``schedule`` (step | window, with ``window`` | end); ``policy='random'``
+kappa_out, with ``kappa``), ``schedule`` (step | window, with ``window`` | end) and ``readout``
+(trace | step; left unset: ``step`` for the exact scopes ``coupled`` / ``sparse`` and
+random projections, which read their influence through the step's VJP, else ``trace``);
+``policy='random'``
 gives rank-1 random-projection (UORO) traces. A non-diagonal scope or a random projection
 keeps one trace per *parameter* (all its ops: the influence of a weight is the sum over its
 uses) and prices the influence matrix over the hidden states it covers:
@@ -150,21 +153,25 @@ class SelectDimsPass(Pass):
     kappa: float | None = None
     snap_n: int | None = None
     window: int | None = None
+    readout: str | None = None            # None: 'step' for coupled / sparse / random
 
     def axes(self) -> dict:
         """The rule axes every trace gets (typed as the Trace fields want them)."""
         out = {k: getattr(self, k) for k in TRACE_AXES}
+        if self.readout is None:
+            exact = self.scope in ("coupled", "sparse") or self.policy == "random"
+            out["readout"] = "step" if exact else "trace"
         out["kappa"] = None if self.kappa is None else float(self.kappa)
         out["snap_n"], out["window"] = self.snap_n, self.window
         return out
 
     def check_axes(self, alpha) -> None:
         """The option combination forms a rule (else a PipelineError naming the axis)."""
-        for k, legal in TRACE_AXES.items():
-            if getattr(self, k) not in legal:
-                raise PipelineError(f"select-dims: {k} must be one of {', '.join(legal)}, got "
-                                    f"{getattr(self, k)!r}")
         ax = self.axes()
+        for k, legal in TRACE_AXES.items():
+            if ax[k] not in legal:
+                raise PipelineError(f"select-dims: {k} must be one of {', '.join(legal)}, got "
+                                    f"{ax[k]!r}")
         non_diag = self.scope in INFLUENCE_SCOPES or self.policy == "random"
         if non_diag and self.policy not in ("param", "random"):
             raise PipelineError(
