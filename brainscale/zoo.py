@@ -520,17 +520,23 @@ class OSTLRecurrent(OSTLAlgorithm):
 
 class OSTLFeedforward(OSTLAlgorithm):
     """braintrace's name and behaviour: braintrace's ``OSTLFeedforward`` ('without-H') is its
-    input x output (pp_prop) trace with a negligible decay, ``decay_or_rank=1e-6``: the
-    eligibility is ``≈ df ⊗ x`` of the current step, each neuron's own dynamics dropped. So is
-    this alias by default (ES-D-RTRL, ``policy='io'``, α = ``decay_or_rank``).
-    ``keep_dynamics=True`` keeps them instead (``OSTLAlgorithm(model, recurrent=False)``, the
-    diagonal per-parameter trace: exact, equal to BPTT, on a feed-forward SNN).
+    input x output (pp_prop) trace with a negligible decay (α = 1e-6): the eligibility is
+    ``≈ df ⊗ x`` of the current step, each neuron's own dynamics dropped. This alias computes
+    that limit exactly: the input x output trace with ``recursion='none'`` (``ε_x ← x``,
+    ``ε_f ← df``; printed ``recursion=none``), which differs from braintrace's by the α =
+    1e-6 leak (a relative 1e-6) and skips the recursion. ``decay_or_rank=α`` keeps the
+    leaky ES-D-RTRL trace with that α instead (``decay_or_rank=1e-6`` is braintrace's to
+    float rounding). ``keep_dynamics=True`` keeps each neuron's dynamics
+    (``OSTLAlgorithm(model, recurrent=False)``, the diagonal per-parameter trace: exact,
+    equal to BPTT, on a feed-forward SNN).
     """
 
-    def __init__(self, model, decay_or_rank: float | int = 1e-6, keep_dynamics: bool = False,
-                 **kw):
+    def __init__(self, model, decay_or_rank: float | int | None = None,
+                 keep_dynamics: bool = False, **kw):
         if keep_dynamics:
             super().__init__(model, recurrent=False, **kw)
+        elif decay_or_rank is None:
+            super().__init__(model, recurrent=False, policy="io", recursion="none", **kw)
         else:
             super().__init__(model, recurrent=False, policy="io", decay_or_rank=decay_or_rank,
                              **kw)

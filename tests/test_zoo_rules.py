@@ -337,17 +337,26 @@ def test_ostl_feedforward_equals_bptt_on_a_feedforward_snn(batch):
     ref = bptt_grads(m_ref, xs, mse, targets=ys)
     for k in ref:
         assert_rel_close(g[k], ref[k], f"OSTL feed-forward vs BPTT {k}", rtol=1e-5)
-    # the alias's default is braintrace's form: pp_prop with a negligible decay (each
-    # neuron's dynamics dropped), equal to our ES-D-RTRL at that decay, not to BPTT
+    # the alias's default is braintrace's form, each neuron's dynamics dropped: the io trace
+    # without recursion (ε_x = x, ε_f = df), the α -> 0 limit of braintrace's pp_prop with
+    # α = 1e-6; with decay_or_rank=1e-6, our ES-D-RTRL at that decay. Neither equals BPTT.
     m2, _ = models.single_layer_2state(batch, spiking=True)
     m3, _ = models.single_layer_2state(batch, spiking=True)
+    m4, _ = models.single_layer_2state(batch, spiking=True)
     bt = zoo.OSTLFeedforward(m2).compile_graph(x0)
-    assert {t.dim for t in bt.graph.traces if t.dim != "none"} == {"io"}
+    assert {(t.dim, t.recursion) for t in bt.graph.traces if t.dim != "none"} == \
+        {("io", "none")}
+    assert "recursion=none" in bt.ir()
     g2, _ = brainscale.online_gradients(bt, xs, ys, mse)
     g3, _ = brainscale.online_gradients(
         brainscale.DiagIODimAlgorithm(m3, decay_or_rank=1e-6).compile_graph(x0), xs, ys, mse)
+    g4, _ = brainscale.online_gradients(
+        zoo.OSTLFeedforward(m4, decay_or_rank=1e-6).compile_graph(x0), xs, ys, mse)
     for k in g3:
-        assert_rel_close(g2[k], g3[k], f"OSTLFeedforward vs ES-D-RTRL {k}", rtol=1e-6)
+        assert_rel_close(g2[k], g3[k], f"OSTLFeedforward vs ES-D-RTRL(1e-6) {k}", rtol=2e-5)
+        assert_rel_close(g4[k], g3[k], f"OSTLFeedforward(1e-6) vs ES-D-RTRL {k}", rtol=1e-6)
+        assert not np.allclose(np.asarray(jax.tree.leaves(g2[k])[0]),
+                               np.asarray(jax.tree.leaves(ref[k])[0]), rtol=1e-3)
 
 
 class TwoLayer(brainstate.nn.Module):

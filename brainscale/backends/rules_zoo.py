@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import BackendError
-from .linearize import Forward
+from .linearize import Forward, sg
 from .rules import (IORule, ParamChannelRule, ParamCompactRule, ParamDenseRule, contract_param,
                     param_blocks, register_trace_rule)
 from .signals import is_float
@@ -73,11 +73,23 @@ class IORecursionRule(IORule):
     def update(self, ctx, traces, arrays):
         out = []
         for t, vals in zip(traces, arrays):
-            tt = dataclasses.replace(t, decay=0.0) if t.recursion == "none" else t
-            c = with_recursion(ctx, dataclasses.replace(t, decay=1.0)) \
-                if t.recursion == "leak" else with_recursion(ctx, t)
-            out.append(IORule.update(self, c, [tt], [vals])[0])
+            if t.recursion == "none":       # ε_x ← x, ε_f ← df: nothing of the old trace
+                out.append(self._current(ctx, t, vals))
+                continue
+            c = with_recursion(ctx, dataclasses.replace(t, decay=1.0))
+            out.append(IORule.update(self, c, [t], [vals])[0])
         return out
+
+    def _current(self, ctx, t, vals):
+        g, fwd = ctx.graph, ctx.fwd
+        new = list(vals)
+        x_pos, fs = self._parts(t)
+        first = g.relation_by_id[t.relations[0]].op
+        new[x_pos] = sg(fwd.xs[first]).astype(t.arrays[x_pos].type.dtype)
+        for pos, a in fs:
+            op = g.relation_by_id[a.relation].op
+            new[pos] = fwd.DF[(op, a.group)].astype(a.type.dtype)
+        return new
 
 
 class _FilteredTrace:
