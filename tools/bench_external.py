@@ -33,7 +33,9 @@ and without the κ filter, SnAp-2, OSTL with the recurrent term) in ours and bra
 BPTT: time per step, and the gradient of one window against BPTT and against ours
 (``external_zoo.json`` / ``external_zoo.md``). ``--zoo-algos`` also takes ``ostl_ff``,
 ``uoro``, ``three_factor`` and ``dni`` (braintrace's ``DNI`` with a zero synthesiser, fed one
-step per call: a one-step window).
+step per call: a one-step window), and ours-only rows: ``ostl_ffc`` (``OSTLFeedforward``
+summed with ``online_gradients(chunk=16)``), ``ostl_ffd`` (``keep_dynamics=True``),
+``dni_tr`` (``DNIAlgorithm(readout='trace')``), ``eprop_kz``, ``ostl``.
 
 Example::
 
@@ -278,8 +280,8 @@ ZOO_LABEL = {"eprop": "e-prop", "eprop_k": "e-prop κ=0.9 (per state)",
              "eprop_kz": "e-prop κ=0.9 (at the output, the paper's)", "snap2": "SnAp-2",
              "ostl_bt": "OSTLRecurrent(recurrence_scope='diagonal')",
              "ostl_cpl": "OSTLRecurrent (recurrence_scope='coupled')", "ostl": "OSTL, full recurrent term",
-             "ostl_ff": "OSTLFeedforward", "ostl_ffd": "OSTLFeedforward(keep_dynamics=True)", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
-             "dni": "DNI", "bptt": "BPTT"}
+             "ostl_ff": "OSTLFeedforward", "ostl_ffc": "OSTLFeedforward, online_gradients(chunk=16)", "ostl_ffd": "OSTLFeedforward(keep_dynamics=True)", "uoro": "UORO", "three_factor": "three-factor (m = 1)",
+             "dni": "DNI", "dni_tr": "DNI(readout='trace')", "bptt": "BPTT"}
 #: braintrace's same rule (``ostl``, the paper's full recurrent term, has none: braintrace's
 #: OSTLRecurrent is its D-RTRL trace, compared with our alias ``ostl_bt``)
 BT_LABEL = {"eprop": "EProp", "eprop_k": "EProp(kappa_filter_decay=0.9)", "snap2": "SnAp(n=2)",

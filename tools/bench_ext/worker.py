@@ -132,7 +132,8 @@ NO_LEARNER = ("bptt", "fwd", "floor")
 
 #: the rules of brainscale.zoo the worker runs (ours), and braintrace's same rule
 ZOO_ALGOS = ("rtrl", "snap1", "snap2", "uoro", "eprop", "eprop_rf", "eprop_k", "eprop_kz",
-             "ostl", "ostl_ff", "ostl_ffd", "ostl_bt", "ostl_cpl", "three_factor", "dni")
+             "ostl", "ostl_ff", "ostl_ffc", "ostl_ffd", "ostl_bt", "ostl_cpl", "three_factor",
+             "dni", "dni_tr")
 #: ``ostl_bt``: ``OSTLRecurrent(recurrence_scope='diagonal')``, the D-RTRL trace; ``ostl``
 #: (the paper's full recurrent term) has no braintrace counterpart
 #: ``eprop_k``: κ = 0.9 on each state's trace (braintrace's EProp); ``eprop_kz``: the paper's
@@ -162,7 +163,7 @@ def _zoo_learner(algo, net):
         return zoo.EPropAlgorithm(net, kappa=0.9, kappa_at="output")
     if algo == "ostl":
         return zoo.OSTLAlgorithm(net, recurrent=True)
-    if algo == "ostl_ff":             # braintrace's form (pp_prop, decay 1e-6)
+    if algo in ("ostl_ff", "ostl_ffc"):   # braintrace's form (its α = 1e-6 -> 0); ffc: chunk=16
         return zoo.OSTLFeedforward(net)
     if algo == "ostl_ffd":            # each neuron's dynamics kept (ours only)
         return zoo.OSTLFeedforward(net, keep_dynamics=True)
@@ -172,8 +173,10 @@ def _zoo_learner(algo, net):
         return zoo.OSTLRecurrent(net, recurrence_scope="coupled")
     if algo == "three_factor":
         return zoo.ThreeFactorAlgorithm(net, modulator=1.0)
-    if algo == "dni":
+    if algo == "dni":                 # readout=step (the last step exact), the default
         return zoo.DNIAlgorithm(net)
+    if algo == "dni_tr":              # readout=trace: (δ + ĝ) · ε^t
+        return zoo.DNIAlgorithm(net, readout="trace")
     raise ValueError(algo)
 
 
@@ -380,7 +383,7 @@ def run(cfg: dict) -> dict:
         import brainscale
 
         # io_chunk: ES-D-RTRL with the gradient summed over windows of `chunk` steps
-        chunk = int(cfg.get("chunk", 16)) if algo == "io_chunk" else 1
+        chunk = int(cfg.get("chunk", 16)) if algo in ("io_chunk", "ostl_ffc") else 1
 
         def fn(xs, ys):
             g, ls = brainscale.online_gradients(learner, xs, ys, loss_fn, params=params,
