@@ -4,6 +4,9 @@
 * ``--accept`` (or ``BRAINSCALE_ACCEPT=1``): golden files are rewritten instead of compared
   (see ``tests/golden.py``).
 * marker ``gpu``: skipped unless JAX sees a GPU.
+* marker ``optimized``: compiled with XLA's optimisations (the rest of the suite skips most
+  of them for speed: ``JAX_DISABLE_MOST_OPTIMIZATIONS``; ``BRAINSCALE_TEST_OPTIMIZE=1``
+  turns them on everywhere).
 * ``tests/`` is put on ``sys.path`` so tests can ``import models, oracle, golden``.
 """
 from __future__ import annotations
@@ -12,6 +15,13 @@ import os
 import sys
 
 os.environ["BRAINSCALE_VERIFY"] = "1"
+# XLA's optimisation passes preserve what a program computes; the suite compiles thousands
+# of small programs, and skipping most of those passes makes it ~15 % faster. Tests marked
+# ``optimized`` (memory measurements) compile as users do, and BRAINSCALE_TEST_OPTIMIZE=1
+# compiles everything as users do. Set before jax is imported (workers and subprocesses
+# inherit it).
+if os.environ.get("BRAINSCALE_TEST_OPTIMIZE") != "1":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -28,6 +38,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: longer tests")
+    config.addinivalue_line("markers", "optimized: compiled with XLA's optimisations on")
     if config.getoption("--accept", default=False):
         os.environ["BRAINSCALE_ACCEPT"] = "1"
 
@@ -49,3 +60,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _optimized_compile(request):
+    """Tests marked ``optimized`` compile with XLA's optimisations (see the top)."""
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    import jax
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)

@@ -26,6 +26,10 @@ import brainscale
 
 import models
 
+#: memory is measured on what users compile (conftest.py: the rest of the suite skips most
+#: of XLA's optimisations)
+pytestmark = pytest.mark.optimized
+
 
 def loss_fn(out, target):
     return jnp.sum(out * target)

@@ -369,10 +369,16 @@ CASES = {
                      continuous(3), 1. * u.ms, [1]),
 }
 
-#: variants of a module tested above: only two configurations each (param-dim unbatched
-#: and io-dim batched) to keep the file fast. GRUCell(reset_after=False), the default, is in
+#: variants of a module tested above, and neuron / synapse / cell dynamics whose ops are plain
+#: dense layers: only two configurations each (param-dim unbatched and io-dim batched) to
+#: keep the file fast; the batching of their ops is what the remaining four-configuration
+#: cases (convolutions, LoRA, sparse, signed, scale-shift, normalisations, GRU, LSTM) and
+#: tests/test_online_oracle.py cover. GRUCell(reset_after=False), the default, is in
 #: test_nn_fallback.py and tests/compat (its W_r has dim 'none').
-VARIANTS = {"LIF-hard-masked", "Izhikevich-soft", "MGUCell"}
+VARIANTS = {"LIF-hard-masked", "Izhikevich-soft", "MGUCell", "ALIF", "Alpha-CUBA",
+            "COBA-CurrentProj", "Expon-COBA", "GIF", "IF-CUBA", "Izhikevich-hard", "LIF-soft",
+            "LeakyRate-LeakySpikeReadout", "MinimalRNNCell-x", "ValinaRNNCell", "URLSTMCell",
+            "MGUCell-reset-after", "LRUCell-real"}
 CONFIGS = [(case, alg, batch) for case in sorted(CASES)
            for alg, batch in (("param", None), ("param", 2), ("io", None), ("io", 2))
            if case not in VARIANTS or (alg, batch) in (("param", None), ("io", 2))]

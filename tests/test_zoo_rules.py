@@ -587,6 +587,36 @@ def test_ostl_recurrent_alias_is_braintraces_d_rtrl_trace():
         assert_rel_close(g[k], ref[k], f"OSTLRecurrent vs D-RTRL {k}", rtol=1e-6)
 
 
+def _steps_vs_oracle(name, batch, x0, learner, other, orc, seed, rtol):
+    """Step ``learner`` and ``other`` (compiled on two copies of a model) and the oracle 8
+    times; every gradient of ``learner`` equals the oracle's; returns how far ``other``'s
+    are from ``learner``'s (largest relative difference)."""
+    from test_online_oracle import _out_shape, loss_fn
+    params = learner.model.states(brainstate.ParamState)
+    params_o = other.model.states(brainstate.ParamState)
+
+    def stepper(lr, ps):
+        @brainstate.transform.jit
+        def step(x, t):
+            return brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)()
+        return step
+    step, step_o = stepper(learner, params), stepper(other, params_o)
+    rng = np.random.RandomState(seed)
+    shape = _out_shape(name, batch, x0)
+    differs = 0.0
+    for t in range(8):
+        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
+        tgt = jnp.asarray(rng.randn(*shape), jnp.float32)
+        g, go = step(x, tgt), step_o(x, tgt)
+        r = orc.step(x, target=tgt)
+        for k in params:
+            assert_rel_close(g[k], r["grads"][k], f"t={t} {k}", rtol=rtol)
+            for a, b in zip(jax.tree.leaves(g[k]), jax.tree.leaves(go[k])):
+                differs = max(differs, float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                             / (np.abs(np.asarray(a)).max() + 1e-12)))
+    return differs
+
+
 BLOCK = [("lif_delta", 0), ("alif", 2), ("gru_rh", 2)]
 
 
@@ -595,7 +625,7 @@ def test_block_scope_equals_the_oracle_with_the_full_jacobians_blocks(name, batc
     """scope=block: D-RTRL's trace with J the per-neuron block of the *full* step Jacobian
     (jacfwd of the whole step, masked to same-neuron entries), per step, against the dense
     oracle; and it differs from D-RTRL's cut J (the recurrent weights' own-neuron paths)."""
-    from test_online_oracle import _out_shape, loss_fn
+    from test_online_oracle import loss_fn
     m, x0 = models.make(name, batch)
     m_ref, _ = models.make(name, batch)
     m_cut, _ = models.make(name, batch)
@@ -604,29 +634,7 @@ def test_block_scope_equals_the_oracle_with_the_full_jacobians_blocks(name, batc
     assert "scope=block" in learner.ir()
     cut = brainscale.DiagParamDimAlgorithm(m_cut).compile_graph(x0)
     orc = DenseOracle(m_ref, x0, algorithm="param", loss_fn=loss_fn, jacobian="block")
-    params = m.states(brainstate.ParamState)
-    params_cut = m_cut.states(brainstate.ParamState)
-
-    def stepper(lr, ps):
-        @brainstate.transform.jit
-        def step(x, t):
-            return brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)()
-        return step
-    step, step_cut = stepper(learner, params), stepper(cut, params_cut)
-    rng = np.random.RandomState(11)
-    shape = _out_shape(name, batch, x0)
-    differs = 0.0
-    for t in range(8):
-        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
-        tgt = jnp.asarray(rng.randn(*shape), jnp.float32)
-        g, gc = step(x, tgt), step_cut(x, tgt)
-        r = orc.step(x, target=tgt)
-        for k in params:
-            assert_rel_close(g[k], r["grads"][k], f"t={t} {k}", rtol=1e-4)
-            for a, b in zip(jax.tree.leaves(g[k]), jax.tree.leaves(gc[k])):
-                differs = max(differs, float(np.abs(np.asarray(a) - np.asarray(b)).max()
-                                             / (np.abs(np.asarray(a)).max() + 1e-12)))
-    assert differs > 1e-3
+    assert _steps_vs_oracle(name, batch, x0, learner, cut, orc, seed=11, rtol=1e-4) > 1e-3
 
 
 STRUCT = [("gru3", 2), ("alif", 0), ("elemwise_tau", 2), ("single_layer_2state", 2),
@@ -719,7 +727,7 @@ def test_step_readout_equals_the_oracle(name, batch, policy):
     ``∂L^t/∂h^{t-1}`` (the whole step's VJP) times the previous trace, per step, against the
     dense oracle written with autodiff of the whole step; D-RTRL (param) and ES-D-RTRL (io)
     traces; and it differs from the usual read-out δ^t · ε^t."""
-    from test_online_oracle import _out_shape, loss_fn
+    from test_online_oracle import loss_fn
     kw = {} if policy == "param" else {"decay_or_rank": 0.9}
     m, x0 = models.make(name, batch)
     m_ref, _ = models.make(name, batch)
@@ -729,28 +737,7 @@ def test_step_readout_equals_the_oracle(name, batch, policy):
     assert "readout=step" in learner.ir()
     usual = zoo.RuleAlgorithm(m_tr, policy=policy, **kw).compile_graph(x0)
     orc = DenseOracle(m_ref, x0, algorithm=policy, loss_fn=loss_fn, readout="step", **kw)
-    params, params_tr = m.states(brainstate.ParamState), m_tr.states(brainstate.ParamState)
-
-    def stepper(lr, ps):
-        @brainstate.transform.jit
-        def step(x, t):
-            return brainstate.transform.grad(lambda: loss_fn(lr(x), t), ps)()
-        return step
-    step, step_tr = stepper(learner, params), stepper(usual, params_tr)
-    rng = np.random.RandomState(12)
-    shape = _out_shape(name, batch, x0)
-    differs = 0.0
-    for t in range(8):
-        x = jnp.asarray(rng.randn(*np.shape(x0)), jnp.float32)
-        tgt = jnp.asarray(rng.randn(*shape), jnp.float32)
-        g, gt = step(x, tgt), step_tr(x, tgt)
-        r = orc.step(x, target=tgt)
-        for k in params:
-            assert_rel_close(g[k], r["grads"][k], f"t={t} {k}", rtol=2e-4)
-            for a, b in zip(jax.tree.leaves(g[k]), jax.tree.leaves(gt[k])):
-                differs = max(differs, float(np.abs(np.asarray(a) - np.asarray(b)).max()
-                                             / (np.abs(np.asarray(a)).max() + 1e-12)))
-    assert differs > 1e-3
+    assert _steps_vs_oracle(name, batch, x0, learner, usual, orc, seed=12, rtol=2e-4) > 1e-3
 
 
 def test_step_readout_on_group_scope_and_exact_scopes():
