@@ -22,11 +22,11 @@ import brainscale
 
 import models
 from oracle import DenseOracle, bptt_grads
+from test_online_oracle import assert_rel_close, run_case
 
 #: exactness at tight tolerances (spiking nets near the edge of a surrogate's support) is
 #: checked on what users compile: XLA's optimisations on (conftest.py)
 pytestmark = pytest.mark.optimized
-from test_online_oracle import assert_rel_close, run_case
 
 
 def loss_fn(out, target):
