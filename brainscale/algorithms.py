@@ -664,12 +664,16 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         targets: array with a leading time axis, passed to ``loss_fn(out_t, target_t)``.
         loss_fn: per-step loss returning a scalar.
         params: dict of ParamStates to differentiate (default: all of the model's).
-        chunk: K > 1 sums the ES-D-RTRL (io-dim) gradients of dense ops over windows of K
-            steps with one (K·B)-row matrix product instead of K rank-B updates of the
-            ``n_in × n_out`` gradient (same sum up to float rounding; faster when the
-            gradient is large). The loop then owns the step (no ``brainstate`` grad); the
-            per-step traces, states and losses are the same. Only for summed gradients:
-            to apply an update every step, use 1.
+        chunk: K > 1 runs windows of K steps. The ES-D-RTRL (io-dim) gradients of dense
+            ops are summed with one (K·B)-row matrix product instead of K rank-B updates of
+            the ``n_in × n_out`` gradient, and the D-RTRL (param-dim) traces of plain
+            ``MatMulOp``\ s are advanced and read once per window instead of every step
+            (their K steps of Jacobians, ``∂h/∂y``, ``δ`` and inputs enter through
+            (K·B)-row products; ``brainscale.backends.drtrl_window``). Both are the same
+            sums, reassociated: gradients, traces, states and losses equal the per-step loop
+            up to float rounding. The loop then owns the step (no ``brainstate`` grad) and
+            keeps K steps of those per-neuron quantities. Only for summed gradients: to
+            apply an update every step, use 1.
         mesh / batch_axis / neuron_axis: run on a device mesh (see
             :meth:`ETraceAlgorithm.shard`; a learner compiled or sharded with this mesh
             already keeps it). The inputs and targets are split over ``batch_axis`` on their

@@ -72,7 +72,11 @@ LIBS = {
                    "label": "braintrace", "algos": {"io": "pp_prop", "param": "D_RTRL"}},
 }
 OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid",
-              "io_chunk": "ES-D-RTRL chunk", "fwd": "forward", "floor": "floor"}
+              "io_chunk": "ES-D-RTRL chunk", "param_chunk": "D-RTRL chunk", "fwd": "forward",
+              "floor": "floor"}
+#: ours with ``online_gradients(chunk=K)``, per algorithm
+CHUNKED = {"io": "io_chunk", "param": "param_chunk"}
+BASE = {v: k for k, v in CHUNKED.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,8 +192,11 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
     for N in a.N:
         algos = [al for al in ("io", "param") if al in a.algos]
         Ts = {algo: t_for(algo, model, N, B, a) for algo in algos}
-        if "io" in algos and a.chunk > 1:
-            Ts["io_chunk"] = Ts["io"]
+        if a.chunk > 1:
+            if "param" in Ts:   # a few windows, so that the windowed D-RTRL is measured
+                Ts["param"] = max(Ts["param"], -(-4 * a.chunk // 10) * 10)
+            for al in algos:
+                Ts[CHUNKED[al]] = Ts[al]
         data = {}
         for T in sorted(set(Ts.values()) | {a.T}):
             p = wd / f"data_{model}_N{N}_B{B}_T{T}.npz"
@@ -201,7 +208,8 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
         if a.floor:   # what any online rule pays per step: the forward, + one VJP (no traces)
             jobs += [("ours", "fwd", a.T), ("ours", "floor", a.T)]
         for lib in ["ours"] + a.libs:
-            for algo in algos + (["io_chunk"] if lib == "ours" and "io_chunk" in Ts else []):
+            for algo in algos + ([CHUNKED[al] for al in algos if CHUNKED[al] in Ts]
+                                 if lib == "ours" else []):
                 jobs.append((lib, algo, Ts[algo]))
         if N == min(a.N):
             for lib in a.libs:   # identity check: BPTT must agree across libraries
@@ -225,7 +233,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
                    "run": True, "data": data[T], "grads_out": gp if rnd == 0 else None,
                    "mem_T": sorted(set(a.mem_T) | {T}) if (timed and rnd == 0) else [],
                    "chunk": a.chunk,
-                   "bandwidth": algo == "param"}
+                   "bandwidth": algo in ("param", "param_chunk")}
             r = bench.run_worker(cfg, python=pythons[lib], env=env, workdir=str(wd),
                                  timeout=a.timeout)
             r["timed"] = timed
@@ -246,10 +254,10 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             g = dict(np.load(gp))
             row = {"N": N, "lib": lib, "algo": algo, "T": T}
             ref_b = gpaths.get(("ours", "bptt", T))
-            ref_o = gpaths.get(("ours", "io" if algo == "io_chunk" else algo, T))
+            ref_o = gpaths.get(("ours", BASE.get(algo, algo), T))
             if ref_b:
                 row["vs_bptt"] = bench.grad_metrics(g, dict(np.load(ref_b)))
-            if ref_o and (lib != "ours" or algo == "io_chunk"):
+            if ref_o and (lib != "ours" or algo in BASE):
                 row["vs_ours"] = bench.grad_metrics(g, dict(np.load(ref_o)))
             grads.append(row)
         _save(out_dir, results, grads, meta)
@@ -421,8 +429,8 @@ def _ms(r):
 
 
 def _col(lib, algo, chunk=None):
-    if lib == "ours" and algo == "io_chunk" and chunk:
-        return f"ours ES-D-RTRL chunk={chunk}"
+    if lib == "ours" and algo in BASE and chunk:
+        return f"ours {OURS_LABEL[BASE[algo]]} chunk={chunk}"
     return f"ours {OURS_LABEL[algo]}" if lib == "ours" else \
         f"{LIBS[lib]['label']} {LIBS[lib]['algos'][algo]}"
 
@@ -431,7 +439,7 @@ def floor_markdown(res, Ns, libs, algos, chunked, chunk) -> str:
     """Every online column as a multiple of the floor (forward + one instantaneous VJP per
     step, no traces), and the trace work alone (online - floor)."""
     f = bench._fmt
-    online = [("ours", al) for al in algos] + ([("ours", "io_chunk")] if chunked else []) + \
+    online = [("ours", al) for al in algos] + [("ours", al) for al in chunked] + \
              [(lib, al) for lib in libs for al in algos]
     out = ["\n## Against the floor\n",
            "`forward`: the model's step alone (`for_loop` of the loss). `floor`: the forward "
@@ -470,11 +478,12 @@ def markdown(d) -> str:
     # time
     algos = [al for al in ("io", "param")
              if any(r["config"]["algo"] == al for r in res)]
-    chunked = [r for r in res if r["config"]["algo"] == "io_chunk"]
-    chunk = chunked[0]["config"].get("chunk") if chunked else None
+    chunked = [CHUNKED[al] for al in algos
+               if any(r["config"]["algo"] == CHUNKED[al] for r in res)]
+    chunk = next((r["config"].get("chunk") for r in res if r["config"]["algo"] in BASE), None)
     floor = [al for al in ("fwd", "floor") if any(r["config"]["algo"] == al for r in res)]
     cols = [("ours", "bptt")] + [("ours", al) for al in floor + algos] + \
-           ([("ours", "io_chunk")] if chunked else []) + \
+           [("ours", al) for al in chunked] + \
            [(lib, algo) for lib in libs for algo in algos]
     out.append("## Time per step (ms)\n")
     out.append("Median of repeats after a warm-up call, divided by T; with several rounds "
@@ -493,16 +502,22 @@ def markdown(d) -> str:
         rows.append(row)
     out.append(bench.md_table(["N"] + ["BPTT" if a == "bptt" else _col(l, a, chunk)
                                        for l, a in cols], rows))
-    if chunked:
+    if "io_chunk" in chunked:
         out.append(f"\n`ES-D-RTRL chunk={chunk}`: the same ES-D-RTRL gradients summed with "
                    f"`online_gradients(..., chunk={chunk})` (one (K·B)-row product per window "
                    f"instead of a rank-B update of the gradient every step; same sum up to "
                    f"float rounding, see the gradients table). The per-step column is what an "
                    f"update applied every step costs.\n")
+    if "param_chunk" in chunked:
+        out.append(f"\n`D-RTRL chunk={chunk}`: the same D-RTRL gradients summed with "
+                   f"`online_gradients(..., chunk={chunk})`: the traces are advanced and read "
+                   f"once per window of {chunk} steps (the window's J, df, δ and x enter through "
+                   f"(K·B)-row products), the same sum up to float rounding.\n")
     # speedups
     out.append("\n**Speed-ups of ours** (other library's time / ours; > 1 means ours is faster), "
                "and ours / BPTT:\n")
-    ours_cols = [("io", "io")] + ([("io_chunk", "io")] if chunked else []) + [("param", "param")]
+    ours_cols = [("io", "io")] + [("io_chunk", "io")] * ("io_chunk" in chunked) + \
+        [("param", "param")] + [("param_chunk", "param")] * ("param_chunk" in chunked)
     ours_cols = [(o, e) for o, e in ours_cols if e in algos]
     hdr = ["N"]
     for o, e in ours_cols:
@@ -544,11 +559,12 @@ def markdown(d) -> str:
                "once at the copy bandwidth measured in the same process; ratio = time / bound.\n")
     rows = []
     for N in Ns:
-        for lib in ["ours"] + libs:
-            dr = bench.drtrl_row(_r(res, lib, "param", N, fastest=True))
+        for lib, al in [("ours", "param")] + [("ours", "param_chunk")] * (
+                "param_chunk" in chunked) + [(lib, "param") for lib in libs]:
+            dr = bench.drtrl_row(_r(res, lib, al, N, fastest=True))
             if dr:
                 e, ms, ns, bound, ratio, bw = dr
-                rows.append([N, _col(lib, "param"), f"{e:,}", f(ms), f(ns), f(bound),
+                rows.append([N, _col(lib, al, chunk), f"{e:,}", f(ms), f(ns), f(bound),
                              f(ratio, 2)])
     out.append(bench.md_table(["N", "library", "trace elements", "ms/step", "ns/elem/step",
                                "bound ms", "ratio"], rows))

@@ -10,9 +10,13 @@ the learner's custom VJP, with the same math and gradients, so per step:
 3. rules with ``one_pass`` (the Pallas D-RTRL kernel) read ``ε^{t-1}`` once, write ``ε^t``
    and add their gradient into the running sum in the same sweep.
 
-ES-D-RTRL (io-dim) gradients of plain matmul ops may be summed over windows of ``chunk``
-steps: the scan keeps K steps of ``ε_x`` and ``s = Σ ε_f∘δ`` and adds them with one
-(K·B)-row product instead of K rank-B read-modify-writes of the gradient.
+With ``chunk = K > 1`` the loop runs windows of K steps:
+
+* ES-D-RTRL (io-dim) gradients of plain matmul ops are summed with one (K·B)-row product of
+  the K steps of ``ε_x`` and ``s = Σ ε_f∘δ`` instead of K rank-B read-modify-writes of the
+  gradient;
+* compact D-RTRL traces of plain matmul ops are advanced once per window, and their gradient
+  read once per window (:mod:`.drtrl_window`), instead of once per step.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .drtrl_window import DrtrlWindow
 from .rules import IORule
 from .signals import is_float
 
-__all__ = ["drive_online", "check_chunk", "callable_key", "window_accumulate", "plain_matmul_error",
+__all__ = ["drive_online", "check_chunk", "driver_compiler_options", "callable_key", "window_accumulate", "plain_matmul_error",
            "chain_is_one"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -55,6 +60,15 @@ def callable_key(fn) -> tuple:
                 tuple(map(id, fn.__defaults__ or ())),
                 tuple((k, id(v)) for k, v in sorted((fn.__kwdefaults__ or {}).items())))
     return ("object", id(fn))
+
+
+def driver_compiler_options() -> dict | None:
+    """XLA options the chunked loop is compiled with: on CPU, copy insertion with region
+    analysis, which lets a window update the loop-carried traces in place instead of copying
+    them (10-25 % per step for windowed D-RTRL, ALIF N = 1024; ``benchmarks/README.md``)."""
+    if jax.default_backend() == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return None
 
 
 def check_chunk(chunk) -> int:
@@ -116,7 +130,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
         learner: a compiled algorithm (any backend).
         inputs, targets: leading time axis ``(T, ...)``; ``loss_fn(out_t, target_t)``.
         params: dict of ParamStates to return gradients for (default: all of the model's).
-        chunk: K, the window of io-dim matmul gradients summed with one (K·B)-row product.
+        chunk: K, the window of io-dim matmul gradients summed with one (K·B)-row product
+            and of compact D-RTRL traces advanced once (module docstring).
         window_impl: ``(X, S, grad, chain) -> grad`` for a window (default: one XLA GEMM).
         jit: run under ``jax.jit``.
 
@@ -137,6 +152,9 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
     traces0 = tuple(t.value for t in learner._traces)
     deferred = lambda e: e.rule.one_pass is not None  # noqa: E731
     io_entries = [e for e in prog.plan if isinstance(e.rule, IORule)]
+    # compact D-RTRL traces advanced once per window
+    dwin = DrtrlWindow(prog) if chunk > 1 else None
+    skip_tr = dwin.skip if dwin else None
     # io-dim relations whose gradient can be summed over windows: plain matmuls
     windowed = set()
     if chunk > 1:
@@ -153,7 +171,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
         x_t, y_t = xy
         args = tuple(jax.tree.leaves(((x_t,), {})))
         (outs, new_hidden, new_others, new_traces), fwd = prog.forward(
-            th_t, th_p, args, hidden, others, traces, skip=deferred)
+            th_t, th_p, args, hidden, others, traces, skip=deferred,
+            skip_trace=skip_tr if collect else None)
         new_traces = list(new_traces)
         outs = list(outs)
         fl = [i for i, o in enumerate(outs) if is_float(o)]
@@ -174,7 +193,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
             th_t, th_p, args, hidden, others, (tuple(ct_outs), ct_hidden, ct_others, None))
         ctx = prog.context(th_t, fwd)
         skip_grad = lambda e: deferred(e) or (collect and isinstance(e.rule, IORule))  # noqa: E731
-        prog.add_grads(g_t, prog.trace_grads(ctx, new_traces, delta, skip=skip_grad))
+        prog.add_grads(g_t, prog.trace_grads(ctx, new_traces, delta, skip=skip_grad,
+                                             skip_trace=skip_tr if collect else None))
         pairs = {}
         if collect:
             for e in io_entries:
@@ -202,12 +222,17 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
         others = b.carry_others(others, new_others)
         acc = (tuple(tuple(a) for a in acc_t), acc_p)
         io = tuple(pairs[r] for r in win_order) if collect else ()
-        return (tuple(new_hidden), others, tuple(new_traces), acc), (loss, io)
+        dw = dwin.collect(fwd, delta) if collect and dwin else ()
+        return (tuple(new_hidden), others, tuple(new_traces), acc), (loss, io, dw)
 
     def window(carry, xy, th_t, th_p):
-        carry, (losses, io) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, True), carry, xy)
+        carry, (losses, io, dw) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, True),
+                                               carry, xy)
         hidden, others, traces, (acc_t, acc_p) = carry
         acc_t = [list(a) for a in acc_t]
+        if dwin:
+            traces, acc_t = dwin.apply(th_t, traces, dw, acc_t)
+            traces = tuple(traces)
         for rid, (X, S) in zip(win_order, io):
             rel = g.relation_by_id[rid]
             op = g.op_object(rel.op)
@@ -228,9 +253,9 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
                tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_p))
         carry = (hidden, others, traces, acc)
         T = jax.tree.leaves(xs)[0].shape[0]
-        if chunk == 1 or not windowed:
-            carry, (losses, _) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, False),
-                                              carry, (xs, ys))
+        if chunk == 1 or not (windowed or dwin):
+            carry, (losses, _, _) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, False),
+                                                 carry, (xs, ys))
             return carry, losses
         n, r = divmod(T, chunk)
         parts = []
@@ -251,7 +276,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
 
     if jit:
         run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
-                                     lambda: jax.jit(run))
+                                     lambda: jax.jit(run, compiler_options=(
+                                         driver_compiler_options() if chunk > 1 else None)))
     (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
                                                            traces0, inputs, targets)
     b.scatter(hidden, _others_out(b, others), states)

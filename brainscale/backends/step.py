@@ -99,35 +99,44 @@ class Program:
     def context(self, theta_t, fwd=None) -> RuleContext:
         return RuleContext(self.g, self.b, self.sig, tuple(theta_t), fwd)
 
-    def update_traces(self, ctx, traces, skip=lambda entry: False) -> list:
-        """New trace arrays (storage dtypes); entries with ``skip(entry)`` keep the old ones."""
-        new = list(traces)
-        arrays = self.b.arrays
+    def _selected(self, skip, skip_trace):
+        """``(entry, traces, positions)`` per plan entry not skipped, without the traces
+        ``skip_trace`` takes out (a driver that advances those itself)."""
         for e in self.plan:
             if skip(e):
                 continue
-            outs = e.rule.update(ctx, e.traces, [[traces[p] for p in ps] for ps in e.positions])
-            for ps, vals in zip(e.positions, outs):
+            sel = [(t, ps) for t, ps in zip(e.traces, e.positions)
+                   if skip_trace is None or not skip_trace(t)]
+            if sel:
+                yield e, [t for t, _ in sel], [ps for _, ps in sel]
+
+    def update_traces(self, ctx, traces, skip=lambda entry: False, skip_trace=None) -> list:
+        """New trace arrays (storage dtypes); entries with ``skip(entry)`` and traces with
+        ``skip_trace(trace)`` keep the old ones."""
+        new = list(traces)
+        arrays = self.b.arrays
+        for e, ts, pss in self._selected(skip, skip_trace):
+            outs = e.rule.update(ctx, ts, [[traces[p] for p in ps] for ps in pss])
+            for ps, vals in zip(pss, outs):
                 for p, v in zip(ps, vals):
                     new[p] = arrays[p].to_stored(v)
         return new
 
-    def trace_grads(self, ctx, traces, delta, skip=lambda entry: False) -> list:
+    def trace_grads(self, ctx, traces, delta, skip=lambda entry: False, skip_trace=None) -> list:
         """``[(param position, leaf, gradient), ...]`` of every rule from the new traces."""
         out = []
-        for e in self.plan:
-            if skip(e):
-                continue
-            out.extend(e.rule.grad(ctx, e.traces, [[traces[p] for p in ps] for ps in e.positions],
-                                   delta))
+        for e, ts, pss in self._selected(skip, skip_trace):
+            out.extend(e.rule.grad(ctx, ts, [[traces[p] for p in ps] for ps in pss], delta))
         return out
 
-    def forward(self, theta_t, theta_p, args, hidden, others, traces, skip=lambda e: False):
+    def forward(self, theta_t, theta_p, args, hidden, others, traces, skip=lambda e: False,
+                skip_trace=None):
         """``((outs, new_hidden, new_others, new_traces), fwd)``. On a mesh (the graph has
         shardings) the new traces and hidden states keep exactly the IR's shardings."""
         b = self.b
         fwd = self.lin.forward(theta_t, theta_p, args, hidden, others)
-        new_traces = self.update_traces(self.context(theta_t, fwd), list(traces), skip)
+        new_traces = self.update_traces(self.context(theta_t, fwd), list(traces), skip,
+                                        skip_trace)
         outs = fwd.outs
         new_hidden = [outs[i] for i in b.hidden_out]
         if self.mesh is not None:

@@ -143,7 +143,7 @@ class ZooProgram(Program):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, theta_t, theta_p, args, hidden, others, traces, skip=lambda e: False,
-                aux=None):
+                aux=None, skip_trace=None):
         b = self.b
         fwd = self.lin.forward(theta_t, theta_p, args, hidden, others)
         step = {"aux": aux, "inputs": (theta_t, theta_p, args, hidden, others)}
@@ -156,7 +156,7 @@ class ZooProgram(Program):
             for gid, plan in self.block_plans.items():
                 step["JB"][gid] = structured_block(self, plan, fwd, theta_t)
         ctx = RuleContext(self.g, b, self.sig, tuple(theta_t), fwd, step)
-        new_traces = self.update_traces(ctx, list(traces), skip)
+        new_traces = self.update_traces(ctx, list(traces), skip, skip_trace)
         outs = fwd.outs
         new_hidden = [outs[i] for i in b.hidden_out]
         if self.mesh is not None:

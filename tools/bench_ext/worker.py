@@ -8,8 +8,8 @@ Usage: ``python tools/bench_ext/worker.py CONFIG.json`` (written by ``tools/benc
 braintrace 0.2.x). It only needs brainstate, braintools, jax, numpy and the library being
 measured; the model code comes from ``tools/bench_models.py``.
 
-Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk':
-ES-D-RTRL summed with ``online_gradients(chunk=...)``; the rules of ``brainscale.zoo``:
+Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk' /
+'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``; the rules of ``brainscale.zoo``:
 ``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
 seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
@@ -188,7 +188,7 @@ def _learner(lib, algo, net, decay, x0):
         import brainscale as L
         if algo in ("io", "io_chunk"):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
-        elif algo == "param":
+        elif algo in ("param", "param_chunk"):
             lr = L.DiagParamDimAlgorithm(net)
         elif algo == "hybrid":
             lr = L.DiagHybridDimAlgorithm(net, decay_or_rank=decay)
@@ -272,6 +272,9 @@ def _trace_states(lib, learner, net):
             if jax.dtypes.issubdtype(dt, np.floating):
                 elems += int(np.prod(np.shape(leaf)))
                 shapes.append(list(np.shape(leaf)))
+            elif jax.dtypes.issubdtype(dt, np.complexfloating):   # a packed pair of states
+                elems += 2 * int(np.prod(np.shape(leaf)))
+                shapes.append(list(np.shape(leaf)) + [2])
     return elems, shapes
 
 
@@ -382,8 +385,9 @@ def run(cfg: dict) -> dict:
     elif lib == "ours":
         import brainscale
 
-        # io_chunk: ES-D-RTRL with the gradient summed over windows of `chunk` steps
-        chunk = int(cfg.get("chunk", 16)) if algo in ("io_chunk", "ostl_ffc") else 1
+        # io_chunk / param_chunk: ES-D-RTRL / D-RTRL summed over windows of `chunk` steps
+        chunk = int(cfg.get("chunk", 16)) if algo in ("io_chunk", "param_chunk",
+                                                       "ostl_ffc") else 1
 
         def fn(xs, ys):
             g, ls = brainscale.online_gradients(learner, xs, ys, loss_fn, params=params,
@@ -409,7 +413,12 @@ def run(cfg: dict) -> dict:
         return sf.jaxpr_call(vals, xs, ys)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(pure).lower(vals, xs, ys).compile()
+    opts = None
+    if lib == "ours" and algo in ("io_chunk", "param_chunk", "ostl_ffc"):
+        # what online_gradients(chunk=K) compiles with (jit=True)
+        from brainscale.backends.online_driver import driver_compiler_options
+        opts = driver_compiler_options()
+    compiled = jax.jit(pure, compiler_options=opts).lower(vals, xs, ys).compile()
     res["xla_s"] = time.perf_counter() - t0
     if cfg.get("hlo_out"):      # the optimised HLO, for a per-op breakdown
         with open(cfg["hlo_out"], "w") as fh:
@@ -451,7 +460,7 @@ def run(cfg: dict) -> dict:
         a2 = (jax.ShapeDtypeStruct((int(T2), B, bm.N_IN), jnp.float32),
               jax.ShapeDtypeStruct((int(T2), B, bm.N_OUT), jnp.float32))
         try:
-            c2 = jax.jit(pure).lower(vals, *a2).compile()
+            c2 = jax.jit(pure, compiler_options=opts).lower(vals, *a2).compile()
             res["memory_by_T"][str(int(T2))] = _memory(c2)
             del c2
         except Exception as e:  # noqa: BLE001
