@@ -29,7 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .rules import ParamCompactRule, contract_packed, contract_param, param_blocks, rule_key
+from .rules import (ParamCompactRule, chain_is_one, contract_packed, contract_param,
+                    param_blocks, plain_matmul_error, rule_key)
 
 __all__ = ["DrtrlWindow", "window_trace_error"]
 
@@ -38,7 +39,6 @@ _HI = jax.lax.Precision.HIGHEST
 
 def window_trace_error(graph, trace, rule) -> str | None:
     """None when ``trace`` (run by ``rule``) can be summed over windows, else why not."""
-    from .online_driver import plain_matmul_error
     if type(rule) is not ParamCompactRule or rule_key(trace) != ("param", "compact", "jax"):
         return f"rule {getattr(rule, 'name', type(rule).__name__)} with key {rule_key(trace)}"
     for blk in param_blocks(graph, trace):
@@ -107,7 +107,6 @@ class DrtrlWindow:
         X = dict(zip(self.ops, Xs))
         new = list(traces)
         ctx = prog.context(theta_t)
-        from .online_driver import chain_is_one
         for _tid, ps, blk in self.blocks:
             op = g.op_object(blk.op)
             w = ctx.w(blk.param)

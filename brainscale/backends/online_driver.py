@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .drtrl_window import DrtrlWindow
-from .rules import IORule
+from .rules import IORule, chain_is_one, plain_matmul_error
 from .signals import is_float
 
 __all__ = ["drive_online", "check_chunk", "driver_compiler_options", "callable_key", "window_accumulate", "plain_matmul_error",
@@ -76,26 +76,6 @@ def check_chunk(chunk) -> int:
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or int(chunk) < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     return int(chunk)
-
-
-def plain_matmul_error(op) -> str | None:
-    """None when ``op`` is a :class:`~brainscale.MatMulOp` whose math is the built-in one
-    (so its weight gradient is ``c ⊙ (xᵀ s)``), else why not."""
-    from ..ops import MatMulOp
-    if not isinstance(op, MatMulOp):
-        return f"op class {type(op).__name__}: only MatMulOp has the (x, s) product form"
-    for meth in ("xw_to_y", "drtrl_update", "drtrl_grad", "effective_weight", "_chain"):
-        if getattr(type(op), meth) is not getattr(MatMulOp, meth):
-            return f"{type(op).__name__} overrides MatMulOp.{meth}"
-    return None
-
-
-def chain_is_one(op) -> bool:
-    """True when ``∂W_eff/∂W`` is 1 (no mask, the default identity ``weight_fn``)."""
-    import inspect
-    from ..ops import MatMulOp
-    default = inspect.signature(MatMulOp.__init__).parameters["weight_fn"].default
-    return op.weight_mask is None and op.weight_fn is default
 
 
 def window_accumulate(eps_x, signal, grad, chain=None):

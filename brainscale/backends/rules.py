@@ -40,7 +40,8 @@ from .linearize import sg
 __all__ = ["TraceRule", "RuleContext", "ParamBlock", "TRACE_RULES", "register_trace_rule",
            "rule_key", "make_rule", "RULE_AXES", "backend_signals", "check_signal",
            "param_blocks", "drtrl_compact", "drtrl_dense", "drtrl_channel", "contract_channel",
-           "contract_param", "ParamCompactRule", "ParamDenseRule", "ParamChannelRule", "IORule"]
+           "contract_param", "plain_matmul_error", "chain_is_one", "ParamCompactRule",
+           "ParamDenseRule", "ParamChannelRule", "IORule"]
 
 #: (dim, layout | None, path) -> factory ``(backend) -> TraceRule``
 TRACE_RULES: dict[tuple, Callable[[Any], "TraceRule"]] = {}
@@ -182,6 +183,26 @@ class TraceRule:
 
     def notes(self, graph, traces) -> tuple:
         return ()
+
+
+def plain_matmul_error(op) -> str | None:
+    """None when ``op`` is a :class:`~brainscale.MatMulOp` whose math is the built-in one
+    (so its weight gradient is ``c ⊙ (xᵀ s)``), else why not."""
+    from ..ops import MatMulOp
+    if not isinstance(op, MatMulOp):
+        return f"op class {type(op).__name__}: only MatMulOp has the (x, s) product form"
+    for meth in ("xw_to_y", "drtrl_update", "drtrl_grad", "effective_weight", "_chain"):
+        if getattr(type(op), meth) is not getattr(MatMulOp, meth):
+            return f"{type(op).__name__} overrides MatMulOp.{meth}"
+    return None
+
+
+def chain_is_one(op) -> bool:
+    """True when ``∂W_eff/∂W`` is 1 (no mask, the default identity ``weight_fn``)."""
+    import inspect
+    from ..ops import MatMulOp
+    default = inspect.signature(MatMulOp.__init__).parameters["weight_fn"].default
+    return op.weight_mask is None and op.weight_fn is default
 
 
 # -- param-dim blocks ------------------------------------------------------------------------
@@ -517,6 +538,17 @@ class ParamChannelRule(_ParamRule):
     channel = True
 
 
+def _small_matvec(J, v):
+    """``J[.., i, j] v[.., j]`` summed over ``j`` for the k × k per-neuron Jacobian, written
+    element-wise: a batched ``dot`` of 2 × 2 blocks is its own (slow) operation on XLA CPU,
+    while this fuses with the trace update around it."""
+    k = J.shape[-1]
+    acc = J[..., 0] * v[..., None, 0]
+    for j in range(1, k):
+        acc = acc + J[..., j] * v[..., None, j]
+    return acc
+
+
 @register_trace_rule("io")
 class IORule(TraceRule):
     """ES-D-RTRL: ``ε_x`` of the shared op input and ``ε_f`` per (relation, group)."""
@@ -542,8 +574,8 @@ class IORule(TraceRule):
             for pos, a in fs:
                 op = g.relation_by_id[a.relation].op
                 Jg, df = fwd.J[a.group], fwd.DF[(op, a.group)]
-                decayed = jnp.einsum("...ij,...j->...i", Jg, vals[pos].astype(a.type.dtype))
-                new[pos] = alpha * decayed + (1 - alpha) * df
+                new[pos] = alpha * _small_matvec(Jg, vals[pos].astype(a.type.dtype)) \
+                    + (1 - alpha) * df
             out.append(new)
         return out
 
@@ -561,8 +593,11 @@ class IORule(TraceRule):
                 for pos, a in fs:
                     if a.relation != rid:
                         continue
-                    contrib = jnp.sum(vals[pos].astype(a.type.dtype)
-                                      * ctx.signals.group_delta(a.group, delta), axis=-1)
+                    ef = vals[pos].astype(a.type.dtype)
+                    ds = ctx.signals.group_delta_parts(a.group, delta)
+                    contrib = ef[..., 0] * ds[0]
+                    for i in range(1, len(ds)):
+                        contrib = contrib + ef[..., i] * ds[i]
                     c = contrib if c is None else c + contrib
                 if c is None:
                     continue

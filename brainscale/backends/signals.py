@@ -149,6 +149,11 @@ class Signals:
         grp = self.g.group_by_id[gid]
         return jnp.stack([delta[self.hid_pos[s]] for s in grp.states], axis=-1)
 
+    def group_delta_parts(self, gid, delta) -> list:
+        """``[δ_i]``: the learning signal of each state of group ``gid`` (not stacked: a sum
+        over the states then fuses with its consumer instead of writing the stack)."""
+        return [delta[self.hid_pos[s]] for s in self.g.group_by_id[gid].states]
+
     def xy_to_dw_eqn(self, op_name, x, dy, w_leaves) -> list:
         """VJP w.r.t. the param leaves of the marker equation itself (the model's exact op).
 

@@ -15,7 +15,7 @@ import jax
 
 from ..rules import TraceRule, param_blocks, register_trace_rule
 from ..linearize import sg
-from ..online_driver import chain_is_one
+from ..rules import chain_is_one
 from ._common import Tiles
 from .cost_model import load_cost_model
 from .drtrl import DrtrlItem, drtrl_multi, drtrl_tiles

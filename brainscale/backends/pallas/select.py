@@ -26,7 +26,7 @@ from ...errors import PipelineError
 from ...ir import attrs as mk_attrs
 from ...passes.base import Pass, register_pass
 from ...passes.layout import layout_trace
-from ..online_driver import plain_matmul_error
+from ..rules import plain_matmul_error
 from ._common import SUPPORTED_STORAGE, platform
 from .cost_model import load_cost_model
 from .drtrl import drtrl_plan
