@@ -33,8 +33,14 @@ import bench  # noqa: E402
 
 
 def _rev(tree: Path) -> str:
+    """The checkout's short commit (+dirty), or, for an exported tree that is not a git
+    checkout of its own (``git archive <rev> | tar -x -C .bench_trees/<rev>``), its name."""
     import subprocess
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, cwd=tree, timeout=30).stdout.strip()
+        if not top or Path(top).resolve() != Path(tree).resolve():
+            return Path(tree).resolve().name
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=tree, timeout=30).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "brainscale"],

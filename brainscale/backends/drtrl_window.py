@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .linearize import sg
 from .rules import (ParamCompactRule, chain_is_one, contract_packed, contract_param,
                     param_blocks, plain_matmul_error, rule_key)
 
@@ -85,14 +86,17 @@ class DrtrlWindow:
 
     def collect(self, fwd, delta) -> tuple:
         """One step's inputs of the window: ``(J, δ)`` per group, ``df`` per (op, group),
-        ``x`` per op (float32, gradients stopped)."""
-        from .linearize import sg
+        ``x`` per op (at least float32: spikes become floats, float64 stays; gradients
+        stopped)."""
         sig = self.prog.sig
-        f32 = jnp.float32
-        J = tuple(sg(fwd.J[gid]).astype(f32) for gid in self.gids)
-        D = tuple(sg(sig.group_delta(gid, delta)).astype(f32) for gid in self.gids)
-        DF = tuple(sg(fwd.DF[k]).astype(f32) for k in self.dfs)
-        X = tuple(sg(fwd.xs[o]).astype(f32) for o in self.ops)
+
+        def f(v):
+            v = sg(v)
+            return v.astype(jnp.promote_types(v.dtype, jnp.float32))
+        J = tuple(f(fwd.J[gid]) for gid in self.gids)
+        D = tuple(f(sig.group_delta(gid, delta)) for gid in self.gids)
+        DF = tuple(f(fwd.DF[k]) for k in self.dfs)
+        X = tuple(f(fwd.xs[o]) for o in self.ops)
         return J, D, DF, X
 
     def apply(self, theta_t, traces, data, acc_t):
@@ -111,7 +115,7 @@ class DrtrlWindow:
             op = g.op_object(blk.op)
             w = ctx.w(blk.param)
             weight = w["weight"] if isinstance(w, dict) else w
-            chain = None if chain_is_one(op) else op._chain(weight).astype(jnp.float32)
+            chain = None if chain_is_one(op) else op._chain(weight)
             nb = len(blk.bshape)
             df = DF[(blk.op, blk.gid)]                                  # (K, *b, N, k)
             C = jnp.einsum("...i,...i->...", mu[blk.gid], df)          # (K, *b, N)
