@@ -667,7 +667,7 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         chunk: K > 1 runs windows of K steps. The ES-D-RTRL (io-dim) gradients of dense
             ops are summed with one (K·B)-row matrix product instead of K rank-B updates of
             the ``n_in × n_out`` gradient, and the D-RTRL (param-dim) traces of plain
-            ``MatMulOp``\ s are advanced and read once per window instead of every step
+            ``MatMulOp`` relations are advanced and read once per window instead of every step
             (their K steps of Jacobians, ``∂h/∂y``, ``δ`` and inputs enter through
             (K·B)-row products; ``brainscale.backends.drtrl_window``). Both are the same
             sums, reassociated: gradients, traces, states and losses equal the per-step loop

@@ -11,6 +11,11 @@ whatever the schedule; the schedule is *when the accumulated gradient is applied
 * ``end``: once, after the last step, with the sum over the sequence
   (:func:`brainscale.online_gradients` followed by one update).
 
+With one ``window=K`` schedule for every parameter, :func:`train_online` runs each window
+through the step-owning loop of ``online_gradients(chunk=K)`` (D-RTRL traces of plain
+matmuls advanced once per window, ES-D-RTRL gradients summed with one product) and updates
+after it: the same updates, since the weights do not change inside a window.
+
 :func:`train_online` runs a sequence and applies the updates with the caller's optimizer
 (``braintools.optim``, or any object with ``update(grads)``). A parameter's schedule is the
 one of the traces of its relations (:func:`update_schedule` lists them); a parameter with
@@ -153,6 +158,56 @@ def _optimizer_for(optimizer, groups: dict, params: dict) -> dict:
     return out
 
 
+def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
+    """For one ``window=K`` schedule: a jitted ``(xs, ys) -> losses`` that runs each window
+    through the step-owning loop (``online_gradients(chunk=K)``'s windows: windowed D-RTRL
+    and ES-D-RTRL sums) and applies the window's gradient after it, or None when that loop
+    sums nothing per window (the per-step loop is then as fast). The same updates as the
+    per-step loop: within a window the parameters do not change."""
+    from .backends.online_driver import (_others_out, build_loop, callable_key,
+                                         driver_compiler_options, grads_by_key)
+    if K < 2:
+        return None
+    prog = learner._step.program
+    loop = build_loop(prog, loss_fn, K)
+    if not loop.windowed:
+        return None
+    b = prog.b
+    states = learner._bound_states()
+    (key, (opt, names)), = opts.items()
+
+    def one_window(xs_w, ys_w):
+        th_t, th_p, hidden, others = b.gather(states)
+        traces = tuple(t.value for t in learner._traces)
+        carry = (tuple(hidden), tuple(others), traces, loop.zero_acc(th_t, th_p))
+        (hidden, others, traces, (acc_t, acc_p)), losses = loop.window(
+            carry, (xs_w, ys_w), th_t, th_p)
+        b.scatter(hidden, _others_out(b, others), states)
+        for t, v in zip(learner._traces, traces):
+            t.value = v
+        acc = grads_by_key(prog, acc_t, acc_p, params, states)
+        opt.update({ok: acc[n] for ok, n in names.items()})
+        return losses
+
+    def run(xs, ys):
+        n, r = divmod(T, K)
+        parts = []
+        if n:
+            def body(_, i):
+                xy = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * K, K), (xs, ys))
+                return None, one_window(*xy)
+            _, ls = brainstate.transform.scan(body, None, jnp.arange(n))
+            parts.append(ls.reshape(-1))
+        if r:
+            parts.append(one_window(*jax.tree.map(lambda a: a[n * K:], (xs, ys))))
+        return jnp.concatenate(parts)
+
+    ckey = ("train-window", callable_key(loss_fn), K, T,
+            tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt))
+    return learner._cached_driver(ckey, lambda: brainstate.transform.jit(
+        run, compiler_options=driver_compiler_options()))
+
+
 def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=None,
                  reset: bool = True, jit: bool = True):
     """Train online over one sequence, applying every parameter's update at its schedule.
@@ -185,6 +240,11 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
         raise BrainscaleError("inputs need a leading time axis (T, ...)")
     T = int(jnp.shape(leaves[0])[0])
     inputs, targets = start_sequence(learner, inputs, targets, reset)
+    if jit and len(groups) == 1 and next(iter(groups)).startswith("window="):
+        K = int(next(iter(groups)).split("=", 1)[1])
+        fast = _windowed_training(learner, opts, params, loss_fn, K, T)
+        if fast is not None:
+            return fast(inputs, targets)
     one = step_gradient(learner, params, loss_fn)
 
     def zeros():

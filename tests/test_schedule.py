@@ -267,3 +267,30 @@ def test_exact_rtrl_takes_a_window_schedule():
     (m1, l1, x0), (m2, l2, _) = _pair(
         lambda m: zoo.RTRLAlgorithm(m, schedule="window", window=2), lambda: models.lif_delta(B))
     _sgd_matches_literal(l1, l2, m1, m2, _data(x0), _targets(5), 0.5)
+
+
+@pytest.mark.parametrize("policy,make_model,n_out", [("param", lambda: models.alif(B), 5),
+                                                     ("param", lambda: models.gru_plain_in(B), 4),
+                                                     ("io", lambda: models.lif_delta(B), 5)])
+def test_window_schedule_runs_the_windowed_loop(policy, make_model, n_out):
+    """One ``window=K`` schedule whose traces the step-owning loop sums per window (D-RTRL of
+    plain matmuls, ES-D-RTRL): train_online runs ``online_gradients(chunk=K)``'s windows and
+    updates after each, with the literal loop's losses and weights."""
+    (m1, l1, x0), (m2, l2, _) = _pair(
+        lambda m: zoo.RuleAlgorithm(m, policy=policy, schedule="window", window=3,
+                                    **({"decay_or_rank": 0.9} if policy == "io" else {})),
+        make_model)
+    xs, ys = _data(x0), _targets(n_out)
+    opt1, opt2 = braintools.optim.Adam(lr=0.05), braintools.optim.Adam(lr=0.05)
+    opt1.register_trainable_weights(_params(m1))
+    opt2.register_trainable_weights(_params(m2))
+    losses = brainscale.train_online(l1, opt1, xs, ys, _loss)
+    assert any(k[0] == "train-window" for k in l1._drivers)       # the windowed loop ran
+    ref = _literal(l2, xs, ys, _due, lambda key, grads: opt2.update(grads))
+    np.testing.assert_allclose(np.asarray(losses), ref, rtol=2e-5, atol=1e-7)
+    _close(_values(m1), _values(m2))
+    assert int(np.asarray(opt1.step_count.value)) == 3
+    # a second call reuses the compiled loop and continues from the trained weights
+    losses2 = brainscale.train_online(l1, opt1, xs, ys, _loss)
+    assert sum(k[0] == "train-window" for k in l1._drivers) == 1
+    assert np.abs(np.asarray(losses2) - np.asarray(losses)).max() > 0

@@ -20,6 +20,8 @@ With ``chunk = K > 1`` the loop runs windows of K steps:
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import brainstate
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ from .drtrl_window import DrtrlWindow
 from .rules import IORule, chain_is_one, plain_matmul_error
 from .signals import is_float
 
-__all__ = ["drive_online", "check_chunk", "driver_compiler_options", "callable_key", "window_accumulate", "plain_matmul_error",
+__all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_compiler_options", "callable_key", "window_accumulate", "plain_matmul_error",
            "chain_is_one"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -102,34 +104,20 @@ def _leaf_index(graph, pname, leaf_name):
     return None
 
 
-def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
-                 window_impl=None, jit: bool = True):
-    """Run ``(T, ...)`` inputs through a compiled learner, summing online gradients.
+def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
+    """The pieces of the step-owning loop of ``prog`` for ``loss_fn`` and windows of ``chunk``
+    steps (module docstring), as a namespace of pure functions:
 
-    Args:
-        learner: a compiled algorithm (any backend).
-        inputs, targets: leading time axis ``(T, ...)``; ``loss_fn(out_t, target_t)``.
-        params: dict of ParamStates to return gradients for (default: all of the model's).
-        chunk: K, the window of io-dim matmul gradients summed with one (K·B)-row product
-            and of compact D-RTRL traces advanced once (module docstring).
-        window_impl: ``(X, S, grad, chain) -> grad`` for a window (default: one XLA GEMM).
-        jit: run under ``jax.jit``.
-
-    Returns:
-        ``(grads, losses)``; the model's hidden states and the learner's traces are advanced
-        to the end of the sequence.
+    * ``window(carry, (xs, ys), theta_t, theta_p) -> (carry, losses)``: the steps of one
+      window (its length is the inputs' leading axis), with the windowed sums added at its
+      end; ``carry = (hidden, others, traces, (acc_t, acc_p))``;
+    * ``run(theta_t, theta_p, hidden, others, traces, xs, ys) -> (carry, losses)``: a whole
+      sequence (windows of ``chunk`` and the rest);
+    * ``zero_acc(theta_t, theta_p)``: zero gradient sums;
+    * ``windowed``: whether anything is summed per window (else ``chunk`` changes nothing).
     """
-    learner._require()
-    step = learner._step
-    prog = step.program
-    chunk = check_chunk(chunk)
     window_impl = window_impl or window_accumulate
-    if params is None:
-        params = learner.model.states(brainstate.ParamState)
     g, b = prog.g, prog.b
-    states = learner._bound_states()
-    theta_t, theta_p, hidden0, others0 = b.gather(states)
-    traces0 = tuple(t.value for t in learner._traces)
     deferred = lambda e: e.rule.one_pass is not None  # noqa: E731
     io_entries = [e for e in prog.plan if isinstance(e.rule, IORule)]
     # compact D-RTRL traces advanced once per window
@@ -228,10 +216,12 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
                     acc_t[pi][li_b].dtype)
         return (hidden, others, traces, (tuple(tuple(a) for a in acc_t), acc_p)), losses
 
+    def zero_acc(th_t, th_p):
+        return (tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_t),
+                tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_p))
+
     def run(th_t, th_p, hidden, others, traces, xs, ys):
-        acc = (tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_t),
-               tuple(tuple(jnp.zeros_like(v) for v in leaves) for leaves in th_p))
-        carry = (hidden, others, traces, acc)
+        carry = (hidden, others, traces, zero_acc(th_t, th_p))
         T = jax.tree.leaves(xs)[0].shape[0]
         if chunk == 1 or not (windowed or dwin):
             carry, (losses, _, _) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, False),
@@ -254,15 +244,14 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
             parts.append(ls)
         return carry, jnp.concatenate(parts)
 
-    if jit:
-        run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
-                                     lambda: jax.jit(run, compiler_options=(
-                                         driver_compiler_options() if chunk > 1 else None)))
-    (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
-                                                           traces0, inputs, targets)
-    b.scatter(hidden, _others_out(b, others), states)
-    for t, v in zip(learner._traces, traces):
-        t.value = v
+    return SimpleNamespace(window=window, run=run, zero_acc=zero_acc,
+                           windowed=bool(windowed or dwin))
+
+
+def grads_by_key(prog, acc_t, acc_p, params: dict, states) -> dict:
+    """The gradient sums ``(acc_t, acc_p)`` of :func:`build_loop` by the keys of ``params``
+    (a parameter the step does not read gets zeros)."""
+    g, b = prog.g, prog.b
     info = g.info
     grads = {}
     for key, st in params.items():
@@ -276,7 +265,48 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
                 val = jax.tree.unflatten(info.state_treedefs[g.param_by_name[p].state_index],
                                          list(acc_p[pj]))
         grads[key] = val if val is not None else jax.tree.map(jnp.zeros_like, st.value)
-    return grads, losses
+    return grads
+
+
+def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
+                 window_impl=None, jit: bool = True):
+    """Run ``(T, ...)`` inputs through a compiled learner, summing online gradients.
+
+    Args:
+        learner: a compiled algorithm (any backend).
+        inputs, targets: leading time axis ``(T, ...)``; ``loss_fn(out_t, target_t)``.
+        params: dict of ParamStates to return gradients for (default: all of the model's).
+        chunk: K, the window of io-dim matmul gradients summed with one (K·B)-row product
+            and of compact D-RTRL traces advanced once (module docstring).
+        window_impl: ``(X, S, grad, chain) -> grad`` for a window (default: one XLA GEMM).
+        jit: run under ``jax.jit``.
+
+    Returns:
+        ``(grads, losses)``; the model's hidden states and the learner's traces are advanced
+        to the end of the sequence.
+    """
+    learner._require()
+    step = learner._step
+    prog = step.program
+    chunk = check_chunk(chunk)
+    if params is None:
+        params = learner.model.states(brainstate.ParamState)
+    b = prog.b
+    states = learner._bound_states()
+    theta_t, theta_p, hidden0, others0 = b.gather(states)
+    traces0 = tuple(t.value for t in learner._traces)
+    run = build_loop(prog, loss_fn, chunk, window_impl).run
+
+    if jit:
+        run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
+                                     lambda: jax.jit(run, compiler_options=(
+                                         driver_compiler_options() if chunk > 1 else None)))
+    (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
+                                                           traces0, inputs, targets)
+    b.scatter(hidden, _others_out(b, others), states)
+    for t, v in zip(learner._traces, traces):
+        t.value = v
+    return grads_by_key(prog, acc_t, acc_p, params, states), losses
 
 
 def _others_out(b, others) -> tuple:
