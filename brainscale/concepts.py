@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "ETraceState", "ETraceGrad", "ETraceParam", "ETraceParamOp", "ETraceOp",
     "FunctionOp", "is_hidden_state", "MARKER_PREFIX", "lookup_op", "sum_leading", "param_jacobian",
+    "mix_states",
 ]
 
 #: prefix of the jit name that marks a trace-op application in a jaxpr
@@ -298,6 +299,19 @@ def param_jacobian(fn, w):
     n_w = sum(int(l.size) for l in jax.tree.leaves(w))
     n_out = int(jax.eval_shape(fn, w).size)
     return (jax.jacfwd if n_w < n_out else jax.jacrev)(fn)(w)
+
+
+def mix_states(J, es, i: int, lead: int):
+    """``Σ_j J[.., n, i, j] es[j]``: row ``i`` of the per-neuron ``k × k`` matrix ``J``
+    (``(..., n, k, k)``) applied to the ``k`` per-state arrays ``es`` (``(..., *lead axes,
+    n)``: ``lead`` parameter axes before the neuron axis, e.g. the input axis of a weight),
+    written element-wise so that it fuses with the trace update around it."""
+    k = J.shape[-1]
+    Ji = J[..., i, :].reshape(J.shape[:-3] + (1,) * lead + (J.shape[-3], k))
+    acc = Ji[..., 0] * es[0]
+    for j in range(1, k):
+        acc = acc + Ji[..., j] * es[j]
+    return acc
 
 
 def sum_leading(term: Callable, n: int, group: int = 8):

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .concepts import ETraceOp, sum_leading
+from .concepts import ETraceOp, mix_states, sum_leading
 
 __all__ = ["MatMulOp", "ConvOp", "SpMatMulOp", "ElemWiseOp", "LoraOp"]
 
@@ -285,19 +285,11 @@ class MatMulOp(ETraceOp):
         it writes, so XLA updates the k trace arrays in place (no trace-sized copy)."""
         k = J.shape[-1]
 
-        def decay(es, i, lead):
-            # J[.., n, i, j] broadcast over the leading param axes of a leaf (``lead``)
-            Ji = J[..., i, :].reshape(J.shape[:-3] + (1,) * lead + (J.shape[-3], k))
-            acc = Ji[..., 0] * es[0]
-            for j in range(1, k):
-                acc = acc + Ji[..., j] * es[j]
-            return acc
-
         def leaf_rule(key, es, i):
             if key == "weight":
                 cur = x[..., :, None] * (c * df[..., None, :, i])
-                return decay(es, i, 1) + cur
-            return decay(es, i, 0) + df[..., i]
+                return mix_states(J, es, i, 1) + cur
+            return mix_states(J, es, i, 0) + df[..., i]
         if isinstance(eps[0], dict):
             c = self._chain(w["weight"]) if "weight" in eps[0] else None
             return [{key: leaf_rule(key, [e[key] for e in eps], i) for key in eps[0]}

@@ -25,3 +25,17 @@ def rel_err(a, b) -> float:
     """``max |a - b| / max |b|`` over all leaves (b the reference)."""
     a, b = flat(a), flat(b)
     return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
+
+
+def run_result_script(code: str, timeout: float = 600):
+    """Run ``code`` in a fresh CPU Python process (e.g. one that enables float64 before
+    importing brainscale) and return the JSON it prints after ``RESULT``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])

@@ -4,14 +4,10 @@ The windowed form reassociates the per-step sums (module docstring of
 ``brainscale.backends.drtrl_window``), so gradients, losses, final traces and hidden states
 equal the per-step loop up to float rounding, for every model (traces the window cannot run
 stay per step in the same loop), for windows that do not divide T, that equal it and that
-are longer than the sequence, and for sequences fed in pieces.
+are longer than the sequence (sequences fed in pieces: test_online_chunked.py).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import pytest
 import brainscale
 import models
 from brainscale.backends.drtrl_window import DrtrlWindow, window_trace_error
+from helpers import run_result_script
 from test_online_chunked import hidden_values, loss_fn, rel, sequence
 
 
@@ -87,19 +84,6 @@ def test_window_lengths(K):
     ga, loss_a = brainscale.online_gradients(la, xs, ys, loss_fn)
     gb, loss_b = brainscale.online_gradients(lb, xs, ys, loss_fn, chunk=K)
     _assert_same(net_a, la, net_b, lb, ga, gb, loss_a, loss_b)
-
-
-def test_pieces_continue_from_the_traces():
-    """The traces a windowed call leaves are those the next call starts from."""
-    net_a, la, net_b, lb, x0 = _pair("gru_rh", 2)
-    xs, ys = sequence(x0, 12, seed=2)
-    ga, _ = brainscale.online_gradients(la, xs, ys, loss_fn)
-    g1, _ = brainscale.online_gradients(lb, xs[:5], ys[:5], loss_fn, chunk=3)
-    g2, _ = brainscale.online_gradients(lb, xs[5:], ys[5:], loss_fn, chunk=3, reset=False)
-    for k in ga:
-        for a, b1, b2 in zip(jax.tree.leaves(ga[k]), jax.tree.leaves(g1[k]),
-                             jax.tree.leaves(g2[k])):
-            assert rel(b1 + b2, a) < 1e-5
 
 
 def test_long_window_on_a_spiking_net():
@@ -171,11 +155,7 @@ _X64 = textwrap.dedent("""
 def test_windowed_equals_per_step_to_float64_rounding():
     """In float64 the reassociated sums agree to ~1e-15: the window changes no term."""
     code = _X64.format(here=str(Path(__file__).parent))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))
-    errs = json.loads(line[len("RESULT"):])
+    errs = run_result_script(code)
     assert len(errs) == 1
     for name, err in errs.items():
         assert err < 1e-12, f"{name}: windowed vs per-step relative difference {err:.3g}"

@@ -70,16 +70,20 @@ def test_chunked_equals_per_step(model, batch, algo):
         assert rel(tb.value, ta.value) < 1e-5
 
 
-def test_chunked_later_calls_continue_from_the_state():
-    """Two chunked calls equal one per-step call over the concatenated sequence."""
-    net_a, x0 = models.make("lif_delta", batch=2)
-    net_b, _ = models.make("lif_delta", batch=2)
-    la = brainscale.DiagIODimAlgorithm(net_a, 0.9).compile_graph(x0)
-    lb = brainscale.DiagIODimAlgorithm(net_b, 0.9).compile_graph(x0)
-    xs, ys = sequence(x0, 10, seed=1)
+@pytest.mark.parametrize("algo,model,K,split", [("io", "lif_delta", 4, 4),
+                                                ("param", "gru_rh", 3, 5)])
+def test_chunked_later_calls_continue_from_the_state(algo, model, K, split):
+    """Two chunked calls equal one per-step call over the concatenated sequence: the states
+    and traces a call leaves (the windowed D-RTRL traces included) are where the next starts."""
+    net_a, x0 = models.make(model, batch=2)
+    net_b, _ = models.make(model, batch=2)
+    la = ALGOS[algo](net_a).compile_graph(x0)
+    lb = ALGOS[algo](net_b).compile_graph(x0)
+    xs, ys = sequence(x0, 12, seed=1)
     ga, _ = brainscale.online_gradients(la, xs, ys, loss_fn)
-    g1, _ = brainscale.online_gradients(lb, xs[:4], ys[:4], loss_fn, chunk=4)
-    g2, _ = brainscale.online_gradients(lb, xs[4:], ys[4:], loss_fn, chunk=4, reset=False)
+    g1, _ = brainscale.online_gradients(lb, xs[:split], ys[:split], loss_fn, chunk=K)
+    g2, _ = brainscale.online_gradients(lb, xs[split:], ys[split:], loss_fn, chunk=K,
+                                        reset=False)
     for k in ga:
         for a, b1, b2 in zip(jax.tree.leaves(ga[k]), jax.tree.leaves(g1[k]),
                              jax.tree.leaves(g2[k])):

@@ -14,10 +14,7 @@
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -29,6 +26,7 @@ import brainscale
 from brainscale import zoo
 
 import models
+from helpers import run_result_script
 from oracle import bptt_grads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,11 +138,7 @@ _X64 = textwrap.dedent("""
 
 def test_rtrl_equals_bptt_float64():
     code = _X64.format(here=HERE)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))
-    errs = json.loads(line[len("RESULT"):])
+    errs = run_result_script(code)
     assert len(errs) == 6
     for case, err in errs.items():
         assert err < 1e-10, f"{case}: RTRL vs BPTT relative error {err:.3g} in float64"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..concepts import mix_states
 from .linearize import sg
 from .rules import (ParamCompactRule, chain_is_one, contract_packed, contract_param,
                     param_blocks, plain_matmul_error, rule_key)
@@ -190,11 +191,7 @@ def _advance(eps, phi0, x2, V2, chain, bshape):
         return cb.reshape(bshape + cb.shape[1:]) if bshape else cb[0]
 
     def decay(es, i, lead):
-        Pi = phi0[..., i, :].reshape(phi0.shape[:-3] + (1,) * lead + (phi0.shape[-3], k))
-        acc = Pi[..., 0] * es[0]
-        for j in range(1, k):
-            acc = acc + Pi[..., j] * es[j]
-        return acc
+        return mix_states(phi0, es, i, lead)
 
     if isinstance(eps[0], dict):
         return [{key: decay([e[key] for e in eps], i, 1 if key == "weight" else 0)
