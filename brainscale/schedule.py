@@ -169,6 +169,11 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
     if K < 2:
         return None
     prog = learner._step.program
+    for e in prog.plan:          # what only the learner's own step computes (see check_signal)
+        if getattr(e.rule, "needs_program", None) or any(
+                t.signal != "symmetric" or t.readout != "trace" or t.dim == "random"
+                for t in e.traces):
+            return None
     loop = build_loop(prog, loss_fn, K)
     if not loop.windowed:
         return None
