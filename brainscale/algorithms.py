@@ -690,7 +690,8 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         ``ε_f∘δ`` are kept).
     """
     learner._require()
-    from .backends.online_driver import callable_key, check_chunk, drive_online
+    from .backends.online_driver import (callable_key, check_chunk, drive_online,
+                                         driver_compiler_options)
     check_chunk(chunk)
     if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
             (None, None), (learner.batch_axis, learner.neuron_axis))):
@@ -718,5 +719,6 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         # closure holds ``params`` and the states, so the ids in the key stay unique)
         key = ("online", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
                tuple(map(id, learner._bound_states())))
-        run = learner._cached_driver(key, lambda: brainstate.transform.jit(run))
+        run = learner._cached_driver(key, lambda: brainstate.transform.jit(
+            run, compiler_options=driver_compiler_options()))
     return run(inputs, targets)

@@ -282,9 +282,10 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
         return losses
 
     if jit:
-        from .backends.online_driver import callable_key
+        from .backends.online_driver import callable_key, driver_compiler_options
         key = ("train", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
                tuple(map(id, learner._bound_states())),
                tuple((k, id(o)) for k, (o, _) in sorted(opts.items())), T)
-        run = learner._cached_driver(key, lambda: brainstate.transform.jit(run))
+        run = learner._cached_driver(key, lambda: brainstate.transform.jit(
+            run, compiler_options=driver_compiler_options()))
     return run(inputs, targets)

@@ -65,9 +65,10 @@ def callable_key(fn) -> tuple:
 
 
 def driver_compiler_options() -> dict | None:
-    """XLA options the chunked loop is compiled with: on CPU, copy insertion with region
-    analysis, which lets a window update the loop-carried traces in place instead of copying
-    them (10-25 % per step for windowed D-RTRL, ALIF N = 1024; ``benchmarks/README.md``)."""
+    """XLA options the online loops (``online_gradients``, ``train_online``) are compiled
+    with: on CPU, copy insertion with region analysis, which lets the loop update its carried
+    traces in place instead of copying them (10-25 % per step for windowed D-RTRL, ALIF
+    N = 1024; about 10 % for per-step ES-D-RTRL on ALIF; ``benchmarks/README.md``)."""
     if jax.default_backend() == "cpu":
         return {"xla_cpu_copy_insertion_use_region_analysis": True}
     return None
@@ -299,8 +300,8 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
 
     if jit:
         run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
-                                     lambda: jax.jit(run, compiler_options=(
-                                         driver_compiler_options() if chunk > 1 else None)))
+                                     lambda: jax.jit(run,
+                                                     compiler_options=driver_compiler_options()))
     (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
                                                            traces0, inputs, targets)
     b.scatter(hidden, _others_out(b, others), states)

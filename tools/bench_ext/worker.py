@@ -414,8 +414,9 @@ def run(cfg: dict) -> dict:
 
     t0 = time.perf_counter()
     opts = None
-    if lib == "ours" and algo in ("io_chunk", "param_chunk", "ostl_ffc"):
-        # what online_gradients(chunk=K) compiles with (jit=True)
+    if lib == "ours" and algo != "bptt":
+        # what online_gradients compiles its loop with (jit=True); the floor and forward rows
+        # with the same options, so that online / floor compares like with like
         from brainscale.backends.online_driver import driver_compiler_options
         opts = driver_compiler_options()
     compiled = jax.jit(pure, compiler_options=opts).lower(vals, xs, ys).compile()
