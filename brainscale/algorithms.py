@@ -685,9 +685,12 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
 
     Returns:
         ``(grads, losses)``: grads summed over time (same keys as ``params``) and the
-        per-step losses ``(T,)``. Memory does not depend on ``T``: the loop is a scan whose
-        body takes the gradient of one step only (with ``chunk``, K steps of ``ε_x`` and
-        ``ε_f∘δ`` are kept).
+        per-step losses ``(T,)``. With ``jit`` the loop is compiled with
+        ``brainscale.backends.online_driver.driver_compiler_options()`` (on CPU, XLA's
+        region-analysis copy insertion, which keeps the carried traces in place). Memory
+        does not depend on ``T``: the loop is a scan whose body takes the gradient of one
+        step only (with ``chunk``, K steps of ``ε_x`` and ``ε_f∘δ``, and of the D-RTRL
+        window's ``J``, ``∂h/∂y``, ``δ`` and ``x``, are kept).
     """
     learner._require()
     from .backends.online_driver import (callable_key, check_chunk, drive_online,
