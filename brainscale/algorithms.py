@@ -720,8 +720,9 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         # one jitted loop per (loss function, parameters, bound states) and compiled step:
         # later calls with an equal loss function reuse it (see callable_key; the cached
         # closure holds ``params`` and the states, so the ids in the key stay unique)
+        opts = driver_compiler_options()
         key = ("online", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
-               tuple(map(id, learner._bound_states())))
+               tuple(map(id, learner._bound_states())), opts is not None)
         run = learner._cached_driver(key, lambda: brainstate.transform.jit(
-            run, compiler_options=driver_compiler_options()))
+            run, compiler_options=opts))
     return run(inputs, targets)

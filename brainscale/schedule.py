@@ -207,10 +207,12 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
             parts.append(one_window(*jax.tree.map(lambda a: a[n * K:], (xs, ys))))
         return jnp.concatenate(parts)
 
+    copts = driver_compiler_options()
     ckey = ("train-window", callable_key(loss_fn), K, T,
-            tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt))
+            tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt),
+            copts is not None)
     return learner._cached_driver(ckey, lambda: brainstate.transform.jit(
-        run, compiler_options=driver_compiler_options()))
+        run, compiler_options=copts))
 
 
 def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=None,
@@ -283,9 +285,10 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
 
     if jit:
         from .backends.online_driver import callable_key, driver_compiler_options
+        copts = driver_compiler_options()
         key = ("train", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
                tuple(map(id, learner._bound_states())),
-               tuple((k, id(o)) for k, (o, _) in sorted(opts.items())), T)
+               tuple((k, id(o)) for k, (o, _) in sorted(opts.items())), T, copts is not None)
         run = learner._cached_driver(key, lambda: brainstate.transform.jit(
-            run, compiler_options=driver_compiler_options()))
+            run, compiler_options=copts))
     return run(inputs, targets)

@@ -97,3 +97,23 @@ def test_chunk_must_be_a_positive_int(bad):
     xs, ys = sequence(x0, 4)
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         brainscale.online_gradients(learner, xs, ys, loss_fn, chunk=bad)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_online_gradients_under_the_callers_jit(chunk):
+    """At top level, then inside the caller's own jit (examples/long_delay.py does this),
+    then at top level again: the same gradients. The top-level loop is compiled with XLA
+    options that JAX refuses on a nested jit, so the nested call must not reuse it."""
+    import brainstate
+    net, x0 = models.make("alif", batch=2)
+    lrn = brainscale.DiagParamDimAlgorithm(net).compile_graph(x0)
+    xs, ys = sequence(x0, 7, seed=2)
+    runs = [brainscale.online_gradients(lrn, xs, ys, loss_fn, chunk=chunk)[0]]
+    nested = brainstate.transform.jit(
+        lambda a, b: brainscale.online_gradients(lrn, a, b, loss_fn, chunk=chunk)[0])
+    runs.append(nested(xs, ys))
+    runs.append(brainscale.online_gradients(lrn, xs, ys, loss_fn, chunk=chunk)[0])
+    for g in runs[1:]:
+        for k in runs[0]:
+            for a, b in zip(jax.tree.leaves(runs[0][k]), jax.tree.leaves(g[k])):
+                assert rel(b, a) < 1e-6

@@ -68,10 +68,21 @@ def driver_compiler_options() -> dict | None:
     """XLA options the online loops (``online_gradients``, ``train_online``) are compiled
     with: on CPU, copy insertion with region analysis, which lets the loop update its carried
     traces in place instead of copying them (10-25 % per step for windowed D-RTRL, ALIF
-    N = 1024; about 10 % for per-step ES-D-RTRL on ALIF; ``benchmarks/README.md``)."""
-    if jax.default_backend() == "cpu":
-        return {"xla_cpu_copy_insertion_use_region_analysis": True}
-    return None
+    N = 1024; ``benchmarks/README.md``). None inside another trace (a loop called under the
+    user's own ``jit``): JAX takes compiler options on the outermost ``jit`` only, so the
+    caller's options apply there. A cache of compiled loops keys on the result."""
+    if jax.default_backend() != "cpu" or not _outside_any_trace():
+        return None
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def _outside_any_trace() -> bool:
+    """True when no JAX transformation is tracing (so a ``jit`` made now is top level)."""
+    try:
+        from jax._src import core
+        return bool(core.trace_state_clean())
+    except (ImportError, AttributeError):     # a JAX without it: no options, always safe
+        return False
 
 
 def check_chunk(chunk) -> int:
@@ -299,9 +310,10 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
     run = build_loop(prog, loss_fn, chunk, window_impl).run
 
     if jit:
-        run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl),
-                                     lambda: jax.jit(run,
-                                                     compiler_options=driver_compiler_options()))
+        opts = driver_compiler_options()
+        run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl,
+                                      opts is not None),
+                                     lambda: jax.jit(run, compiler_options=opts))
     (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
                                                            traces0, inputs, targets)
     b.scatter(hidden, _others_out(b, others), states)
