@@ -179,7 +179,7 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
         return None
     b = prog.b
     states = learner._bound_states()
-    (key, (opt, names)), = opts.items()
+    ((opt, names),) = opts.values()
 
     def one_window(xs_w, ys_w):
         th_t, th_p, hidden, others = b.gather(states)

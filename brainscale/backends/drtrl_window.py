@@ -69,15 +69,15 @@ class DrtrlWindow:
         self.prog = prog
         g = prog.g
         self.ids = set()
-        self.blocks = []                    # (trace id, positions, ParamBlock)
+        self.blocks = []                    # (the trace's array positions, ParamBlock)
         for e in prog.plan:
             for t, ps in zip(e.traces, e.positions):
                 if window_trace_error(g, t, e.rule) is None:
                     self.ids.add(t.id)
-                    self.blocks.extend((t.id, ps, blk) for blk in param_blocks(g, t))
-        self.gids = sorted({blk.gid for _, _, blk in self.blocks})
-        self.ops = sorted({blk.op for _, _, blk in self.blocks})
-        self.dfs = sorted({(blk.op, blk.gid) for _, _, blk in self.blocks})
+                    self.blocks.extend((ps, blk) for blk in param_blocks(g, t))
+        self.gids = sorted({blk.gid for _, blk in self.blocks})
+        self.ops = sorted({blk.op for _, blk in self.blocks})
+        self.dfs = sorted({(blk.op, blk.gid) for _, blk in self.blocks})
 
     def __bool__(self):
         return bool(self.ids)
@@ -112,7 +112,7 @@ class DrtrlWindow:
         X = dict(zip(self.ops, Xs))
         new = list(traces)
         ctx = prog.context(theta_t)
-        for _tid, ps, blk in self.blocks:
+        for ps, blk in self.blocks:
             op = g.op_object(blk.op)
             w = ctx.w(blk.param)
             weight = w["weight"] if isinstance(w, dict) else w

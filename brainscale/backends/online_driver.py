@@ -31,8 +31,9 @@ from .drtrl_window import DrtrlWindow
 from .rules import IORule, chain_is_one, plain_matmul_error
 from .signals import is_float
 
-__all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_compiler_options", "callable_key", "window_accumulate", "plain_matmul_error",
-           "chain_is_one"]
+__all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk",
+           "driver_compiler_options", "callable_key", "window_accumulate",
+           "plain_matmul_error", "chain_is_one"]
 
 _HI = jax.lax.Precision.HIGHEST
 
