@@ -673,7 +673,10 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
             sums, reassociated: gradients, traces, states and losses equal the per-step loop
             up to float rounding. The loop then owns the step (no ``brainstate`` grad) and
             keeps K steps of those per-neuron quantities. Only for summed gradients: to
-            apply an update every step, use 1.
+            apply an update every step, use 1. A learner with a one-pass rule (compiled
+            with ``backend='native'``: the D-RTRL update and its gradient read in one pass
+            over the trace) runs in that loop with any ``chunk``, 1 included, unless one of
+            its traces needs the learner's own step (``online_driver.driver_error``).
         mesh / batch_axis / neuron_axis: run on a device mesh (see
             :meth:`ETraceAlgorithm.shard`; a learner compiled or sharded with this mesh
             already keeps it). The inputs and targets are split over ``batch_axis`` on their
@@ -694,13 +697,16 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
     """
     learner._require()
     from .backends.online_driver import (callable_key, check_chunk, drive_online,
-                                         driver_compiler_options)
+                                         driver_compiler_options, driver_error, has_one_pass)
     check_chunk(chunk)
     if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
             (None, None), (learner.batch_axis, learner.neuron_axis))):
         learner.shard(mesh, batch_axis, neuron_axis)
     inputs, targets = start_sequence(learner, inputs, targets, reset)
-    if chunk != 1:
+    prog = learner._step.program
+    if chunk != 1 or (has_one_pass(prog) and driver_error(prog) is None):
+        # windows, or a one-pass rule (native / Pallas D-RTRL kernels), which only the
+        # step-owning loop can call: it needs δ^t in the step that updates the trace
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             jit=jit)
     if params is None:

@@ -159,23 +159,24 @@ def _optimizer_for(optimizer, groups: dict, params: dict) -> dict:
 
 
 def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
-    """For one ``window=K`` schedule: a jitted ``(xs, ys) -> losses`` that runs each window
-    through the step-owning loop (``online_gradients(chunk=K)``'s windows: windowed D-RTRL
-    and ES-D-RTRL sums) and applies the window's gradient after it, or None when that loop
-    sums nothing per window (the per-step loop is then as fast). The same updates as the
+    """For one ``window=K`` schedule (``step``: K = 1): a jitted ``(xs, ys) -> losses`` that
+    runs each window through the step-owning loop (``online_gradients(chunk=K)``'s windows:
+    windowed D-RTRL and ES-D-RTRL sums; one-pass kernels, e.g. ``backend='native'``, every
+    step) and applies the window's gradient after it, or None when that loop gains nothing
+    (no windowed sum, no one-pass rule: the per-step loop is then as fast) or cannot run the
+    learner's traces (:func:`~.backends.online_driver.driver_error`). The same updates as the
     per-step loop: within a window the parameters do not change."""
     from .backends.online_driver import (_others_out, build_loop, callable_key,
-                                         driver_compiler_options, grads_by_key)
-    if K < 2:
-        return None
+                                         driver_compiler_options, driver_error, grads_by_key,
+                                         has_one_pass)
     prog = learner._step.program
-    for e in prog.plan:          # what only the learner's own step computes (see check_signal)
-        if getattr(e.rule, "needs_program", None) or any(
-                t.signal != "symmetric" or t.readout != "trace" or t.dim == "random"
-                for t in e.traces):
-            return None
+    if driver_error(prog) is not None:   # what only the learner's own step computes
+        return None
+    one_pass = has_one_pass(prog)
+    if K < 2 and not one_pass:
+        return None
     loop = build_loop(prog, loss_fn, K)
-    if not loop.windowed:
+    if not (loop.windowed or one_pass):
         return None
     b = prog.b
     states = learner._bound_states()
@@ -247,8 +248,9 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
         raise BrainscaleError("inputs need a leading time axis (T, ...)")
     T = int(jnp.shape(leaves[0])[0])
     inputs, targets = start_sequence(learner, inputs, targets, reset)
-    if jit and len(groups) == 1 and next(iter(groups)).startswith("window="):
-        K = int(next(iter(groups)).split("=", 1)[1])
+    only = next(iter(groups)) if len(groups) == 1 else None
+    if jit and only is not None and (only == "step" or only.startswith("window=")):
+        K = 1 if only == "step" else int(only.split("=", 1)[1])
         fast = _windowed_training(learner, opts, params, loss_fn, K, T)
         if fast is not None:
             return fast(inputs, targets)

@@ -31,7 +31,8 @@ from .drtrl_window import DrtrlWindow
 from .rules import IORule, chain_is_one, plain_matmul_error
 from .signals import is_float
 
-__all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk",
+__all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_error",
+           "has_one_pass",
            "driver_compiler_options", "callable_key", "window_accumulate",
            "plain_matmul_error", "chain_is_one"]
 
@@ -84,6 +85,35 @@ def _outside_any_trace() -> bool:
         return bool(core.trace_state_clean())
     except (ImportError, AttributeError):     # a JAX without it: no options, always safe
         return False
+
+
+def driver_error(prog) -> str | None:
+    """Why the step-owning loop cannot run ``prog``'s traces, or None when it can.
+
+    The loop computes the symmetric learning signal ``δ^t`` itself and reads ``δ^t · ε^t``,
+    so it cannot run a trace whose signal is not symmetric (random feedback, modulatory,
+    synthetic), whose read-out is not ``trace``, or a rule that needs the full step program
+    (exact RTRL, SnAp-n) or fresh random projections (UORO). ``online_gradients`` /
+    ``train_online`` then keep the learner's own step; a direct ``drive_online`` call
+    raises (:func:`~.rules.check_signal`, the rules' own refusals)."""
+    for e in prog.plan:
+        if getattr(e.rule, "needs_program", None):
+            return (f"rule {getattr(e.rule, 'name', type(e.rule).__name__)} needs a step that "
+                    f"{e.rule.needs_program_why}")
+        for t in e.traces:
+            if t.signal != "symmetric":
+                return f"trace {t.id} has signal={t.signal}"
+            if t.readout != "trace":
+                return f"trace {t.id} has readout={t.readout}"
+            if t.dim == "random":
+                return f"trace {t.id} has dim=random (fresh projections every step)"
+    return None
+
+
+def has_one_pass(prog) -> bool:
+    """Whether a rule of ``prog`` updates its traces and reads their gradient in one pass
+    (the native and Pallas D-RTRL kernels): only the step-owning loop can call it."""
+    return any(getattr(e.rule, "one_pass", None) is not None for e in prog.plan)
 
 
 def check_chunk(chunk) -> int:

@@ -9,7 +9,8 @@ braintrace 0.2.x). It only needs brainstate, braintools, jax, numpy and the libr
 measured; the model code comes from ``tools/bench_models.py``.
 
 Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk' /
-'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``; the rules of ``brainscale.zoo``:
+'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``, 'param_native':
+D-RTRL with ``backend='native'`` (one kernel pass per step); the rules of ``brainscale.zoo``:
 ``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
 seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
@@ -190,6 +191,8 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
         elif algo in ("param", "param_chunk"):
             lr = L.DiagParamDimAlgorithm(net)
+        elif algo == "param_native":      # D-RTRL on the native CPU kernel, one pass per step
+            lr = L.DiagParamDimAlgorithm(net, backend="native")
         elif algo == "hybrid":
             lr = L.DiagHybridDimAlgorithm(net, decay_or_rank=decay)
         else:

@@ -80,6 +80,12 @@ class PallasDrtrlRule(TraceRule):
             per.append(d)
         return per
 
+    def _launch(self, items, update: bool, grad: bool):
+        """One launch of the kernel over equal-shaped traces: ``[(eps_new, grad)]``."""
+        storage = str(items[0].eps.dtype)
+        return drtrl_multi(items, update=update, grad=grad, tiles=self._tiles(storage),
+                           interpret=self.interpret)
+
     def _run(self, ctx, traces, arrays, delta, update: bool, grad: bool, acc_t=None):
         """Launch the kernels over all blocks; returns (new arrays per trace, gradient terms,
         acc_t)."""
@@ -115,9 +121,7 @@ class PallasDrtrlRule(TraceRule):
                         claimed.add((pi, wli))
                         it.grad_acc = acc_t[pi][wli]
                 items.append(it)
-            storage = str(items[0].eps.dtype)
-            outs = drtrl_multi(items, update=update, grad=grad, tiles=self._tiles(storage),
-                               interpret=self.interpret)
+            outs = self._launch(items, update, grad)
             for (ti, blk, wli, wpos, names, lk), it, (e_new, g_w) in zip(members, items, outs):
                 op = ctx.op(blk.op)
                 w = ctx.w(blk.param)

@@ -1,0 +1,14 @@
+"""Native CPU backend: the one-pass D-RTRL kernel in C++ (XLA FFI), built on first use.
+
+Importing this package registers the backend ``'native'``, the pass ``'native-select'`` and
+the trace rule ``('param', 'compact', 'native')``; nothing is compiled until a learner is
+compiled with ``backend='native'`` (or a kernel is called). See ``docs/native.md``.
+"""
+from .build import NativeUnavailable as NativeUnavailable, available as available, \
+    why_unavailable as why_unavailable
+from .kernel import native_drtrl_multi as native_drtrl_multi, native_drtrl_step as native_drtrl_step
+from .select import NativeSelectPass as NativeSelectPass
+from .backend import NativeBackend as NativeBackend
+
+__all__ = ["NativeUnavailable", "available", "why_unavailable", "native_drtrl_multi",
+           "native_drtrl_step", "NativeSelectPass", "NativeBackend"]

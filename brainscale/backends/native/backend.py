@@ -1,0 +1,41 @@
+"""``backend='native'``: the JAX step with D-RTRL traces on the native CPU kernel.
+
+Like the Pallas backend it never changes the IR itself: its pass ``native-select``
+(:mod:`.select`) records per trace whether the kernel runs it (``path=native``) and lays
+those traces out as the kernel reads them. Emission is the JAX backend's
+(:func:`~..step.emit_step`); the traces on ``path=native`` run on the native rule
+(:mod:`.rules`), every other trace on the JAX rules.
+"""
+from __future__ import annotations
+
+from ..base import Backend, CompiledStep, register_backend
+from ..pallas.select import unsupported_traces
+from ..step import emit_step
+from . import rules as _rules  # noqa: F401  (registers the native trace rule)
+from .select import NativeSelectPass
+
+__all__ = ["NativeBackend"]
+
+
+@register_backend
+class NativeBackend(Backend):
+    """JAX backend + the native CPU D-RTRL kernel (C++, XLA FFI, built on first use).
+
+    Args:
+        select: 'all' (every supported trace takes the kernel) or 'none' (none does).
+        jit: jit the step (as the JAX backend).
+    """
+    name = "native"
+
+    def __init__(self, select: str = "all", jit: bool = True):
+        self.select = select
+        self.jit = jit
+
+    def pipeline(self) -> tuple:
+        return (NativeSelectPass(select=self.select),)
+
+    def unsupported(self, graph) -> tuple:
+        return unsupported_traces(graph)
+
+    def emit(self, graph) -> CompiledStep:
+        return emit_step(graph, self, self.jit)

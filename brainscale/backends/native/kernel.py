@@ -1,0 +1,84 @@
+"""The native CPU D-RTRL kernel behind the contract of the Pallas trio.
+
+:func:`native_drtrl_multi` takes and returns what :func:`~..pallas.drtrl.drtrl_multi` does
+(:class:`~..pallas.drtrl.DrtrlItem` per trace, ``(eps_new, grad)`` per item), with the
+same layout and math (float32 storage only). Each item is one XLA FFI call
+(``drtrl.cc``): the one-pass step reads ``ε^{t-1}`` once, writes ``ε^t`` in place (the trace
+is aliased to the output) and adds ``Σ_b Σ_i δ ε^t`` into the running gradient (aliased
+too) while the new values are in registers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..pallas.drtrl import DrtrlItem, _batched, _check
+from .build import register
+
+__all__ = ["native_drtrl_multi", "native_drtrl_step"]
+
+f32 = jnp.float32
+
+
+def _one(it: DrtrlItem, update: bool, grad: bool):
+    B, I, O, k = it.eps.shape
+    if it.eps.dtype != f32:
+        raise ValueError(f"native D-RTRL kernel: the trace must be float32, got {it.eps.dtype}")
+    if update:
+        _check(it.J, (B, O, k, k), "J")
+        _check(it.df, (B, O, k), "df")
+        _check(it.x, (B, I), "x")
+        if it.c is not None:
+            _check(it.c, (I, O), "c")
+    if grad:
+        _check(it.delta, (B, O, k), "delta")
+        if it.grad_acc is not None:
+            _check(it.grad_acc, (I, O), "grad_acc")
+    register()
+    ph = jnp.zeros((1, 1), f32)
+    eps_t = jax.ShapeDtypeStruct((B, I, O, k), f32)
+    g_t = jax.ShapeDtypeStruct((I, O), f32)
+    has_c = np.int64(it.c is not None)
+    acc = np.int64(it.grad_acc is not None)
+    if update:
+        c = it.c.astype(f32) if it.c is not None else ph
+        args = (it.eps, it.J.astype(f32), it.df.astype(f32), it.x.astype(f32), c)
+    if update and grad:
+        gacc = it.grad_acc.astype(f32) if it.grad_acc is not None else ph
+        aliases = {0: 0, 6: 1} if it.grad_acc is not None else {0: 0}
+        e_new, g = jax.ffi.ffi_call("brainscale_drtrl_step", (eps_t, g_t),
+                                    input_output_aliases=aliases)(
+            *args, it.delta.astype(f32), gacc, has_c=has_c, accumulate=acc)
+        return e_new, g
+    if update:
+        e_new = jax.ffi.ffi_call("brainscale_drtrl_update", eps_t,
+                                 input_output_aliases={0: 0})(*args, has_c=has_c)
+        return e_new, None
+    gacc = it.grad_acc.astype(f32) if it.grad_acc is not None else ph
+    g = jax.ffi.ffi_call("brainscale_drtrl_grad", g_t,
+                         input_output_aliases={2: 0} if it.grad_acc is not None else {})(
+        it.eps, it.delta.astype(f32), gacc, accumulate=acc)
+    return None, g
+
+
+def native_drtrl_multi(items: Sequence[DrtrlItem], *, update: bool = True, grad: bool = True):
+    """:func:`~..pallas.drtrl.drtrl_multi`'s contract on the native CPU kernel: one
+    ``(eps_new or None, grad or None)`` per item; ``grad`` is float32 (I, O)."""
+    if not update and not grad:
+        raise ValueError("native_drtrl_multi: nothing to do (update=False, grad=False)")
+    out = []
+    for item in items:
+        it, batched = _batched(item)
+        e_new, g = _one(it, update, grad)
+        if e_new is not None and not batched:
+            e_new = e_new[0]
+        out.append((e_new, g))
+    return out
+
+
+def native_drtrl_step(eps, J, df, x, delta, c=None, grad_acc=None):
+    """One-pass D-RTRL step on the native kernel: ``(eps_new, grad)``."""
+    return native_drtrl_multi([DrtrlItem(eps, J, df, x, c, delta, grad_acc)])[0]

@@ -1,0 +1,47 @@
+"""The native D-RTRL rule: param-dim compact traces of matmul ops on the CPU kernel.
+
+Registered for ``('param', 'compact', 'native')``. It is the Pallas rule
+(:class:`~..pallas.rules.PallasDrtrlRule`: the same blocks, layout ``(B, I, O, k)`` with
+the weight's states stacked, the bias on the op's fused JAX rules) with the launches on
+the native kernel (:mod:`.kernel`). As a learner step (custom VJP) that is the update in
+the forward and the contraction in the backward; ``one_pass``, which the step-owning loop
+calls (``online_gradients`` / ``train_online`` take that loop whenever a rule has it),
+reads ``ε^{t-1}`` once, writes ``ε^t`` in place and adds ``Σ δ ε^t`` into the gradient.
+"""
+from __future__ import annotations
+
+from ..rules import register_trace_rule
+from ..pallas.rules import PallasDrtrlRule
+from ..pallas.select import kernel_instances
+from .build import why_unavailable
+from .kernel import native_drtrl_multi
+
+__all__ = ["NativeDrtrlRule"]
+
+
+@register_trace_rule("param", "compact", "native")
+class NativeDrtrlRule(PallasDrtrlRule):
+    """See the module docstring."""
+    name = "param/compact/native"
+
+    def check(self, graph, trace) -> str | None:
+        why = why_unavailable()
+        if why:
+            return f"the native kernel cannot run here: {why}"
+        for a in trace.arrays:
+            if a.storage != "float32":
+                return (f"the native kernel keeps float32 traces, {trace.id} stores "
+                        f"{a.storage}: lay it out with storage='float32' (native-select does)")
+        return super().check(graph, trace)
+
+    def _launch(self, items, update: bool, grad: bool):
+        return native_drtrl_multi(items, update=update, grad=grad)
+
+    def notes(self, graph, traces) -> tuple:
+        out = []
+        for t in traces:
+            inst, _ = kernel_instances(graph, t)
+            shapes = "; ".join(f"{i.rid}/{i.gid} B={i.B} I={i.I} O={i.O} k={i.k}" for i in inst)
+            out.append(f"{t.id} ({t.dim}): path={t.path}; {shapes} — "
+                       f"{t.attr('path_reason', '')}")
+        return tuple(out)

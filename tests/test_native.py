@@ -1,0 +1,233 @@
+"""The native CPU backend: the one-pass D-RTRL kernel (C++, XLA FFI) and ``backend='native'``.
+
+The kernel is checked against the pure-JAX reference of the Pallas trio (same contract), the
+learner against the JAX backend: gradients, losses, traces and hidden states, through the
+step-owning loop (``online_gradients`` / ``train_online``, one pass per step) and through
+the learner's own step (update in the forward, contraction in the backward). Skipped where
+no C++ compiler is found (the kernel is built on first use).
+"""
+from __future__ import annotations
+
+import braintools
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import brainscale
+import models
+from brainscale.backends import native
+from brainscale.backends.native import build as native_build
+from brainscale.backends.native import select as native_select
+from brainscale.backends.pallas.drtrl import DrtrlItem, drtrl_reference
+from brainscale.errors import PipelineError
+
+needs_kernel = pytest.mark.skipif(not native.available(),
+                                  reason=f"native kernel unavailable: {native.why_unavailable()}")
+
+
+def rel(a, b) -> float:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+def arrays(B, I, O, k, c, acc, seed=0):
+    rng = np.random.RandomState(seed)
+    f = lambda *s: jnp.asarray(rng.randn(*s).astype(np.float32))  # noqa: E731
+    lead = (B,) if B else ()
+    return dict(eps=f(*lead, I, O, k), J=f(*lead, O, k, k) * 0.5, df=f(*lead, O, k),
+                x=f(*lead, I), delta=f(*lead, O, k), c=f(I, O) if c else None,
+                grad_acc=f(I, O) if acc else None)
+
+
+# 4·64·128·2 = 65536 elements: the kernel splits the rows over XLA's thread pool
+@needs_kernel
+@pytest.mark.parametrize("B,I,O,k,c,acc", [(3, 5, 7, 2, True, True), (2, 4, 6, 1, False, False),
+                                           (0, 5, 6, 2, False, True), (4, 9, 5, 3, True, False),
+                                           (2, 3, 4, 6, False, True), (4, 64, 128, 2, True, True),
+                                           (4, 64, 128, 1, False, True)])
+@pytest.mark.parametrize("update,grad", [(True, True), (True, False), (False, True)])
+def test_kernel_equals_reference(B, I, O, k, c, acc, update, grad):
+    a = arrays(B, I, O, k, c, acc)
+    ref = drtrl_reference(a["eps"], a["J"], a["df"], a["x"], a["delta"], a["c"], a["grad_acc"],
+                          update=update, grad=grad)
+    got = jax.jit(lambda d: native.native_drtrl_multi([DrtrlItem(**d)], update=update,
+                                                      grad=grad)[0])(a)
+    for r, g in zip(ref, got):
+        if r is None:
+            assert g is None
+            continue
+        assert g.shape == r.shape and g.dtype == jnp.float32
+        assert rel(g, r) < 2e-6
+
+
+@needs_kernel
+def test_kernel_in_a_scan_updates_in_place_and_equals_reference():
+    """Twelve steps as a scan carry (the trace and the running gradient aliased to the
+    outputs): equal to the reference's scan."""
+    a = arrays(4, 64, 128, 2, True, True, seed=3)
+
+    def run(step):
+        def body(carry, _):
+            e, g = carry
+            return step(e, g), None
+        return jax.jit(lambda e, g: jax.lax.scan(body, (e, g), None, length=12)[0])(
+            a["eps"], a["grad_acc"])
+
+    got = run(lambda e, g: native.native_drtrl_multi(
+        [DrtrlItem(e, a["J"], a["df"], a["x"], a["c"], a["delta"], g)])[0])
+    ref = run(lambda e, g: drtrl_reference(e, a["J"], a["df"], a["x"], a["delta"], a["c"], g))
+    assert rel(got[0], ref[0]) < 1e-5 and rel(got[1], ref[1]) < 1e-5
+
+
+@needs_kernel
+def test_kernel_refuses_bad_input():
+    a = arrays(2, 4, 6, 2, False, False)
+    with pytest.raises(ValueError, match=r"J has shape \(2, 6, 2\), expected \(2, 6, 2, 2\)"):
+        native.native_drtrl_step(a["eps"], a["J"][..., 0], a["df"], a["x"], a["delta"])
+    with pytest.raises(ValueError, match="the trace must be float32"):
+        native.native_drtrl_step(a["eps"].astype(jnp.bfloat16), a["J"], a["df"], a["x"],
+                                 a["delta"])
+    with pytest.raises(ValueError, match="nothing to do"):
+        native.native_drtrl_multi([DrtrlItem(a["eps"])], update=False, grad=False)
+
+
+def loss_fn(out, y):
+    return jnp.sum(jnp.tanh(jax.tree.leaves(out)[0]) * y)
+
+
+def sequence(x0, T, seed=0):
+    rng = np.random.RandomState(seed)
+    return (jnp.asarray(rng.randn(T, *np.shape(x0)).astype(np.float32)),
+            jnp.asarray(rng.randn(T).astype(np.float32)))
+
+
+def pair(name, batch, **kw):
+    net_j, x0 = models.make(name, batch=batch)
+    net_n, _ = models.make(name, batch=batch)
+    lj = brainscale.DiagParamDimAlgorithm(net_j, **kw).compile_graph(x0)
+    ln = brainscale.DiagParamDimAlgorithm(net_n, backend="native", **kw).compile_graph(x0)
+    return (net_j, lj), (net_n, ln), x0
+
+
+def assert_same(gj, gn, lj, ln, tol=1e-5):
+    for k in gj:
+        for a, b in zip(jax.tree.leaves(gn[k]), jax.tree.leaves(gj[k])):
+            assert rel(a, b) < tol, k
+    for name in sorted({r.param for r in lj.graph.relations}):
+        for a, b in zip(jax.tree.leaves(ln.etrace_of(name)), jax.tree.leaves(lj.etrace_of(name))):
+            assert a.shape == b.shape and rel(a, b) < tol, name
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+@pytest.mark.parametrize("name,batch", [("lif_delta", 2), ("alif", 0), ("alif", 2),
+                                        ("gru_rh", 2), ("elemwise_tau", 2)])
+def test_online_gradients_one_pass_equal_jax(name, batch):
+    """``online_gradients`` (chunk=1) on a native learner runs the step-owning loop with the
+    one-pass kernel; gradients, losses, traces and states equal the JAX backend's."""
+    (net_j, lj), (net_n, ln), x0 = pair(name, batch)
+    paths = {t.path for t in ln.graph.traces}
+    assert "native" in paths
+    xs, ys = sequence(x0, 7, seed=1)
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
+    assert any(k[0] == "drive" for k in ln._drivers)          # the one-pass loop ran
+    assert not any(k[0] == "drive" for k in lj._drivers)      # the JAX learner's own step
+    assert rel(lossn, lossj) < 1e-5
+    assert_same(gj, gn, lj, ln)
+    for a, b in zip(jax.tree.leaves(net_n.states(brainstate.HiddenState)),
+                    jax.tree.leaves(net_j.states(brainstate.HiddenState))):
+        assert rel(a.value, b.value) < 1e-5
+
+
+@needs_kernel
+def test_learner_step_equals_jax():
+    """Called step by step, the learner's custom VJP runs the kernel's update in the forward
+    and its contraction in the backward."""
+    (net_j, lj), (net_n, ln), x0 = pair("alif", 2)
+    xs, ys = sequence(x0, 5, seed=2)
+    for learner in (lj, ln):
+        learner.reset_state()
+    pj = net_j.states(brainstate.ParamState)
+    pn = net_n.states(brainstate.ParamState)
+    for x, y in zip(xs, ys):
+        gj = brainstate.transform.grad(lambda: loss_fn(lj(x), y), pj)()
+        gn = brainstate.transform.grad(lambda: loss_fn(ln(x), y), pn)()
+        assert_same(gj, gn, lj, ln)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+def test_ir_records_each_traces_path_and_reason():
+    (_, _), (_, ln), x0 = pair("elemwise_tau", 2)
+    text = ln.ir()
+    assert "native-select" in text and "native=available" in text
+    by_path = {t.path: t for t in ln.graph.traces}
+    assert set(by_path) == {"native", "jax"}
+    assert by_path["native"].attr("path_reason") == "native CPU kernel (one pass per step)"
+    assert by_path["jax"].attr("path_reason") == ("unsupported: op kind 'elemwise': the "
+                                                  "kernels cover dense matmul only")
+    # the weight's k states stacked last, float32, as the kernel reads them
+    assert "array T1.1 = eps(R1 -> G0, leaf=weight, states=[%V]) : f32[2,3,5,1]" in text
+    (_, _), (_, la), _ = pair("alif", 2)
+    assert "array T0.2 = eps(R0 -> G0, leaf=weight, states=[%V,%a]) : f32[2,8,5,2]" in la.ir()
+    (_, _), (_, lg), _ = pair("gru_rh", 2)
+    assert {t.attr("path_reason") for t in lg.graph.traces if t.path == "jax"} == {
+        "dim=none: instantaneous gradient only"}
+    # select='none': every trace on the JAX rules, and online_gradients keeps the learner's step
+    net, x0 = models.make("alif", batch=2)
+    lnone = brainscale.DiagParamDimAlgorithm(
+        net, backend=native.NativeBackend(select="none")).compile_graph(x0)
+    assert {t.path for t in lnone.graph.traces} == {"jax"}
+    assert all(t.attr("path_reason") == "select=none" for t in lnone.graph.traces)
+    brainscale.online_gradients(lnone, *sequence(x0, 3), loss_fn)
+    assert not any(k[0] == "drive" for k in lnone._drivers)
+
+
+@needs_kernel
+def test_train_online_step_schedule_takes_the_one_pass_loop():
+    """A per-step schedule (an optimizer step after every step) on a native learner runs
+    the one-pass loop one step per window; the same losses and weights as the JAX learner."""
+    (net_j, lj), (net_n, ln), x0 = pair("alif", 2)
+    xs = sequence(x0, 6, seed=4)[0]
+    ys = jnp.asarray(np.random.RandomState(5).rand(6, 2, 5), jnp.float32)
+
+    def mse(out, y):
+        return jnp.mean((out - y) ** 2)
+    losses = []
+    for net, learner in ((net_j, lj), (net_n, ln)):
+        opt = braintools.optim.Adam(lr=0.05)
+        opt.register_trainable_weights(net.states(brainstate.ParamState))
+        losses.append(np.asarray(brainscale.train_online(learner, opt, xs, ys, mse)))
+    assert any(k[0] == "train-window" for k in ln._drivers)
+    assert not any(k[0] == "train-window" for k in lj._drivers)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5, atol=1e-7)
+    pj, pn = net_j.states(brainstate.ParamState), net_n.states(brainstate.ParamState)
+    for k in pj:
+        for a, b in zip(jax.tree.leaves(pn[k].value), jax.tree.leaves(pj[k].value)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINSCALE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_build, "_compiler", lambda: None)
+    with pytest.raises(native.NativeUnavailable, match=r"no C\+\+ compiler was found .*"
+                                                       r"backend='jax'"):
+        native_build.library.__wrapped__()
+    # a learner asking for the native backend is refused at compile time, never run on JAX
+    monkeypatch.setattr(native_select, "why_unavailable", lambda: "no C++ compiler (test)")
+    net, x0 = models.make("alif", batch=2)
+    with pytest.raises(PipelineError, match=r"native-select: no C\+\+ compiler \(test\)"):
+        brainscale.DiagParamDimAlgorithm(net, backend="native").compile_graph(x0)
+
+
+@needs_kernel
+def test_build_caches_by_source_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINSCALE_NATIVE_CACHE", str(tmp_path))
+    lib = native_build.library.__wrapped__()
+    assert lib.parent == tmp_path and lib.name.startswith("drtrl-") and lib.suffix == ".so"
+    stamp = lib.stat().st_mtime_ns
+    assert native_build.library.__wrapped__() == lib and lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]     # no temporary file left
