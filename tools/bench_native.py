@@ -97,10 +97,11 @@ def main(argv=None) -> int:
                     if a_.exists() and b_.exists():
                         grads[f"{model}/{N}"] = bench.grad_metrics(dict(np.load(a_)),
                                                                    dict(np.load(b_)))
+                # scratch paths are left out: the file names say what each run read
                 (out / "results.json").write_text(json.dumps(
                     {"meta": meta, "runs": runs, "grads": grads,
                      "best": {"/".join(map(str, k)): v for k, v in best.items()}},
-                    indent=1, default=str))
+                    indent=1, default=str).replace(str(wd) + "/", ""))
     lines = [f"# Per-step D-RTRL: native kernel vs JAX rules ({meta['date']})", "",
              f"`{meta['command']}`", "",
              f"B = {a.B}, T = {a.T}, fastest of {a.rounds} interleaved rounds (each the "
