@@ -63,9 +63,14 @@ class _RandomKey(brainstate.ShortTermState):
 
 
 def _zoo_backend(backend, feedback_seed: int):
+    from .backends.native import NativeBackend, NativeZooBackend
     from .backends.zoo_step import ZooBackend
     if backend in ("jax", "jax-zoo", None):
         return ZooBackend(feedback_seed=feedback_seed)
+    if backend == "native" or type(backend) is NativeBackend:
+        # the zoo's step (aux inputs, every signal) with the native kernel's selection
+        return NativeZooBackend(select=getattr(backend, "select", "all"),
+                                jit=getattr(backend, "jit", True), feedback_seed=feedback_seed)
     return backend
 
 
@@ -83,7 +88,8 @@ class RuleAlgorithm(ETraceAlgorithm):
         key_seed: seed of the random key of random-projection traces.
         **kw: the options of :class:`~brainscale.algorithms.ETraceAlgorithm`
             (``decay_or_rank``, ``pipeline``, ``backend``, ``memory_budget_mb``,
-            ``dim_overrides``, ``instruments``, ...). ``backend='jax'`` means ``'jax-zoo'``.
+            ``dim_overrides``, ``instruments``, ...). ``backend='jax'`` means ``'jax-zoo'``,
+            ``backend='native'`` the zoo's step with the native D-RTRL kernel.
 
     Raises:
         PipelineError: the axes do not form a rule, or conflict with the pipeline's

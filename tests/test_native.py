@@ -231,3 +231,40 @@ def test_build_caches_by_source_and_compiler(monkeypatch, tmp_path):
     stamp = lib.stat().st_mtime_ns
     assert native_build.library.__wrapped__() == lib and lib.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]     # no temporary file left
+
+
+@needs_kernel
+def test_zoo_algorithms_on_the_native_backend():
+    """``backend='native'`` on a zoo algorithm is the zoo's step with native-select: e-prop's
+    default D-RTRL trace takes the kernel (and the one-pass loop), a trace off the default
+    rule axes (κ filter) keeps its zoo rule, with the reason in the IR."""
+    from brainscale import zoo
+    for make, path in ((lambda n, be: zoo.EPropAlgorithm(n, backend=be), "native"),
+                       (lambda n, be: zoo.RuleAlgorithm(n, policy="param", filter="kappa",
+                                                        kappa=0.9, backend=be), "jax")):
+        out = []
+        for be in ("jax", "native"):
+            net, x0 = models.make("alif", batch=2)
+            learner = make(net, be).compile_graph(x0)
+            xs, ys = sequence(x0, 5, seed=6)
+            out.append((learner, brainscale.online_gradients(learner, xs, ys, loss_fn)))
+        (lj, (gj, lossj)), (ln, (gn, lossn)) = out
+        assert ln._backend_obj.name == "native-zoo"
+        assert [t.path for t in ln.graph.traces] == [path]
+        assert any(k[0] == "drive" for k in ln._drivers) == (path == "native")
+        if path == "jax":
+            assert ln.graph.traces[0].attr("path_reason").startswith("rule axes filter=kappa")
+        assert rel(lossn, lossj) < 1e-5
+        assert_same(gj, gn, lj, ln)
+
+
+@needs_kernel
+def test_kernel_under_vmap_runs_per_element():
+    a = arrays(2, 4, 6, 2, True, True, seed=7)
+    stack = {k: jnp.stack([v, 2 * v]) for k, v in a.items()}
+    got = jax.jit(jax.vmap(lambda d: native.native_drtrl_multi([DrtrlItem(**d)])[0]))(stack)
+    for i in range(2):
+        one = {k: v[i] for k, v in stack.items()}
+        ref = drtrl_reference(one["eps"], one["J"], one["df"], one["x"], one["delta"], one["c"],
+                              one["grad_acc"])
+        assert rel(got[0][i], ref[0]) < 2e-6 and rel(got[1][i], ref[1]) < 2e-6

@@ -8,7 +8,7 @@ from .build import NativeUnavailable as NativeUnavailable, available as availabl
     why_unavailable as why_unavailable
 from .kernel import native_drtrl_multi as native_drtrl_multi, native_drtrl_step as native_drtrl_step
 from .select import NativeSelectPass as NativeSelectPass
-from .backend import NativeBackend as NativeBackend
+from .backend import NativeBackend as NativeBackend, NativeZooBackend as NativeZooBackend
 
 __all__ = ["NativeUnavailable", "available", "why_unavailable", "native_drtrl_multi",
-           "native_drtrl_step", "NativeSelectPass", "NativeBackend"]
+           "native_drtrl_step", "NativeSelectPass", "NativeBackend", "NativeZooBackend"]

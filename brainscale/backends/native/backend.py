@@ -1,4 +1,5 @@
-"""``backend='native'``: the JAX step with D-RTRL traces on the native CPU kernel.
+"""``backend='native'``: the JAX step with D-RTRL traces on the native CPU kernel (and
+``NativeZooBackend``, what ``backend='native'`` means for the algorithms of ``brainscale.zoo``).
 
 Like the Pallas backend it never changes the IR itself: its pass ``native-select``
 (:mod:`.select`) records per trace whether the kernel runs it (``path=native``) and lays
@@ -11,10 +12,11 @@ from __future__ import annotations
 from ..base import Backend, CompiledStep, register_backend
 from ..pallas.select import unsupported_traces
 from ..step import emit_step
+from ..zoo_step import ZooBackend
 from . import rules as _rules  # noqa: F401  (registers the native trace rule)
 from .select import NativeSelectPass
 
-__all__ = ["NativeBackend"]
+__all__ = ["NativeBackend", "NativeZooBackend"]
 
 
 @register_backend
@@ -39,3 +41,17 @@ class NativeBackend(Backend):
 
     def emit(self, graph) -> CompiledStep:
         return emit_step(graph, self, self.jit)
+
+
+class NativeZooBackend(ZooBackend):
+    """``backend='native'`` for the algorithms of :mod:`brainscale.zoo`: the ``jax-zoo`` step
+    (every rule axis and learning signal) with ``native-select``, so the traces on the
+    default D-RTRL rule take the native kernel and the others their zoo rules."""
+    name = "native-zoo"
+
+    def __init__(self, select: str = "all", jit: bool = True, feedback_seed: int = 0):
+        super().__init__(jit=jit, feedback_seed=feedback_seed)
+        self.select = select
+
+    def pipeline(self) -> tuple:
+        return (NativeSelectPass(select=self.select),)

@@ -21,6 +21,8 @@ from .build import register
 __all__ = ["native_drtrl_multi", "native_drtrl_step"]
 
 f32 = jnp.float32
+#: under ``jax.vmap`` (e.g. an ensemble of learners) the kernel runs once per mapped element
+VMAP = "sequential"
 
 
 def _one(it: DrtrlItem, update: bool, grad: bool):
@@ -50,16 +52,18 @@ def _one(it: DrtrlItem, update: bool, grad: bool):
         gacc = it.grad_acc.astype(f32) if it.grad_acc is not None else ph
         aliases = {0: 0, 6: 1} if it.grad_acc is not None else {0: 0}
         e_new, g = jax.ffi.ffi_call("brainscale_drtrl_step", (eps_t, g_t),
-                                    input_output_aliases=aliases)(
+                                    input_output_aliases=aliases, vmap_method=VMAP)(
             *args, it.delta.astype(f32), gacc, has_c=has_c, accumulate=acc)
         return e_new, g
     if update:
         e_new = jax.ffi.ffi_call("brainscale_drtrl_update", eps_t,
-                                 input_output_aliases={0: 0})(*args, has_c=has_c)
+                                 input_output_aliases={0: 0}, vmap_method=VMAP)(*args,
+                                                                              has_c=has_c)
         return e_new, None
     gacc = it.grad_acc.astype(f32) if it.grad_acc is not None else ph
     g = jax.ffi.ffi_call("brainscale_drtrl_grad", g_t,
-                         input_output_aliases={2: 0} if it.grad_acc is not None else {})(
+                         input_output_aliases={2: 0} if it.grad_acc is not None else {},
+                         vmap_method=VMAP)(
         it.eps, it.delta.astype(f32), gacc, accumulate=acc)
     return None, g
 

@@ -7,7 +7,8 @@ decisions in the IR, so ``learner.ir()`` shows them:
   (what :func:`~..pallas.select.kernel_instances` accepts), laid out as the kernel reads it:
   float32 storage, the weight's k states stacked ``(B, I, O, k)``;
 * ``path=jax`` with ``path_reason=...`` on every other trace (io-dim, LoRA, sparse, conv,
-  per-output-neuron layouts, ...), which the JAX rules run;
+  per-output-neuron layouts, traces off the default rule axes, ...), which the JAX rules
+  run;
 * the graph note ``native=<why the kernel can or cannot run here>``.
 
 ``select='none'`` keeps every trace on the JAX rules (an A/B switch). The pass refuses to
@@ -23,6 +24,7 @@ from ...ir import attrs as mk_attrs
 from ...passes.base import Pass, register_pass
 from ...passes.layout import layout_trace
 from ..pallas.select import kernel_instances, weight_leaf
+from ..rules import rule_key
 from .build import why_unavailable
 
 __all__ = ["NativeSelectPass", "NATIVE_PATH"]
@@ -54,6 +56,10 @@ class NativeSelectPass(Pass):
                 reason = "dim=none: instantaneous gradient only"
             elif t.dim != "param":
                 reason = f"dim={t.dim}: the native kernel runs param-dim D-RTRL traces"
+            elif len(rule_key(t)) > 3:
+                axes = ", ".join(f"{k}={v}" for k, v in rule_key(t)[3])
+                reason = (f"rule axes {axes}: the native kernel runs the default D-RTRL rule "
+                          f"(compact, diagonal, symmetric signal, read out from the trace)")
             else:
                 _, bad = kernel_instances(graph, t)
                 if bad:
