@@ -168,50 +168,41 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
     per-step loop: within a window the parameters do not change."""
     from .backends.online_driver import (_others_out, build_loop, callable_key,
                                          driver_compiler_options, driver_error, grads_by_key,
-                                         has_one_pass)
+                                         has_one_pass, scan_windows)
     prog = learner._step.program
     if driver_error(prog) is not None:   # what only the learner's own step computes
         return None
     one_pass = has_one_pass(prog)
     if K < 2 and not one_pass:
         return None
+    states = learner._bound_states()
+    ((opt, names),) = opts.values()
+    copts = driver_compiler_options()
+    ckey = ("train-window", callable_key(loss_fn), K, T,
+            tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt),
+            copts is not None)
+    if ckey in learner._drivers:         # compiled by an earlier call
+        return learner._cached_driver(ckey, None)
     loop = build_loop(prog, loss_fn, K)
     if not (loop.windowed or one_pass):
         return None
     b = prog.b
-    states = learner._bound_states()
-    ((opt, names),) = opts.values()
 
-    def one_window(xs_w, ys_w):
+    def one_window(_, xy):
         th_t, th_p, hidden, others = b.gather(states)
         traces = tuple(t.value for t in learner._traces)
         carry = (tuple(hidden), tuple(others), traces, loop.zero_acc(th_t, th_p))
-        (hidden, others, traces, (acc_t, acc_p)), losses = loop.window(
-            carry, (xs_w, ys_w), th_t, th_p)
+        (hidden, others, traces, (acc_t, acc_p)), losses = loop.window(carry, xy, th_t, th_p)
         b.scatter(hidden, _others_out(b, others), states)
         for t, v in zip(learner._traces, traces):
             t.value = v
         acc = grads_by_key(prog, acc_t, acc_p, params, states)
         opt.update({ok: acc[n] for ok, n in names.items()})
-        return losses
+        return None, losses
 
     def run(xs, ys):
-        n, r = divmod(T, K)
-        parts = []
-        if n:
-            def body(_, i):
-                xy = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * K, K), (xs, ys))
-                return None, one_window(*xy)
-            _, ls = brainstate.transform.scan(body, None, jnp.arange(n))
-            parts.append(ls.reshape(-1))
-        if r:
-            parts.append(one_window(*jax.tree.map(lambda a: a[n * K:], (xs, ys))))
-        return jnp.concatenate(parts)
+        return scan_windows(brainstate.transform.scan, one_window, None, xs, ys, K)[1]
 
-    copts = driver_compiler_options()
-    ckey = ("train-window", callable_key(loss_fn), K, T,
-            tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt),
-            copts is not None)
     return learner._cached_driver(ckey, lambda: brainstate.transform.jit(
         run, compiler_options=copts))
 

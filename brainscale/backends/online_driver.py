@@ -32,7 +32,7 @@ from .rules import IORule, chain_is_one, plain_matmul_error
 from .signals import is_float
 
 __all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_error",
-           "has_one_pass",
+           "has_one_pass", "scan_windows",
            "driver_compiler_options", "callable_key", "window_accumulate",
            "plain_matmul_error", "chain_is_one"]
 
@@ -265,30 +265,37 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
 
     def run(th_t, th_p, hidden, others, traces, xs, ys):
         carry = (hidden, others, traces, zero_acc(th_t, th_p))
-        T = jax.tree.leaves(xs)[0].shape[0]
         if chunk == 1 or not (windowed or dwin):
             carry, (losses, _, _) = jax.lax.scan(lambda c, v: one(c, v, th_t, th_p, False),
                                                  carry, (xs, ys))
             return carry, losses
-        n, r = divmod(T, chunk)
-        parts = []
-        if n:
-            # windows are sliced inside the loop: reshaping the (T, ...) inputs into
-            # (n, K, ...) would make XLA copy them (temp memory growing with T)
-            def win(c, i):
-                v = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk),
-                                 (xs, ys))
-                return window(c, v, th_t, th_p)
-            carry, ls = jax.lax.scan(win, carry, jnp.arange(n))
-            parts.append(ls.reshape(-1))
-        if r:
-            tail = jax.tree.map(lambda a: a[n * chunk:], (xs, ys))
-            carry, ls = window(carry, tail, th_t, th_p)
-            parts.append(ls)
-        return carry, jnp.concatenate(parts)
+        return scan_windows(jax.lax.scan, lambda c, v: window(c, v, th_t, th_p), carry,
+                            xs, ys, chunk)
 
     return SimpleNamespace(window=window, run=run, zero_acc=zero_acc,
                            windowed=bool(windowed or dwin))
+
+
+def scan_windows(scan, window_fn, carry, xs, ys, K: int):
+    """``window_fn(carry, (xs_w, ys_w)) -> (carry, losses_w)`` over the consecutive K-step
+    windows of ``(xs, ys)`` (leading time axis T), then over the remaining ``T mod K``
+    steps; ``scan`` is ``jax.lax.scan`` or ``brainstate.transform.scan`` (when the window
+    writes states). Returns ``(carry, losses (T,))``. Windows are sliced inside the loop:
+    reshaping the inputs into ``(T // K, K, ...)`` would make XLA copy them (temporary
+    memory growing with T)."""
+    T = jax.tree.leaves(xs)[0].shape[0]
+    n, r = divmod(T, K)
+    parts = []
+    if n:
+        def win(c, i):
+            return window_fn(c, jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, i * K, K), (xs, ys)))
+        carry, ls = scan(win, carry, jnp.arange(n))
+        parts.append(ls.reshape(-1))
+    if r:
+        carry, ls = window_fn(carry, jax.tree.map(lambda a: a[n * K:], (xs, ys)))
+        parts.append(ls)
+    return carry, jnp.concatenate(parts)
 
 
 def grads_by_key(prog, acc_t, acc_p, params: dict, states) -> dict:
