@@ -98,40 +98,37 @@ inline void row_grad(const float* __restrict e, const float* __restrict d,
   }
 }
 
-// Rows [a0, a1) of the input dimension in blocks of RB rows; in a block the batch is
-// outermost, so one example's rows of the block are contiguous in memory (the trace
-// streams through once) while the block's gradient rows stay in the L1 cache.
-template <int K, bool C, bool G>
-void rows_update(const Args& a, int64_t a0, int64_t a1) {
-  const int64_t B = a.B, I = a.I, O = a.O;
+// f(b, r) over rows [a0, a1) of the input dimension in blocks of RB rows; in a block the
+// batch is outermost, so one example's rows of the block are contiguous in memory (the
+// trace streams through once) while the block's gradient rows stay in the L1 cache.
+template <typename F>
+void for_rows(const Args& a, int64_t a0, int64_t a1, F&& f) {
   init_rows(a, a0, a1);
   constexpr int64_t RB = 8;
   for (int64_t r0 = a0; r0 < a1; r0 += RB) {
     const int64_t r1 = std::min(a1, r0 + RB);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* J = a.J + b * O * K * K;
-      const float* df = a.df + b * O * K;
-      const float* d = G ? a.delta + b * O * K : nullptr;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t off = ((b * I + r) * O) * K;
-        row_update<K, C, G>(a.eps + off, a.eps_out + off, J, df, C ? a.c + r * O : nullptr,
-                            a.x[b * I + r], d, G ? a.g_out + r * O : nullptr, O);
-      }
-    }
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t r = r0; r < r1; ++r) f(b, r);
   }
+}
+
+template <int K, bool C, bool G>
+void rows_update(const Args& a, int64_t a0, int64_t a1) {
+  const int64_t I = a.I, O = a.O;
+  for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
+    const int64_t off = ((b * I + r) * O) * K;
+    row_update<K, C, G>(a.eps + off, a.eps_out + off, a.J + b * O * K * K, a.df + b * O * K,
+                        C ? a.c + r * O : nullptr, a.x[b * I + r],
+                        G ? a.delta + b * O * K : nullptr, G ? a.g_out + r * O : nullptr, O);
+  });
 }
 
 template <int K>
 void rows_grad(const Args& a, int64_t a0, int64_t a1) {
-  const int64_t B = a.B, I = a.I, O = a.O;
-  init_rows(a, a0, a1);
-  constexpr int64_t RB = 8;
-  for (int64_t r0 = a0; r0 < a1; r0 += RB) {
-    const int64_t r1 = std::min(a1, r0 + RB);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = r0; r < r1; ++r)
-        row_grad<K>(a.eps + ((b * I + r) * O) * K, a.delta + b * O * K, a.g_out + r * O, O);
-  }
+  const int64_t I = a.I, O = a.O;
+  for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
+    row_grad<K>(a.eps + ((b * I + r) * O) * K, a.delta + b * O * K, a.g_out + r * O, O);
+  });
 }
 
 template <int K>
@@ -260,6 +257,24 @@ int64_t numel(ffi::Span<const int64_t> d) {
   return n;
 }
 
+// The update's operands (J, df, x, c) against the trace's (B, I, O, k).
+ffi::Error update_shapes(const Args& a, ffi::Buffer<ffi::F32>& J, ffi::Buffer<ffi::F32>& df,
+                         ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& c) {
+  RETURN_IF_ERROR(check(numel(J.dimensions()) == a.B * a.O * a.k * a.k, "J must be (B, O, k, k)"));
+  RETURN_IF_ERROR(check(numel(df.dimensions()) == a.B * a.O * a.k, "df must be (B, O, k)"));
+  RETURN_IF_ERROR(check(numel(x.dimensions()) == a.B * a.I, "x must be (B, I)"));
+  return check(!a.has_c || numel(c.dimensions()) == a.I * a.O, "c must be (I, O)");
+}
+
+// The contraction's operands (delta, gacc, g) against the trace's (B, I, O, k).
+ffi::Error grad_shapes(const Args& a, ffi::Buffer<ffi::F32>& delta, ffi::Buffer<ffi::F32>& gacc,
+                       ffi::Result<ffi::Buffer<ffi::F32>>& g_out) {
+  RETURN_IF_ERROR(check(numel(delta.dimensions()) == a.B * a.O * a.k, "delta must be (B, O, k)"));
+  RETURN_IF_ERROR(check(!a.accumulate || numel(gacc.dimensions()) == a.I * a.O,
+                        "gacc must be (I, O)"));
+  return check(numel(g_out->dimensions()) == a.I * a.O, "g must be (I, O)");
+}
+
 ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer<ffi::F32> J,
                     ffi::Buffer<ffi::F32> df, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c,
                     ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::F32> gacc,
@@ -271,14 +286,8 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer
          delta.typed_data(), gacc.typed_data(), eps_out->typed_data(), g_out->typed_data(),
          ed[0], ed[1], ed[2], ed[3], true, true, has_c != 0, accumulate != 0};
   RETURN_IF_ERROR(shapes(a, ed));
-  RETURN_IF_ERROR(check(numel(J.dimensions()) == a.B * a.O * a.k * a.k, "J must be (B, O, k, k)"));
-  RETURN_IF_ERROR(check(numel(df.dimensions()) == a.B * a.O * a.k, "df must be (B, O, k)"));
-  RETURN_IF_ERROR(check(numel(x.dimensions()) == a.B * a.I, "x must be (B, I)"));
-  RETURN_IF_ERROR(check(!a.has_c || numel(c.dimensions()) == a.I * a.O, "c must be (I, O)"));
-  RETURN_IF_ERROR(check(numel(delta.dimensions()) == a.B * a.O * a.k, "delta must be (B, O, k)"));
-  RETURN_IF_ERROR(check(!a.accumulate || numel(gacc.dimensions()) == a.I * a.O,
-                        "gacc must be (I, O)"));
-  RETURN_IF_ERROR(check(numel(g_out->dimensions()) == a.I * a.O, "g must be (I, O)"));
+  RETURN_IF_ERROR(update_shapes(a, J, df, x, c));
+  RETURN_IF_ERROR(grad_shapes(a, delta, gacc, g_out));
   launch(pool, a);
   return ffi::Error::Success();
 }
@@ -293,10 +302,7 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buff
          nullptr, nullptr, eps_out->typed_data(), nullptr,
          ed[0], ed[1], ed[2], ed[3], true, false, has_c != 0, false};
   RETURN_IF_ERROR(shapes(a, ed));
-  RETURN_IF_ERROR(check(numel(J.dimensions()) == a.B * a.O * a.k * a.k, "J must be (B, O, k, k)"));
-  RETURN_IF_ERROR(check(numel(df.dimensions()) == a.B * a.O * a.k, "df must be (B, O, k)"));
-  RETURN_IF_ERROR(check(numel(x.dimensions()) == a.B * a.I, "x must be (B, I)"));
-  RETURN_IF_ERROR(check(!a.has_c || numel(c.dimensions()) == a.I * a.O, "c must be (I, O)"));
+  RETURN_IF_ERROR(update_shapes(a, J, df, x, c));
   launch(pool, a);
   return ffi::Error::Success();
 }
@@ -310,47 +316,30 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer
          gacc.typed_data(), nullptr, g_out->typed_data(),
          ed[0], ed[1], ed[2], ed[3], false, true, false, accumulate != 0};
   RETURN_IF_ERROR(shapes(a, ed));
-  RETURN_IF_ERROR(check(numel(delta.dimensions()) == a.B * a.O * a.k, "delta must be (B, O, k)"));
-  RETURN_IF_ERROR(check(!a.accumulate || numel(gacc.dimensions()) == a.I * a.O,
-                        "gacc must be (I, O)"));
-  RETURN_IF_ERROR(check(numel(g_out->dimensions()) == a.I * a.O, "g must be (I, O)"));
+  RETURN_IF_ERROR(grad_shapes(a, delta, gacc, g_out));
   launch(pool, a);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainscaleDrtrlStep, StepImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("has_c")
-                                  .Attr<int64_t>("accumulate"));
+// Bindings: the thread pool, the buffers in the order of the Impl's parameters, attributes.
+using Buf = ffi::Buffer<ffi::F32>;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainscaleDrtrlUpdate, UpdateImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("has_c"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleDrtrlStep, StepImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Ret<Buf>().Ret<Buf>().Attr<int64_t>("has_c").Attr<int64_t>("accumulate"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainscaleDrtrlGrad, GradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("accumulate"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleDrtrlUpdate, UpdateImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Ret<Buf>().Attr<int64_t>("has_c"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleDrtrlGrad, GradImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Ret<Buf>().Attr<int64_t>("accumulate"));

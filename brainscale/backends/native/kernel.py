@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..pallas.drtrl import DrtrlItem, _batched, _check
+from ..pallas.drtrl import DrtrlItem, _batched, check_operands
 from .build import register
 
 __all__ = ["native_drtrl_multi", "native_drtrl_step"]
@@ -29,16 +29,7 @@ def _one(it: DrtrlItem, update: bool, grad: bool):
     B, I, O, k = it.eps.shape
     if it.eps.dtype != f32:
         raise ValueError(f"native D-RTRL kernel: the trace must be float32, got {it.eps.dtype}")
-    if update:
-        _check(it.J, (B, O, k, k), "J")
-        _check(it.df, (B, O, k), "df")
-        _check(it.x, (B, I), "x")
-        if it.c is not None:
-            _check(it.c, (I, O), "c")
-    if grad:
-        _check(it.delta, (B, O, k), "delta")
-        if it.grad_acc is not None:
-            _check(it.grad_acc, (I, O), "grad_acc")
+    check_operands(it, update, grad)
     register()
     ph = jnp.zeros((1, 1), f32)
     eps_t = jax.ShapeDtypeStruct((B, I, O, k), f32)

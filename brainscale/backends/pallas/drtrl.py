@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from ._common import Tiles, compiler_params, pad_axis, pow2_tile, round_up
 
-__all__ = ["DrtrlItem", "drtrl_kernel", "drtrl_multi", "drtrl_step", "drtrl_update",
+__all__ = ["DrtrlItem", "drtrl_kernel", "drtrl_multi", "drtrl_step", "drtrl_update", "check_operands",
            "drtrl_grad", "drtrl_reference", "drtrl_tiles", "drtrl_plan"]
 
 f32 = jnp.float32
@@ -196,16 +196,7 @@ def drtrl_multi(items: Sequence[DrtrlItem], *, update: bool = True, grad: bool =
             raise ValueError("drtrl_multi: all traces of one launch need the same shape and "
                              f"dtype, got {it.eps.shape}/{it.eps.dtype} and "
                              f"{(B, I, O, k)}/{its[0].eps.dtype}")
-        if update:
-            _check(it.J, (B, O, k, k), "J")
-            _check(it.df, (B, O, k), "df")
-            _check(it.x, (B, I), "x")
-            if it.c is not None:
-                _check(it.c, (I, O), "c")
-        if grad:
-            _check(it.delta, (B, O, k), "delta")
-            if it.grad_acc is not None:
-                _check(it.grad_acc, (I, O), "grad_acc")
+        check_operands(it, update, grad)
     bb, bi, bo, Ip, Op = drtrl_plan(B, I, O, tiles)
     nb = B // bb
     grid = (Ip // bi, Op // bo)
@@ -267,6 +258,22 @@ def drtrl_multi(items: Sequence[DrtrlItem], *, update: bool = True, grad: bool =
             pos += 1
         res.append((e_new, g))
     return res
+
+
+def check_operands(it: DrtrlItem, update: bool, grad: bool) -> None:
+    """The operands a call needs, with the shapes the batched trace ``(B, I, O, k)`` implies
+    (a ValueError naming the first that is missing or misshapen)."""
+    B, I, O, k = it.eps.shape
+    if update:
+        _check(it.J, (B, O, k, k), "J")
+        _check(it.df, (B, O, k), "df")
+        _check(it.x, (B, I), "x")
+        if it.c is not None:
+            _check(it.c, (I, O), "c")
+    if grad:
+        _check(it.delta, (B, O, k), "delta")
+        if it.grad_acc is not None:
+            _check(it.grad_acc, (I, O), "grad_acc")
 
 
 def _check(a, shape, name):
