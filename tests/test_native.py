@@ -268,3 +268,16 @@ def test_kernel_under_vmap_runs_per_element():
         ref = drtrl_reference(one["eps"], one["J"], one["df"], one["x"], one["delta"], one["c"],
                               one["grad_acc"])
         assert rel(got[0][i], ref[0]) < 2e-6 and rel(got[1][i], ref[1]) < 2e-6
+
+
+@needs_kernel
+def test_auto_backend_takes_the_native_kernel_on_the_cpu(monkeypatch):
+    from brainscale.backends import JaxBackend, get_backend
+    net, x0 = models.make("alif", batch=2)
+    learner = brainscale.DiagParamDimAlgorithm(net, backend="auto").compile_graph(x0)
+    assert [t.path for t in learner.graph.traces] == ["native"]
+    assert "auto backend: native (CPU: the native D-RTRL kernel)" in learner._step.notes
+    # where the kernel cannot be built, 'auto' is the JAX backend and says why
+    monkeypatch.setattr(native.NativeBackend, "unavailable", staticmethod(lambda: "no c++"))
+    auto = get_backend("auto")
+    assert type(auto.impl) is JaxBackend and auto.reason.endswith("native kernel: no c++")

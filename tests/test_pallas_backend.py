@@ -131,8 +131,11 @@ class TwoPathNet(brainstate.nn.Module):
 
 def test_registration_and_pipeline_spec():
     assert isinstance(get_backend("pallas"), PallasBackend)
+    from brainscale.backends.native import NativeBackend, available
     auto = get_backend("auto")
-    assert isinstance(auto.impl, PallasBackend if ON_GPU else JaxBackend)
+    assert isinstance(auto.impl, PallasBackend if ON_GPU else NativeBackend if available()
+                      else JaxBackend)
+    assert type(get_backend("auto", select="none").impl) is type(auto.impl)
     assert PASS_REGISTRY["pallas-select"] is PallasSelectPass
     (p,) = parse_pipeline("pallas-select{trace_dtype=bfloat16,select=all}")
     assert p == PallasSelectPass(select="all", trace_dtype="bfloat16")

@@ -14,6 +14,7 @@ from ..pallas.select import unsupported_traces
 from ..step import emit_step
 from ..zoo_step import ZooBackend
 from . import rules as _rules  # noqa: F401  (registers the native trace rule)
+from .build import why_unavailable
 from .select import NativeSelectPass
 
 __all__ = ["NativeBackend", "NativeZooBackend"]
@@ -32,6 +33,11 @@ class NativeBackend(Backend):
     def __init__(self, select: str = "all", jit: bool = True):
         self.select = select
         self.jit = jit
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """None when the kernel can run here, else why not (``build.why_unavailable``)."""
+        return why_unavailable()
 
     def pipeline(self) -> tuple:
         return (NativeSelectPass(select=self.select),)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..base import Backend, CompiledStep, register_backend
+import jax
+
+from ..base import BACKENDS, Backend, CompiledStep, register_backend
 from ..jax_backend import JaxBackend
 from ..step import emit_step
 from . import rules as _rules  # noqa: F401  (registers the Pallas trace rules)
@@ -67,15 +69,29 @@ class PallasBackend(Backend):
 
 @register_backend
 class AutoBackend(Backend):
-    """``backend='auto'``: :class:`PallasBackend` on a CUDA GPU with Triton support (cc >= 8),
-    :class:`JaxBackend` elsewhere. Options go to the Pallas backend."""
+    """``backend='auto'``: :class:`PallasBackend` on a CUDA GPU with Triton support (cc >= 8);
+    on the CPU the native backend (the one-pass D-RTRL kernel, ``docs/native.md``) where its
+    kernel builds, else :class:`JaxBackend`. Options go to the Pallas backend; on the CPU
+    only ``jit`` and ``select='none'`` (every trace on the JAX rules) apply. The choice and
+    its reason are a note of the compiled step."""
     name = "auto"
 
     def __init__(self, **options):
         plat = platform()
-        self.impl = PallasBackend(**options) if plat.kind == "gpu" else \
-            JaxBackend(jit=options.get("jit", True))
-        self.reason = plat.reason
+        jit = options.get("jit", True)
+        if plat.kind == "gpu":
+            self.impl, self.reason = PallasBackend(**options), plat.reason
+            return
+        # the native backend by name (it imports the Pallas modules: no import back here)
+        native = BACKENDS.get("native")
+        why = native.unavailable() if native is not None else "the native backend is not loaded"
+        if why is None and jax.default_backend() == "cpu":
+            select = "none" if options.get("select") == "none" else "all"
+            self.impl = native(select=select, jit=jit)
+            self.reason = "CPU: the native D-RTRL kernel"
+        else:
+            self.impl = JaxBackend(jit=jit)
+            self.reason = f"{plat.reason}; native kernel: {why or 'not on the CPU'}"
 
     def pipeline(self) -> tuple:
         return self.impl.pipeline()
