@@ -85,6 +85,10 @@ def _key():
 
 
 def _sharding():
+    # jax 0.12.1 deprecates constructing SingleDeviceSharding directly
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    if make is not None:
+        return make(jax.devices()[0])
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
