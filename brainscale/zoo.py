@@ -63,8 +63,13 @@ class _RandomKey(brainstate.ShortTermState):
 
 
 def _zoo_backend(backend, feedback_seed: int):
+    from .backends import JaxBackend, get_backend
     from .backends.native import NativeBackend, NativeZooBackend
     from .backends.zoo_step import ZooBackend
+    if backend == "auto":               # what 'auto' picks here, as the zoo's step
+        backend = get_backend("auto").impl
+        if type(backend) is JaxBackend:
+            backend = "jax"
     if backend in ("jax", "jax-zoo", None):
         return ZooBackend(feedback_seed=feedback_seed)
     if backend == "native" or type(backend) is NativeBackend:
@@ -89,7 +94,8 @@ class RuleAlgorithm(ETraceAlgorithm):
         **kw: the options of :class:`~brainscale.algorithms.ETraceAlgorithm`
             (``decay_or_rank``, ``pipeline``, ``backend``, ``memory_budget_mb``,
             ``dim_overrides``, ``instruments``, ...). ``backend='jax'`` means ``'jax-zoo'``,
-            ``backend='native'`` the zoo's step with the native D-RTRL kernel.
+            ``backend='native'`` the zoo's step with the native D-RTRL kernel, ``'auto'``
+            the zoo's form of what it picks.
 
     Raises:
         PipelineError: the axes do not form a rule, or conflict with the pipeline's

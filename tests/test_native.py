@@ -277,7 +277,16 @@ def test_auto_backend_takes_the_native_kernel_on_the_cpu(monkeypatch):
     learner = brainscale.DiagParamDimAlgorithm(net, backend="auto").compile_graph(x0)
     assert [t.path for t in learner.graph.traces] == ["native"]
     assert "auto backend: native (CPU: the native D-RTRL kernel)" in learner._step.notes
+    # a zoo algorithm with 'auto' gets the zoo's step with the kernel
+    from brainscale import zoo
+    net, x0 = models.make("alif", batch=2)
+    ez = zoo.EPropAlgorithm(net, backend="auto").compile_graph(x0)
+    assert ez._backend_obj.name == "native-zoo"
+    brainscale.online_gradients(ez, *sequence(x0, 3), loss_fn)
     # where the kernel cannot be built, 'auto' is the JAX backend and says why
     monkeypatch.setattr(native.NativeBackend, "unavailable", staticmethod(lambda: "no c++"))
     auto = get_backend("auto")
     assert type(auto.impl) is JaxBackend and auto.reason.endswith("native kernel: no c++")
+    net, x0 = models.make("alif", batch=2)
+    assert zoo.EPropAlgorithm(net, backend="auto").compile_graph(x0)._backend_obj.name == \
+        "jax-zoo"
