@@ -56,7 +56,9 @@ class ETraceAlgorithm(LegacyAPIMixin, brainstate.nn.Module):
         decay_or_rank: α of io-dim traces (float in (0,1), or int rank r: α=(r-1)/(r+1)).
         pipeline: passes after ``lower`` (default: ``brainscale.DEFAULT_PIPELINE``); the
             algorithm's options fill its ``select-dims`` (conflicting options are an error).
-        backend: 'jax' (default), 'pallas', 'auto' or a Backend instance.
+        backend: 'jax' (default), 'pallas', 'native' (the one-pass D-RTRL CPU kernel,
+            ``docs/native.md``), 'auto' (Pallas on a GPU, native on the CPU) or a Backend
+            instance.
         param_ratio / memory_budget_mb / dim_overrides: options of ``select-dims``.
         instruments: PassManager instruments (dumps, timing).
         mode: brainscale 0.1's ``brainstate.mixin.Mode`` (``Batching()`` for batched inputs);

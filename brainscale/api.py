@@ -72,8 +72,8 @@ def compile(model, *example_inputs, algorithm: str | None = None, decay_or_rank=
             pipeline's own passes choose the trace dims).
         decay_or_rank: α (float in (0,1)) or rank (int) of io-dim traces.
         pipeline: passes after ``lower`` (names, spec string or Pass objects).
-        backend: 'jax', 'jax-zoo' (every rule axis; the zoo's default), 'pallas', 'auto' or
-            a Backend instance.
+        backend: 'jax', 'jax-zoo' (every rule axis; the zoo's default), 'pallas', 'native'
+            (the one-pass D-RTRL CPU kernel, ``docs/native.md``), 'auto' or a Backend instance.
         instruments: PassManager instruments (``DumpDir``, ``PrintAfterAll``, ``Timing``).
         param_ratio / memory_budget_mb / dim_overrides: ``select-dims`` options.
         norm_stats: ``absorb-normalization{stats=...}``: ``'exact'`` or ``'constant'``.
