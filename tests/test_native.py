@@ -290,3 +290,39 @@ def test_auto_backend_takes_the_native_kernel_on_the_cpu(monkeypatch):
     net, x0 = models.make("alif", batch=2)
     assert zoo.EPropAlgorithm(net, backend="auto").compile_graph(x0)._backend_obj.name == \
         "jax-zoo"
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,I,O,k", [(3, 5, 7, 2), (0, 4, 6, 1), (2, 64, 128, 2), (2, 3, 4, 6)])
+def test_decay_add_equals_reference(B, I, O, k):
+    a = arrays(B, I, O, k, False, False, seed=8)
+    cur = a["eps"] * 0.5 + 1.0
+    ref = jnp.einsum("...nij,...anj->...ani", a["J"], a["eps"], precision="highest") + cur
+    assert rel(jax.jit(native.native_decay_add)(a["eps"], a["J"], cur), ref) < 2e-6
+    with pytest.raises(ValueError, match="cur has shape"):
+        native.native_decay_add(a["eps"], a["J"], cur[..., :1, :])
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+@pytest.mark.parametrize("name", ["alif", "gru_rh", "elemwise_tau"])
+def test_windows_sum_native_traces(name, monkeypatch):
+    """``online_gradients(chunk=K)`` on a native learner sums its native traces per window
+    (windowed D-RTRL on the stacked layout, the advance on the kernel) instead of running the
+    one-pass kernel every step; equal to the JAX backend per step."""
+    from brainscale.backends.drtrl_window import DrtrlWindow
+    from brainscale.backends.native import rules as native_rules
+    calls = []
+    for fn in ("native_drtrl_multi", "native_decay_add"):
+        orig = getattr(native_rules, fn)
+        monkeypatch.setattr(native_rules, fn, lambda *a, _o=orig, _n=fn, **kw: (
+            calls.append(_n), _o(*a, **kw))[1])
+    (net_j, lj), (net_n, ln), x0 = pair(name, 2)
+    native_ids = {t.id for t in ln.graph.traces if t.path == "native"}
+    assert native_ids and native_ids <= DrtrlWindow(ln._step.program).ids
+    xs, ys = sequence(x0, 11, seed=9)               # two windows of 4 and a tail of 3
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn, chunk=4)
+    assert set(calls) == {"native_decay_add"}      # no per-step kernel pass was traced
+    assert rel(lossn, lossj) < 1e-5
+    assert_same(gj, gn, lj, ln)

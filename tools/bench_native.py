@@ -14,7 +14,9 @@ Both D-RTRL rows measure, in their own process, the machine's copy bandwidth, so
 (``copy_bandwidth`` ``loop``). Printed and saved (``results.json`` with every run,
 ``native.md``): the fastest ``ms_per_step_min`` of each row, its ratio to the bound and to
 the floor, and the gradient of the native row against the JAX row (cosine, relative
-error), on the same data.
+error), on the same data. With ``--chunk K`` also ``param_chunk`` / ``param_native_chunk``:
+the gradient summed over windows of K steps on both backends (windowed D-RTRL,
+``backends/drtrl_window.py``).
 
     python tools/bench_native.py --models lif,alif,gru --N 512,1024 --T 60 --rounds 3 \\
         --out benchmarks/results/cpu/native-drtrl
@@ -34,6 +36,8 @@ import bench  # noqa: E402
 from bench_external import write_data  # noqa: E402
 
 ALGOS = ("floor", "param", "param_native")
+#: with --chunk K: the gradient summed over windows of K steps, JAX rules and native learner
+CHUNK_ALGOS = ("param_chunk", "param_native_chunk")
 
 
 def main(argv=None) -> int:
@@ -49,7 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--work", default=None)
+    p.add_argument("--chunk", type=int, default=0,
+                   help="also time online_gradients(chunk=K) on both backends (0: not)")
     a = p.parse_args(argv)
+    algos = ALGOS + (CHUNK_ALGOS if a.chunk > 1 else ())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     wd = Path(bench.scratch_dir(a, "native"))
@@ -64,14 +71,14 @@ def main(argv=None) -> int:
                 data = wd / f"data_{model}_N{N}.npz"
                 if rnd == 0:
                     write_data(data, model, N, a.B, a.T, a.seed)
-                order = ALGOS if rnd % 2 == 0 else tuple(reversed(ALGOS))
+                order = algos if rnd % 2 == 0 else tuple(reversed(algos))
                 for algo in order:
                     gp = wd / f"grads_{model}_{N}_{algo}.npz"
                     cfg = {"lib": "ours", "model": model, "algo": algo, "N": N, "B": a.B,
                            "T": a.T, "seed": a.seed, "decay": 0.9, "repeats": a.repeats,
                            "run": True, "data": str(data), "mem_T": [],
                            "grads_out": str(gp) if rnd == 0 and algo != "floor" else None,
-                           "bandwidth": algo != "floor"}
+                           "bandwidth": algo != "floor", "chunk": a.chunk}
                     r = bench.run_worker(cfg, env=env, workdir=str(wd), timeout=a.timeout)
                     r["round"] = rnd
                     runs.append(r)
@@ -92,11 +99,12 @@ def main(argv=None) -> int:
                           f"{algo:13s} " + (f"{ms:.3f} ms/step" if r.get("ok") else
                                             f"FAILED {str(r.get('error'))[:300]}"), flush=True)
                 if rnd == 0:
-                    a_ = wd / f"grads_{model}_{N}_param_native.npz"
                     b_ = wd / f"grads_{model}_{N}_param.npz"
-                    if a_.exists() and b_.exists():
-                        grads[f"{model}/{N}"] = bench.grad_metrics(dict(np.load(a_)),
-                                                                   dict(np.load(b_)))
+                    for al in algos[2:]:
+                        a_ = wd / f"grads_{model}_{N}_{al}.npz"
+                        if a_.exists() and b_.exists():
+                            key = f"{model}/{N}" + ("" if al == "param_native" else f"/{al}")
+                            grads[key] = bench.grad_metrics(dict(np.load(a_)), dict(np.load(b_)))
                 # scratch paths are left out: the file names say what each run read
                 (out / "results.json").write_text(json.dumps(
                     {"meta": meta, "runs": runs, "grads": grads,
@@ -125,6 +133,25 @@ def main(argv=None) -> int:
                 f"| {model} | {N} | {fl['ms']:.3f} | {pj['ms']:.3f} | {pn['ms']:.3f} | "
                 f"{pn['ms'] / pj['ms']:.2f} | {bound:.3f} | {pj['ms'] / bound:.2f} | "
                 f"{pn['ms'] / bound:.2f} | {pn['ms'] / fl['ms']:.2f} | {rel:.1e} ({cos:.6f}) |")
+    if a.chunk > 1:
+        lines += ["", f"Gradient summed over windows of {a.chunk} steps "
+                  f"(`online_gradients(chunk={a.chunk})`), ms per step (× bound); grad: the "
+                  f"largest relative error against the per-step JAX row.", "",
+                  "| model | N | JAX chunk | native chunk | native / JAX | grad rel err |",
+                  "|---|---|---|---|---|---|"]
+        for model in a.models:
+            for N in a.N:
+                pj, pn = (best.get((model, N, al)) for al in CHUNK_ALGOS)
+                ref = best.get((model, N, "param_native")) or {}
+                bound = ref.get("bound") or (pn or {}).get("bound")
+                if not (pj and pn and bound):
+                    lines.append(f"| {model} | {N} | missing runs | | | |")
+                    continue
+                g = grads.get(f"{model}/{N}/param_native_chunk", {})
+                rel = max((v["rel"] for v in g.values()), default=float("nan"))
+                lines.append(f"| {model} | {N} | {pj['ms']:.3f} ({pj['ms'] / bound:.2f}) | "
+                             f"{pn['ms']:.3f} ({pn['ms'] / bound:.2f}) | "
+                             f"{pn['ms'] / pj['ms']:.2f} | {rel:.1e} |")
     text = "\n".join(lines) + "\n"
     (out / "native.md").write_text(text)
     print(text)

@@ -20,8 +20,9 @@ read twice and written once per *window* (a contraction with ``μ_0`` and one up
 through two (K·B)-row matrix products. The window keeps ``J, df, δ`` (``B·N·k²`` floats per
 step) and ``x`` of its K steps: memory grows with K, not with the sequence.
 
-Which traces are summed this way is decided from the IR: a trace on the default rule
-(``('param', 'compact', 'jax')``, default axes) whose blocks are all plain MatMulOps with one
+Which traces are summed this way is decided from the IR: a trace on the default compact
+rule (``('param', 'compact', path)``, default axes; the JAX rule, or the native kernel's
+rule, which joins with :func:`allow_window`) whose blocks are all plain MatMulOps with one
 neuron axis; every other trace runs step by step in the same loop.
 """
 from __future__ import annotations
@@ -34,15 +35,29 @@ from .linearize import sg
 from .rules import (ParamCompactRule, chain_is_one, contract_packed, contract_param,
                     param_blocks, plain_matmul_error, rule_key)
 
-__all__ = ["DrtrlWindow", "window_trace_error"]
+__all__ = ["DrtrlWindow", "window_trace_error", "allow_window", "WINDOW_RULES"]
 
 _HI = jax.lax.Precision.HIGHEST
 
 
+#: rule classes whose traces hold exactly the default compact D-RTRL trace, in any layout
+#: :class:`~.rules.ParamBlock` reads (per-state arrays, packed pairs, stacked states); a
+#: backend's rule joins with :func:`allow_window` (exact classes: a subclass may change the
+#: math)
+WINDOW_RULES = {ParamCompactRule}
+
+
+def allow_window(rule_cls):
+    """Let the traces of ``rule_cls`` be summed over windows (class decorator)."""
+    WINDOW_RULES.add(rule_cls)
+    return rule_cls
+
+
 def window_trace_error(graph, trace, rule) -> str | None:
     """None when ``trace`` (run by ``rule``) can be summed over windows, else why not."""
-    if type(rule) is not ParamCompactRule or rule_key(trace) != ("param", "compact", "jax"):
-        return f"rule {getattr(rule, 'name', type(rule).__name__)} with key {rule_key(trace)}"
+    key = rule_key(trace)
+    if type(rule) not in WINDOW_RULES or len(key) != 3 or key[:2] != ("param", "compact"):
+        return f"rule {getattr(rule, 'name', type(rule).__name__)} with key {key}"
     for blk in param_blocks(graph, trace):
         why = plain_matmul_error(graph.op_object(blk.op))
         if why:
@@ -69,15 +84,15 @@ class DrtrlWindow:
         self.prog = prog
         g = prog.g
         self.ids = set()
-        self.blocks = []                    # (the trace's array positions, ParamBlock)
+        self.blocks = []                    # (the trace's array positions, ParamBlock, rule)
         for e in prog.plan:
             for t, ps in zip(e.traces, e.positions):
                 if window_trace_error(g, t, e.rule) is None:
                     self.ids.add(t.id)
-                    self.blocks.extend((ps, blk) for blk in param_blocks(g, t))
-        self.gids = sorted({blk.gid for _, blk in self.blocks})
-        self.ops = sorted({blk.op for _, blk in self.blocks})
-        self.dfs = sorted({(blk.op, blk.gid) for _, blk in self.blocks})
+                    self.blocks.extend((ps, blk, e.rule) for blk in param_blocks(g, t))
+        self.gids = sorted({blk.gid for _, blk, _ in self.blocks})
+        self.ops = sorted({blk.op for _, blk, _ in self.blocks})
+        self.dfs = sorted({(blk.op, blk.gid) for _, blk, _ in self.blocks})
 
     def __bool__(self):
         return bool(self.ids)
@@ -112,7 +127,7 @@ class DrtrlWindow:
         X = dict(zip(self.ops, Xs))
         new = list(traces)
         ctx = prog.context(theta_t)
-        for ps, blk in self.blocks:
+        for ps, blk, rule in self.blocks:
             op = g.op_object(blk.op)
             w = ctx.w(blk.param)
             weight = w["weight"] if isinstance(w, dict) else w
@@ -147,11 +162,39 @@ class DrtrlWindow:
             # the update, which can then write ε^K over ε^0 (no trace-sized copy)
             g0, vals = jax.lax.optimization_barrier((g0, vals))
             eps = blk.gather(b, vals, False)
-            res = _advance(eps, phi0[blk.gid], x2, V2, chain, blk.bshape)
-            for pos, v in blk.scatter(res, False).items():
+            cw = _current(x2, V2, chain, blk.bshape)                   # (*b, I, N, k)
+            wpos = _stacked_weight(g, blk)
+            stacked = None
+            if wpos is not None:
+                # the weight's k states stacked (the native kernel's layout): advanced as one
+                # array, by the rule's own kernel where it has one (XLA emits the stacked
+                # form below as a slow interleaved concatenate: 2.8x the packed pair's pass)
+                e_w = b.arrays[ps[wpos]].from_stored(vals[wpos])
+                own = getattr(rule, "advance_stacked", None)
+                if own is not None:
+                    stacked = own(e_w, phi0[blk.gid], cw)
+                else:
+                    stacked = jnp.stack([mix_states(phi0[blk.gid], [e_w[..., j] for j in
+                                                                    range(blk.k)], i, 1)
+                                         for i in range(blk.k)], axis=-1) + cw
+            res = _advance(eps, phi0[blk.gid], cw, V2, blk.bshape, stacked)
+            out = blk.scatter(res, False)
+            if wpos is not None:
+                out[wpos] = stacked
+            for pos, v in out.items():
                 a = b.arrays[ps[pos]]
                 new[ps[pos]] = prog.constrain(a.to_stored(v), a.stored_sharding)
         return new, acc_t
+
+
+def _stacked_weight(graph, blk):
+    """The block position of the weight's trace array when it keeps the k states stacked
+    (``(.., I, N, k)``), else None."""
+    fields = getattr(graph.param_by_name[blk.param].type, "fields", None)
+    wli = 0 if fields is None else next(
+        (i for i, (n, _) in enumerate(fields) if n == "weight"), None)
+    return next((pos for li, si, pos, a in blk.slots
+                 if li == wli and si is None and not a.packed), None)
 
 
 def _reverse(Jw, Dw):
@@ -173,28 +216,32 @@ def _reverse(Jw, Dw):
     return mu0, mu, phi0, phi
 
 
-def _advance(eps, phi0, x2, V2, chain, bshape):
-    """``ε_i ← Σ_j Φ_{K,0}[.., n, i, j] ε_j + c ⊙ Σ_r x^r ⊗ V^r_i`` per state ``i`` (``eps``:
-    the k per-state parameter trees of :meth:`ParamBlock.gather`)."""
-    k = phi0.shape[-1]
-
-    cw = jnp.einsum("kba,kbni->bani", x2, V2, precision=_HI)          # (B, I, N, k): one GEMM
+def _current(x2, V2, chain, bshape):
+    """``c ⊙ Σ_r x^r ⊗ V^r`` with the k states stacked last, ``(*b, I, N, k)``: one GEMM."""
+    cw = jnp.einsum("kba,kbni->bani", x2, V2, precision=_HI)
     if chain is not None:
         cw = cw * chain[..., None]
-    cw = cw.reshape(bshape + cw.shape[1:]) if bshape else cw[0]
+    return cw.reshape(bshape + cw.shape[1:]) if bshape else cw[0]
 
-    def cur_weight(i):
-        return cw[..., i]
 
-    def cur_bias(i):
+def _advance(eps, phi0, cw, V2, bshape, stacked=None):
+    """``ε_i ← Σ_j Φ_{K,0}[.., n, i, j] ε_j + c ⊙ Σ_r x^r ⊗ V^r_i`` per state ``i`` (``eps``:
+    the k per-state parameter trees of :meth:`ParamBlock.gather`; ``cw``: :func:`_current`).
+    ``stacked``: the weight's new trace, already advanced with its states stacked (its
+    per-state slices are returned for the weight)."""
+    k = phi0.shape[-1]
+
+    def new_weight(es, i):
+        if stacked is not None:
+            return stacked[..., i]
+        return mix_states(phi0, es, i, 1) + cw[..., i]
+
+    def new_bias(es, i):
         cb = V2[..., i].sum(0)                                            # (B, N)
-        return cb.reshape(bshape + cb.shape[1:]) if bshape else cb[0]
-
-    def decay(es, i, lead):
-        return mix_states(phi0, es, i, lead)
+        cb = cb.reshape(bshape + cb.shape[1:]) if bshape else cb[0]
+        return mix_states(phi0, es, i, 0) + cb
 
     if isinstance(eps[0], dict):
-        return [{key: decay([e[key] for e in eps], i, 1 if key == "weight" else 0)
-                 + (cur_weight(i) if key == "weight" else cur_bias(i)) for key in eps[0]}
-                for i in range(k)]
-    return [decay(list(eps), i, 1) + cur_weight(i) for i in range(k)]
+        return [{key: (new_weight if key == "weight" else new_bias)([e[key] for e in eps], i)
+                 for key in eps[0]} for i in range(k)]
+    return [new_weight(list(eps), i) for i in range(k)]

@@ -225,9 +225,16 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
         for e in prog.plan:
             if not deferred(e):
                 continue
-            vals = [[traces[p] for p in ps] for ps in e.positions]
-            new_vals, acc_t = e.rule.one_pass(ctx, e.traces, vals, delta, acc_t)
-            for ps, vs in zip(e.positions, new_vals):
+            # the one-pass traces of this rule that the window does not sum
+            keep = [i for i, t in enumerate(e.traces)
+                    if not (collect and skip_tr is not None and skip_tr(t))]
+            if not keep:
+                continue
+            trs = [e.traces[i] for i in keep]
+            poss = [e.positions[i] for i in keep]
+            vals = [[traces[p] for p in ps] for ps in poss]
+            new_vals, acc_t = e.rule.one_pass(ctx, trs, vals, delta, acc_t)
+            for ps, vs in zip(poss, new_vals):
                 for p, v in zip(ps, vs):
                     new_traces[p] = b.arrays[p].to_stored(v)
         others = b.carry_others(others, new_others)

@@ -10,7 +10,8 @@ measured; the model code comes from ``tools/bench_models.py``.
 
 Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk' /
 'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``, 'param_native':
-D-RTRL with ``backend='native'`` (one kernel pass per step); the rules of ``brainscale.zoo``:
+D-RTRL with ``backend='native'`` (one kernel pass per step), 'param_native_chunk' the same
+learner with ``chunk``; the rules of ``brainscale.zoo``:
 ``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
 seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
 sequence lengths for the XLA memory analysis, compile only), ``bandwidth`` (also measure the
@@ -191,7 +192,7 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
         elif algo in ("param", "param_chunk"):
             lr = L.DiagParamDimAlgorithm(net)
-        elif algo == "param_native":      # D-RTRL on the native CPU kernel, one pass per step
+        elif algo in ("param_native", "param_native_chunk"):   # the native CPU kernel
             lr = L.DiagParamDimAlgorithm(net, backend="native")
         elif algo == "hybrid":
             lr = L.DiagHybridDimAlgorithm(net, decay_or_rank=decay)
@@ -390,7 +391,7 @@ def run(cfg: dict) -> dict:
 
         # io_chunk / param_chunk: ES-D-RTRL / D-RTRL summed over windows of `chunk` steps
         chunk = int(cfg.get("chunk", 16)) if algo in ("io_chunk", "param_chunk",
-                                                       "ostl_ffc") else 1
+                                                       "param_native_chunk", "ostl_ffc") else 1
 
         def fn(xs, ys):
             g, ls = brainscale.online_gradients(learner, xs, ys, loss_fn, params=params,

@@ -6,9 +6,11 @@ compiled with ``backend='native'`` (or a kernel is called). See ``docs/native.md
 """
 from .build import NativeUnavailable as NativeUnavailable, available as available, \
     why_unavailable as why_unavailable
-from .kernel import native_drtrl_multi as native_drtrl_multi, native_drtrl_step as native_drtrl_step
+from .kernel import native_drtrl_multi as native_drtrl_multi, native_drtrl_step as native_drtrl_step, \
+    native_decay_add as native_decay_add
 from .select import NativeSelectPass as NativeSelectPass
 from .backend import NativeBackend as NativeBackend, NativeZooBackend as NativeZooBackend
 
 __all__ = ["NativeUnavailable", "available", "why_unavailable", "native_drtrl_multi",
-           "native_drtrl_step", "NativeSelectPass", "NativeBackend", "NativeZooBackend"]
+           "native_drtrl_step", "native_decay_add", "NativeSelectPass", "NativeBackend",
+           "NativeZooBackend"]

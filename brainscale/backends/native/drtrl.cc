@@ -17,7 +17,8 @@
 //
 // Three handlers: step (update + grad from the new values while they are in registers:
 // the trace is read once and written once, in place when the caller aliases eps to the
-// output), update only, grad only. Work is split over rows a of the input dimension (each
+// output), update only, grad only; and decay-add, eps' = J eps + cur with a full current
+// term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over rows a of the input dimension (each
 // row of g has one owner, so the batch sum needs no atomics and is deterministic) and run
 // on XLA's intra-op thread pool; the calling thread takes rows too.
 #include <algorithm>
@@ -46,6 +47,7 @@ struct Args {
   float* g_out;
   int64_t B, I, O, k;
   bool update, grad, has_c, accumulate;
+  const float* cur = nullptr;   // decay-add: the current term (B, I, O, k) replaces x c df
 };
 
 // Initialise the gradient rows [a0, a1) of g (copy of gacc, or zeros).
@@ -85,6 +87,22 @@ inline void row_update(const float* __restrict e, float* __restrict eo,
       if (G) s += d[n * K + i] * v;
     }
     if (G) g[n] += s;
+  }
+}
+
+// Decay-add (a window's advance, drtrl_window.py): eo = J z + cur, per neuron; the same
+// in-place argument as row_update.
+template <int K>
+inline void row_decay_add(const float* __restrict e, float* __restrict eo,
+                          const float* __restrict J, const float* __restrict cur, int64_t O) {
+  for (int64_t n = 0; n < O; ++n) {
+    float z[K];
+    for (int j = 0; j < K; ++j) z[j] = e[n * K + j];
+    for (int i = 0; i < K; ++i) {
+      float v = cur[n * K + i];
+      for (int j = 0; j < K; ++j) v += J[(n * K + i) * K + j] * z[j];
+      eo[n * K + i] = v;
+    }
   }
 }
 
@@ -132,7 +150,17 @@ void rows_grad(const Args& a, int64_t a0, int64_t a1) {
 }
 
 template <int K>
+void rows_decay_add(const Args& a, int64_t a0, int64_t a1) {
+  const int64_t I = a.I, O = a.O;
+  for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
+    const int64_t off = ((b * I + r) * O) * K;
+    row_decay_add<K>(a.eps + off, a.eps_out + off, a.J + b * O * K * K, a.cur + off, O);
+  });
+}
+
+template <int K>
 void rows_fixed(const Args& a, int64_t a0, int64_t a1) {
+  if (a.cur) return rows_decay_add<K>(a, a0, a1);
   if (!a.update) return rows_grad<K>(a, a0, a1);
   if (a.has_c) {
     if (a.grad) return rows_update<K, true, true>(a, a0, a1);
@@ -149,13 +177,14 @@ void rows_any(const Args& a, int64_t a0, int64_t a1) {
   for (int64_t b = 0; b < B; ++b) {
     const float* db = a.grad ? a.delta + b * O * K : nullptr;
     const float* Jb = a.update ? a.J + b * O * K * K : nullptr;
-    const float* dfb = a.update ? a.df + b * O * K : nullptr;
+    const float* dfb = a.update && !a.cur ? a.df + b * O * K : nullptr;
     for (int64_t r = a0; r < a1; ++r) {
       float* g = a.grad ? a.g_out + r * O : nullptr;
       const float* crow = a.has_c ? a.c + r * O : nullptr;
       const float* e = a.eps + ((b * I + r) * O) * K;
       float* eo = a.update ? a.eps_out + ((b * I + r) * O) * K : nullptr;
-      const float xa = a.update ? a.x[b * I + r] : 0.f;
+      const float xa = a.update && !a.cur ? a.x[b * I + r] : 0.f;
+      const float* cr = a.cur ? a.cur + ((b * I + r) * O) * K : nullptr;
       for (int64_t n = 0; n < O; ++n) {
         for (int64_t j = 0; j < K; ++j) z[j] = e[n * K + j];   // all reads before the writes
         const float u = crow ? xa * crow[n] : xa;
@@ -163,7 +192,7 @@ void rows_any(const Args& a, int64_t a0, int64_t a1) {
         for (int64_t i = 0; i < K; ++i) {
           float v = z[i];
           if (a.update) {
-            v = u * dfb[n * K + i];
+            v = cr ? cr[n * K + i] : u * dfb[n * K + i];
             const float* Ji = Jb + (n * K + i) * K;
             for (int64_t j = 0; j < K; ++j) v += Ji[j] * z[j];
             eo[n * K + i] = v;
@@ -321,6 +350,21 @@ ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error DecayAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps,
+                        ffi::Buffer<ffi::F32> J, ffi::Buffer<ffi::F32> cur,
+                        ffi::ResultBuffer<ffi::F32> eps_out) {
+  auto ed = eps.dimensions();
+  if (ed.size() != 4) return check(false, "eps must be (B, I, O, k)");
+  Args a{eps.typed_data(), J.typed_data(), nullptr, nullptr, nullptr, nullptr, nullptr,
+         eps_out->typed_data(), nullptr, ed[0], ed[1], ed[2], ed[3], true, false, false, false};
+  a.cur = cur.typed_data();
+  RETURN_IF_ERROR(shapes(a, ed));
+  RETURN_IF_ERROR(check(numel(J.dimensions()) == a.B * a.O * a.k * a.k, "J must be (B, O, k, k)"));
+  RETURN_IF_ERROR(check(numel(cur.dimensions()) == numel(ed), "cur must be (B, I, O, k)"));
+  launch(pool, a);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Bindings: the thread pool, the buffers in the order of the Impl's parameters, attributes.
@@ -343,3 +387,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<Buf>().Arg<Buf>().Arg<Buf>()
         .Ret<Buf>().Attr<int64_t>("accumulate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleDrtrlDecayAdd, DecayAddImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>());

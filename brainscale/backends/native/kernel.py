@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..pallas.drtrl import DrtrlItem, _batched, check_operands
+from ..pallas.drtrl import DrtrlItem, _batched, _check, check_operands
 from .build import register
 
-__all__ = ["native_drtrl_multi", "native_drtrl_step"]
+__all__ = ["native_drtrl_multi", "native_drtrl_step", "native_decay_add"]
 
 f32 = jnp.float32
 #: under ``jax.vmap`` (e.g. an ensemble of learners) the kernel runs once per mapped element
@@ -77,3 +77,23 @@ def native_drtrl_multi(items: Sequence[DrtrlItem], *, update: bool = True, grad:
 def native_drtrl_step(eps, J, df, x, delta, c=None, grad_acc=None):
     """One-pass D-RTRL step on the native kernel: ``(eps_new, grad)``."""
     return native_drtrl_multi([DrtrlItem(eps, J, df, x, c, delta, grad_acc)])[0]
+
+
+def native_decay_add(eps, J, cur):
+    """``ε'[.., a, n, i] = Σ_j J[.., n, i, j] ε[.., a, n, j] + cur[.., a, n, i]`` in place on
+    the native kernel (a window's advance: ``J = Φ_{K,0}``, ``cur`` the window's current
+    term). ``eps``, ``cur``: ``(B, I, O, k)`` or ``(I, O, k)`` float32; ``J``: ``(B, O, k, k)``
+    or ``(O, k, k)``."""
+    batched = eps.ndim == 4
+    if not batched:
+        eps, J, cur = eps[None], J[None], cur[None]
+    B, I, O, k = eps.shape
+    if eps.dtype != f32:
+        raise ValueError(f"native decay-add: the trace must be float32, got {eps.dtype}")
+    _check(J, (B, O, k, k), "J")
+    _check(cur, (B, I, O, k), "cur")
+    register()
+    out = jax.ffi.ffi_call("brainscale_drtrl_decay_add", jax.ShapeDtypeStruct(eps.shape, f32),
+                           input_output_aliases={0: 0}, vmap_method=VMAP)(
+        eps, J.astype(f32), cur.astype(f32))
+    return out if batched else out[0]

@@ -7,18 +7,23 @@ the native kernel (:mod:`.kernel`). As a learner step (custom VJP) that is the u
 the forward and the contraction in the backward; ``one_pass``, which the step-owning loop
 calls (``online_gradients`` / ``train_online`` take that loop whenever a rule has it),
 reads ``ε^{t-1}`` once, writes ``ε^t`` in place and adds ``Σ δ ε^t`` into the gradient.
+With ``chunk = K > 1`` its traces are summed per window instead (:mod:`..drtrl_window`,
+the same math on the stacked layout), which is faster when a gradient sum is all that is
+needed.
 """
 from __future__ import annotations
 
+from ..drtrl_window import allow_window
 from ..rules import register_trace_rule
 from ..pallas.rules import PallasDrtrlRule
 from ..pallas.select import kernel_instances
 from .build import why_unavailable
-from .kernel import native_drtrl_multi
+from .kernel import native_decay_add, native_drtrl_multi
 
 __all__ = ["NativeDrtrlRule"]
 
 
+@allow_window          # online_gradients(chunk=K): summed per window like the JAX rule's
 @register_trace_rule("param", "compact", "native")
 class NativeDrtrlRule(PallasDrtrlRule):
     """See the module docstring."""
@@ -36,6 +41,12 @@ class NativeDrtrlRule(PallasDrtrlRule):
 
     def _launch(self, items, update: bool, grad: bool):
         return native_drtrl_multi(items, update=update, grad=grad)
+
+    @staticmethod
+    def advance_stacked(eps, phi, cur):
+        """A window's advance of the stacked weight trace (``drtrl_window``), in place:
+        ``Σ_j Φ[.., n, i, j] ε[.., a, n, j] + cur`` on the kernel."""
+        return native_decay_add(eps, phi, cur)
 
     def notes(self, graph, traces) -> tuple:
         out = []
