@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from ..concepts import mix_states
 from .linearize import sg
 from .rules import (ParamCompactRule, chain_is_one, contract_packed, contract_param,
-                    param_blocks, plain_matmul_error, rule_key)
+                    leaf_index, param_blocks, plain_matmul_error, rule_key)
 
 __all__ = ["DrtrlWindow", "window_trace_error", "allow_window", "WINDOW_RULES"]
 
@@ -190,9 +190,7 @@ class DrtrlWindow:
 def _stacked_weight(graph, blk):
     """The block position of the weight's trace array when it keeps the k states stacked
     (``(.., I, N, k)``), else None."""
-    fields = getattr(graph.param_by_name[blk.param].type, "fields", None)
-    wli = 0 if fields is None else next(
-        (i for i, (n, _) in enumerate(fields) if n == "weight"), None)
+    wli = leaf_index(graph, blk.param, "weight")
     return next((pos for li, si, pos, a in blk.slots
                  if li == wli and si is None and not a.packed), None)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .drtrl_window import DrtrlWindow
-from .rules import IORule, chain_is_one, plain_matmul_error
+from .rules import IORule, chain_is_one, leaf_index, plain_matmul_error
 from .signals import is_float
 
 __all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_error",
@@ -134,17 +134,6 @@ def window_accumulate(eps_x, signal, grad, chain=None):
     if chain is not None:
         upd = upd * chain.astype(f32)
     return (grad.astype(f32) + upd).astype(grad.dtype)
-
-
-def _leaf_index(graph, pname, leaf_name):
-    t = graph.param_by_name[pname].type
-    fields = getattr(t, "fields", None)
-    if fields is None:
-        return 0 if leaf_name == "weight" else None
-    for i, (n, _) in enumerate(fields):
-        if n == leaf_name:
-            return i
-    return None
 
 
 def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
@@ -258,9 +247,9 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
             w = b.w_tree(pi, th_t[pi])
             weight = w["weight"] if isinstance(w, dict) else w
             chain = None if chain_is_one(op) else op._chain(weight)
-            li_w = _leaf_index(g, rel.param, "weight")
+            li_w = leaf_index(g, rel.param, "weight")
             acc_t[pi][li_w] = window_impl(X, S, acc_t[pi][li_w], chain)
-            li_b = _leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
+            li_b = leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
             if li_b is not None:
                 acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
                     acc_t[pi][li_b].dtype)

@@ -268,6 +268,15 @@ class ParamBlock:
         return out
 
 
+def leaf_index(graph, pname: str, leaf_name: str) -> int | None:
+    """The index of leaf ``leaf_name`` among parameter ``pname``'s leaves (a bare array is
+    the weight, leaf 0), or None when it has no such leaf."""
+    fields = getattr(graph.param_by_name[pname].type, "fields", None)
+    if fields is None:
+        return 0 if leaf_name == "weight" else None
+    return next((i for i, (n, _) in enumerate(fields) if n == leaf_name), None)
+
+
 def param_blocks(graph, trace) -> list[ParamBlock]:
     """The (relation, group) blocks of a param-dim trace, in array order."""
     order, slots = [], {}

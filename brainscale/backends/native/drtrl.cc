@@ -15,12 +15,13 @@
 //   update:  eps'[b,a,n,i] = sum_j J[b,n,i,j] eps[b,a,n,j] + x[b,a] c[a,n] df[b,n,i]
 //   grad:    g[a,n] = (gacc[a,n] +) sum_b sum_i delta[b,n,i] eps'[b,a,n,i]
 //
-// Three handlers: step (update + grad from the new values while they are in registers:
+// Four handlers: step (update + grad from the new values while they are in registers:
 // the trace is read once and written once, in place when the caller aliases eps to the
-// output), update only, grad only; and decay-add, eps' = J eps + cur with a full current
-// term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over rows a of the input dimension (each
-// row of g has one owner, so the batch sum needs no atomics and is deterministic) and run
-// on XLA's intra-op thread pool; the calling thread takes rows too.
+// output), update only, grad only, and decay-add, eps' = J eps + cur with a full current
+// term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over rows
+// a of the input dimension (each row of g has one owner, so the batch sum needs no atomics
+// and is deterministic) and run on XLA's intra-op thread pool; the calling thread takes
+// rows too.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>

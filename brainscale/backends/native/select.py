@@ -9,7 +9,7 @@ decisions in the IR, so ``learner.ir()`` shows them:
 * ``path=jax`` with ``path_reason=...`` on every other trace (io-dim, LoRA, sparse, conv,
   per-output-neuron layouts, traces off the default rule axes, ...), which the JAX rules
   run;
-* the graph note ``native=<why the kernel can or cannot run here>``.
+* the graph note ``native=available`` (``native=select=none`` with ``select='none'``).
 
 ``select='none'`` keeps every trace on the JAX rules (an A/B switch). The pass refuses to
 run where the kernel cannot be built (no C++ compiler, a non-CPU default device): a learner
@@ -45,8 +45,9 @@ class NativeSelectPass(Pass):
         if self.select not in ("all", "none"):
             raise PipelineError(f"native-select: select must be 'all' or 'none', "
                                 f"got {self.select!r}")
-        why = why_unavailable()
-        if why and self.select != "none":
+        # select='none' uses no kernel: it is not built for it
+        why = why_unavailable() if self.select != "none" else None
+        if why:
             raise PipelineError(f"native-select: {why}")
         new_traces = []
         for t in graph.traces:
@@ -77,5 +78,5 @@ class NativeSelectPass(Pass):
                 t = layout_trace(graph, t, storage="float32", stacked_leaves=(wname,))
             new_traces.append(t)
         gattrs = dict(graph.attrs)
-        gattrs.update(native=why or "available")
+        gattrs.update(native="available" if self.select != "none" else "select=none")
         return graph.replace(traces=tuple(new_traces), attrs=mk_attrs(**gattrs))

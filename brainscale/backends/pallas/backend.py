@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from ..base import BACKENDS, Backend, CompiledStep, register_backend
 from ..jax_backend import JaxBackend
 from ..step import emit_step
@@ -85,13 +83,13 @@ class AutoBackend(Backend):
         # the native backend by name (it imports the Pallas modules: no import back here)
         native = BACKENDS.get("native")
         why = native.unavailable() if native is not None else "the native backend is not loaded"
-        if why is None and jax.default_backend() == "cpu":
+        if why is None:
             select = "none" if options.get("select") == "none" else "all"
             self.impl = native(select=select, jit=jit)
             self.reason = "CPU: the native D-RTRL kernel"
         else:
             self.impl = JaxBackend(jit=jit)
-            self.reason = f"{plat.reason}; native kernel: {why or 'not on the CPU'}"
+            self.reason = f"{plat.reason}; native kernel: {why}"
 
     def pipeline(self) -> tuple:
         return self.impl.pipeline()
