@@ -326,3 +326,234 @@ def test_windows_sum_native_traces(name, monkeypatch):
     assert set(calls) == {"native_decay_add"}      # no per-step kernel pass was traced
     assert rel(lossn, lossj) < 1e-5
     assert_same(gj, gn, lj, ln)
+
+
+# -- ES-D-RTRL (io-dim) on the native outer-accumulate --------------------------------------
+
+def xla_outer_acc(X, S, G, C):
+    from brainscale.backends.online_driver import window_accumulate
+    return window_accumulate(X, S, G, C)
+
+
+@needs_kernel
+@pytest.mark.parametrize("lead,I,O,chain", [((16,), 61, 130, False), ((3, 5), 37, 70, True),
+                                            ((1,), 5, 3, False), ((0,), 6, 64, True),
+                                            ((8,), 96, 256, True), ((4,), 100, 200, False)])
+def test_outer_acc_equals_xla(lead, I, O, chain):
+    """``G + C ⊙ (Xᵀ S)``: register tiles of 6 rows × 64 columns, the rest of the rows and
+    columns, the leading axes flattened into rows; (8, 96, 256) and (4, 100, 200) split the
+    rows over the thread pool."""
+    rng = np.random.RandomState(11)
+    f = lambda *s: jnp.asarray(rng.randn(*s).astype(np.float32))  # noqa: E731
+    X, S, G = f(*lead, I), f(*lead, O), f(I, O)
+    C = f(I, O) if chain else None
+    got = jax.jit(native.native_outer_acc)(X, S, G, C)
+    assert got.shape == (I, O) and got.dtype == jnp.float32
+    assert rel(got, xla_outer_acc(X, S, G, C)) < 2e-6
+
+
+@needs_kernel
+def test_outer_acc_in_a_scan_and_under_vmap():
+    rng = np.random.RandomState(12)
+    X = jnp.asarray(rng.randn(9, 4, 40).astype(np.float32))
+    S = jnp.asarray(rng.randn(9, 4, 70).astype(np.float32))
+
+    def run(acc):
+        return jax.jit(lambda: jax.lax.scan(lambda g, xs: (acc(xs[0], xs[1], g, None), None),
+                                            jnp.zeros((40, 70)), (X, S))[0])()
+    assert rel(run(native.native_outer_acc), run(xla_outer_acc)) < 2e-6
+    G = jnp.ones((3, 40, 70))
+    got = jax.jit(jax.vmap(native.native_outer_acc))(X[:3], S[:3], G)
+    for i in range(3):
+        assert rel(got[i], xla_outer_acc(X[i], S[i], G[i], None)) < 2e-6
+
+
+@needs_kernel
+def test_outer_acc_refuses_bad_input():
+    X, S = jnp.ones((4, 5)), jnp.ones((4, 6))
+    with pytest.raises(ValueError, match="the gradient must be float32"):
+        native.native_outer_acc(X, S, jnp.ones((5, 6), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"must be \(\.\.\., I\) and \(\.\.\., O\) with the same"):
+        native.native_outer_acc(X, jnp.ones((3, 6)), jnp.ones((5, 6)))
+    with pytest.raises(ValueError, match=r"chain has shape \(6, 5\)"):
+        native.native_outer_acc(X, S, jnp.ones((5, 6)), jnp.ones((6, 5)))
+
+
+@pytest.fixture
+def io_any_size(monkeypatch):
+    """The test models are small: let native-select take their io-dim traces anyway."""
+    monkeypatch.setattr(native_select, "IO_MIN_SIZE", 0)
+    monkeypatch.setattr(native_select, "IO_MIN_ROWS", 0)
+
+
+@pytest.fixture
+def outer_calls(monkeypatch):
+    """Count the outer-accumulate calls the step-owning loop traces."""
+    from brainscale.backends.native.rules import NativeIORule
+    calls = []
+    orig = NativeIORule.step_accumulate
+    monkeypatch.setattr(NativeIORule, "step_accumulate", staticmethod(
+        lambda *a: (calls.append(a[0].shape), orig(*a))[1]))
+    return calls
+
+
+def io_pair(name, batch):
+    net_j, x0 = models.make(name, batch=batch)
+    net_n, _ = models.make(name, batch=batch)
+    lj = brainscale.DiagIODimAlgorithm(net_j, decay_or_rank=0.9).compile_graph(x0)
+    ln = brainscale.DiagIODimAlgorithm(net_n, decay_or_rank=0.9,
+                                       backend="native").compile_graph(x0)
+    return (net_j, lj), (net_n, ln), x0
+
+
+def assert_same_io(gj, gn, lj, ln, tol=1e-5):
+    for k in gj:
+        for a, b in zip(jax.tree.leaves(gn[k]), jax.tree.leaves(gj[k])):
+            assert rel(a, b) < tol, k
+    for attr in ("etrace_xs", "etrace_dfs"):
+        tn, tj = getattr(ln, attr), getattr(lj, attr)
+        assert set(tn) == set(tj) and tn
+        for key in tj:
+            assert rel(tn[key].value, tj[key].value) < tol, (attr, key)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+@pytest.mark.parametrize("name,batch", [("lif_delta", 2), ("alif", 0), ("alif", 3),
+                                        ("gru_rh", 2), ("elemwise_tau", 2)])
+def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, io_any_size,
+                                                              outer_calls):
+    """ES-D-RTRL with ``backend='native'``: ``online_gradients`` runs the step-owning loop and
+    adds each dense relation's per-step gradient with the outer-accumulate; gradients,
+    losses and traces equal the JAX backend's (per step, and with ``chunk``, where the
+    window's XLA product takes over)."""
+    (net_j, lj), (net_n, ln), x0 = io_pair(name, batch)
+    io = [t for t in ln.graph.traces if t.dim == "io"]
+    assert io and all(t.path == "native" for t in io)
+    assert all(t.attr("path_reason") == "native outer-accumulate of the per-step gradient in "
+               "the step-owning loop" for t in io)
+    xs, ys = sequence(x0, 7, seed=13)
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
+    n_rel = sum(len(t.relations) for t in io)
+    assert len(outer_calls) == n_rel                  # one call per relation in the loop body
+    assert any(k[0] == "drive" for k in ln._drivers)
+    assert not any(k[0] == "drive" for k in lj._drivers)
+    assert rel(lossn, lossj) < 1e-5
+    assert_same_io(gj, gn, lj, ln)
+    # windows: the (K·B)-row product, no per-step outer-accumulate
+    del outer_calls[:]
+    gc, lossc = brainscale.online_gradients(ln, xs, ys, loss_fn, chunk=3)
+    assert not outer_calls
+    assert rel(lossc, lossj) < 1e-5
+    assert_same_io(gj, gc, lj, ln)
+
+
+@needs_kernel
+def test_es_train_online_per_step_on_the_outer_accumulate(io_any_size, outer_calls):
+    (net_j, lj), (net_n, ln), x0 = io_pair("alif", 2)
+    xs = sequence(x0, 6, seed=14)[0]
+    ys = jnp.asarray(np.random.RandomState(15).rand(6, 2, 5), jnp.float32)
+
+    def mse(out, y):
+        return jnp.mean((out - y) ** 2)
+    losses = []
+    for net, learner in ((net_j, lj), (net_n, ln)):
+        opt = braintools.optim.Adam(lr=0.05)
+        opt.register_trainable_weights(net.states(brainstate.ParamState))
+        losses.append(np.asarray(brainscale.train_online(learner, opt, xs, ys, mse)))
+    assert outer_calls and any(k[0] == "train-window" for k in ln._drivers)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5, atol=1e-7)
+    pj, pn = net_j.states(brainstate.ParamState), net_n.states(brainstate.ParamState)
+    for k in pj:
+        for a, b in zip(jax.tree.leaves(pn[k].value), jax.tree.leaves(pj[k].value)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+def test_es_ir_paths_and_reasons():
+    """Default sizes: the small test models' io-dim traces stay on XLA with the reason; a
+    LoRA or sparse op is refused with its reason; ``NativeIORule.check`` refuses a trace a
+    user pass routes to the kernel that it cannot take."""
+    from brainscale.backends.native.rules import NativeIORule
+    (_, _), (_, ln), _ = io_pair("alif", 2)
+    (t,) = ln.graph.traces
+    assert t.path == "jax" and t.attr("path_reason") == (
+        "io-dim, small (I·O = 8·5, 2 rows of eps_x; the kernel gains from I·O ≥ 65536 and "
+        "≥ 4 rows): XLA's product is as fast")
+    assert "T0 (io): path=jax" not in "\n".join(ln._step.notes)   # jax path: the JAX io rule
+    assert not any(k[0] == "drive" for k in ln._drivers)
+    for name, kind in (("lora", "lora"), ("sparse_rec", "sparse")):
+        (_, _), (_, lx), _ = io_pair(name, 2)
+        io = [t for t in lx.graph.traces if t.dim == "io"]
+        assert io and all(t.path == "jax" and t.attr("path_reason").startswith(
+            f"io-dim, op kind '{kind}': the outer-accumulate covers dense matmul only")
+            for t in io)
+        assert NativeIORule().check(lx.graph, io[0]).endswith(
+            f"op kind '{kind}': the outer-accumulate covers dense matmul only")
+    assert NativeIORule().check(ln.graph, t) is None       # small, but the kernel can run it
+
+
+@needs_kernel
+def test_es_takes_the_kernel_at_its_default_sizes(outer_calls):
+    """ALIF, 100 inputs, 256 neurons, B = 4: I·O = 356·256 ≥ 65536 and 4 rows of ε_x, so the
+    io-dim trace takes the outer-accumulate without any setting; the gradients equal JAX's."""
+    nets = [models.ALIFNet(100, 256, batch=4, seed=1) for _ in range(2)]
+    x0 = jnp.zeros((4, 100), jnp.float32)
+    lj = brainscale.DiagIODimAlgorithm(nets[0], decay_or_rank=0.9).compile_graph(x0)
+    ln = brainscale.DiagIODimAlgorithm(nets[1], decay_or_rank=0.9,
+                                       backend="native").compile_graph(x0)
+    assert [t.path for t in ln.graph.traces] == ["native"]
+    xs, ys = sequence(x0, 5, seed=16)
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
+    assert outer_calls == [(4, 356)]
+    assert rel(lossn, lossj) < 1e-5
+    assert_same_io(gj, gn, lj, ln)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+@pytest.mark.parametrize("name,algo,batch", [("lif_delta", "param", 2), ("alif", "param", 0),
+                                             ("alif", "io", 2), ("gru_rh", "io", 2),
+                                             ("gru_rh", "param", 0)])
+def test_native_loop_equals_the_dense_oracle(name, algo, batch, io_any_size, outer_calls):
+    """The native learner's step-owning loop (one-pass D-RTRL kernel, outer-accumulate for
+    ES-D-RTRL) against the dense oracle directly (tests/oracle.py: the literal equations),
+    not only against the JAX backend: the summed gradient and every loss over 8 steps."""
+    from oracle import DenseOracle
+    T, alpha = 8, 0.9
+    net, x0 = models.make(name, batch=batch)
+    net_o, _ = models.make(name, batch=batch)
+    if algo == "param":
+        learner = brainscale.DiagParamDimAlgorithm(net, backend="native")
+    else:
+        learner = brainscale.DiagIODimAlgorithm(net, decay_or_rank=alpha, backend="native")
+    learner.compile_graph(x0)
+    assert "native" in {t.path for t in learner.graph.traces}
+
+    def lsum(out, y):
+        return jnp.sum(jax.tree.leaves(out)[0] * y)
+    out_shape = np.shape(jax.tree.leaves(models.make(name, batch=batch)[0].update(x0))[0])
+    rng = np.random.RandomState(17)
+    xs = jnp.asarray(rng.randn(T, *np.shape(x0)).astype(np.float32))
+    ys = jnp.asarray(rng.randn(T, *out_shape).astype(np.float32))
+    grads, losses = brainscale.online_gradients(learner, xs, ys, lsum)
+    assert any(k[0] == "drive" for k in learner._drivers)
+    assert bool(outer_calls) == (algo == "io")
+    orc = DenseOracle(net_o, x0, algorithm=algo, decay_or_rank=alpha if algo == "io" else None,
+                      loss_fn=lsum)
+    total, ref_losses = None, []
+    for x, y in zip(xs, ys):
+        r = orc.step(x, target=y)
+        ref_losses.append(r["loss"])
+        total = r["grads"] if total is None else jax.tree.map(jnp.add, total, r["grads"])
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-4,
+                               atol=1e-5)
+    params = net.states(brainstate.ParamState)
+    assert set(total) == set(params)
+    for k in params:
+        flat = [jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(t[k])])
+                for t in (grads, total)]
+        assert rel(*flat) < 1e-4, k

@@ -42,6 +42,7 @@ Example::
     python tools/bench_external.py --out benchmarks/results/cpu       # N = 128, 512, 1024
     python tools/bench_external.py --setup-only                       # just build the venvs
     python tools/bench_external.py --zoo --libs braintrace --N 32 --T 100
+    python tools/bench_external.py --model alif --N 512,1024 --algos io --native   # + ES on backend=native
 """
 from __future__ import annotations
 
@@ -73,10 +74,14 @@ LIBS = {
 }
 OURS_LABEL = {"io": "ES-D-RTRL", "param": "D-RTRL", "bptt": "BPTT", "hybrid": "hybrid",
               "io_chunk": "ES-D-RTRL chunk", "param_chunk": "D-RTRL chunk", "fwd": "forward",
-              "floor": "floor"}
+              "floor": "floor", "io_native": "ES-D-RTRL native"}
 #: ours with ``online_gradients(chunk=K)``, per algorithm
 CHUNKED = {"io": "io_chunk", "param": "param_chunk"}
 BASE = {v: k for k, v in CHUNKED.items()}
+#: ours on another backend, per algorithm (``--native``): ES-D-RTRL with ``backend='native'``
+#: (the per-step gradient added in place by the kernel's outer-accumulate)
+NATIVE = {"io": "io_native"}
+NATIVE_BASE = {v: k for k, v in NATIVE.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,6 +202,10 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
                 Ts["param"] = max(Ts["param"], -(-4 * a.chunk // 10) * 10)
             for al in algos:
                 Ts[CHUNKED[al]] = Ts[al]
+        if a.native:
+            for al in algos:
+                if al in NATIVE:
+                    Ts[NATIVE[al]] = Ts[al]
         data = {}
         for T in sorted(set(Ts.values()) | {a.T}):
             p = wd / f"data_{model}_N{N}_B{B}_T{T}.npz"
@@ -209,6 +218,7 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             jobs += [("ours", "fwd", a.T), ("ours", "floor", a.T)]
         for lib in ["ours"] + a.libs:
             for algo in algos + ([CHUNKED[al] for al in algos if CHUNKED[al] in Ts]
+                                 + [NATIVE[al] for al in algos if NATIVE.get(al) in Ts]
                                  if lib == "ours" else []):
                 jobs.append((lib, algo, Ts[algo]))
         if N == min(a.N):
@@ -254,10 +264,10 @@ def run_compare(a, pythons: dict, out_dir: Path, meta: dict) -> dict:
             g = dict(np.load(gp))
             row = {"N": N, "lib": lib, "algo": algo, "T": T}
             ref_b = gpaths.get(("ours", "bptt", T))
-            ref_o = gpaths.get(("ours", BASE.get(algo, algo), T))
+            ref_o = gpaths.get(("ours", BASE.get(algo, NATIVE_BASE.get(algo, algo)), T))
             if ref_b:
                 row["vs_bptt"] = bench.grad_metrics(g, dict(np.load(ref_b)))
-            if ref_o and (lib != "ours" or algo in BASE):
+            if ref_o and (lib != "ours" or algo in BASE or algo in NATIVE_BASE):
                 row["vs_ours"] = bench.grad_metrics(g, dict(np.load(ref_o)))
             grads.append(row)
         _save(out_dir, results, grads, meta)
@@ -435,12 +445,13 @@ def _col(lib, algo, chunk=None):
         f"{LIBS[lib]['label']} {LIBS[lib]['algos'][algo]}"
 
 
-def floor_markdown(res, Ns, libs, algos, chunked, chunk) -> str:
+def floor_markdown(res, Ns, libs, algos, chunked, chunk, natives=()) -> str:
     """Every online column as a multiple of the floor (forward + one instantaneous VJP per
     step, no traces), and the trace work alone (online - floor)."""
     f = bench._fmt
     online = [("ours", al) for al in algos] + [("ours", al) for al in chunked] + \
              [(lib, al) for lib in libs for al in algos]
+    online[len(algos):len(algos)] = [("ours", al) for al in natives]
     out = ["\n## Against the floor\n",
            "`forward`: the model's step alone (`for_loop` of the loss). `floor`: the forward "
            "step plus one instantaneous VJP per step (the gradient of this step's loss w.r.t. "
@@ -482,7 +493,9 @@ def markdown(d) -> str:
                if any(r["config"]["algo"] == CHUNKED[al] for r in res)]
     chunk = next((r["config"].get("chunk") for r in res if r["config"]["algo"] in BASE), None)
     floor = [al for al in ("fwd", "floor") if any(r["config"]["algo"] == al for r in res)]
-    cols = [("ours", "bptt")] + [("ours", al) for al in floor + algos] + \
+    natives = [NATIVE[al] for al in algos if al in NATIVE
+               and any(r["config"]["algo"] == NATIVE[al] for r in res)]
+    cols = [("ours", "bptt")] + [("ours", al) for al in floor + algos + natives] + \
            [("ours", al) for al in chunked] + \
            [(lib, algo) for lib in libs for algo in algos]
     out.append("## Time per step (ms)\n")
@@ -516,7 +529,8 @@ def markdown(d) -> str:
     # speedups
     out.append("\n**Speed-ups of ours** (other library's time / ours; > 1 means ours is faster), "
                "and ours / BPTT:\n")
-    ours_cols = [("io", "io")] + [("io_chunk", "io")] * ("io_chunk" in chunked) + \
+    ours_cols = [("io", "io")] + [("io_native", "io")] * ("io_native" in natives) + \
+        [("io_chunk", "io")] * ("io_chunk" in chunked) + \
         [("param", "param")] + [("param_chunk", "param")] * ("param_chunk" in chunked)
     ours_cols = [(o, e) for o, e in ours_cols if e in algos]
     hdr = ["N"]
@@ -536,7 +550,7 @@ def markdown(d) -> str:
         rows.append(row)
     out.append(bench.md_table(hdr, rows))
     if "floor" in floor:
-        out.append(floor_markdown(res, Ns, libs, algos, chunked, chunk))
+        out.append(floor_markdown(res, Ns, libs, algos, chunked, chunk, natives))
     # memory
     Ts = sorted({int(t) for r in res if r.get("ok") and r["config"]["algo"] == "bptt"
                  and r.get("timed", True) for t in (r.get("memory_by_T") or {})})
@@ -639,6 +653,9 @@ def parse_args(argv=None):
                    help="online algorithms to compare (io = ES-D-RTRL, param = D-RTRL)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the forward and floor rows (forward + one VJP per step)")
+    p.add_argument("--native", action="store_true",
+                   help="also time ours ES-D-RTRL with backend='native' (the per-step gradient "
+                        "on the kernel's outer-accumulate)")
     p.add_argument("--chunk", type=int, default=16,
                    help="also time ours ES-D-RTRL with online_gradients(chunk=K); 1 = no")
     p.add_argument("--N", type=bench._ints, default=[128, 512, 1024])

@@ -8,7 +8,9 @@ the learner's custom VJP, with the same math and gradients, so per step:
    traces of every rule without a ``one_pass`` method;
 2. ``δ^t`` comes from one VJP of the step (the loss's cotangent of the outputs);
 3. rules with ``one_pass`` (the Pallas D-RTRL kernel) read ``ε^{t-1}`` once, write ``ε^t``
-   and add their gradient into the running sum in the same sweep.
+   and add their gradient into the running sum in the same sweep;
+4. io-dim rules with ``step_accumulate`` (the native backend's ES-D-RTRL rule) add each
+   plain-matmul relation's rank-B gradient ``ε_xᵀ s`` into the running sum in place.
 
 With ``chunk = K > 1`` the loop runs windows of K steps:
 
@@ -111,9 +113,12 @@ def driver_error(prog) -> str | None:
 
 
 def has_one_pass(prog) -> bool:
-    """Whether a rule of ``prog`` updates its traces and reads their gradient in one pass
-    (the native and Pallas D-RTRL kernels): only the step-owning loop can call it."""
-    return any(getattr(e.rule, "one_pass", None) is not None for e in prog.plan)
+    """Whether a rule of ``prog`` needs the step-owning loop to run as compiled: it updates
+    its traces and reads their gradient in one pass (``one_pass``: the native and Pallas
+    D-RTRL kernels), or adds its per-step gradient into the running sum in place
+    (``step_accumulate``: the native ES-D-RTRL rule). Only that loop calls either."""
+    return any(getattr(e.rule, "one_pass", None) is not None
+               or getattr(e.rule, "step_accumulate", None) is not None for e in prog.plan)
 
 
 def check_chunk(chunk) -> int:
@@ -165,6 +170,37 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
                     if rel.groups and plain_matmul_error(g.op_object(rel.op)) is None:
                         windowed.add(rid)
     win_order = sorted(windowed, key=lambda r: int(r[1:]))
+    # io-dim relations whose per-step gradient the rule adds into the running sum in place
+    # (``step_accumulate``; a window's product takes those it sums)
+    stepped = {}
+    for e in io_entries:
+        acc_fn = getattr(e.rule, "step_accumulate", None)
+        for t in e.traces if acc_fn is not None else ():
+            for rid in t.relations:
+                rel = g.relation_by_id[rid]
+                if rel.groups and plain_matmul_error(g.op_object(rel.op)) is None:
+                    stepped[rid] = acc_fn
+
+    def owns_io(e, collect):
+        """Whether the loop reads this io entry's signals itself (not ``trace_grads``)."""
+        return isinstance(e.rule, IORule) and (
+            collect or getattr(e.rule, "step_accumulate", None) is not None)
+
+    def add_relation(acc_t, th_t, rid, X, S, impl):
+        """``acc += c ⊙ (Xᵀ S)`` for the weight of relation ``rid`` (and ``Σ S`` for its
+        bias) with ``impl`` (X, S: rows of ``ε_x`` and ``s``)."""
+        rel = g.relation_by_id[rid]
+        op = g.op_object(rel.op)
+        pi = b.tparam_pos(rel.param)
+        w = b.w_tree(pi, th_t[pi])
+        weight = w["weight"] if isinstance(w, dict) else w
+        chain = None if chain_is_one(op) else op._chain(weight)
+        li_w = leaf_index(g, rel.param, "weight")
+        acc_t[pi][li_w] = impl(X, S, acc_t[pi][li_w], chain)
+        li_b = leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
+        if li_b is not None:
+            acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
+                acc_t[pi][li_b].dtype)
 
     def one(carry, xy, th_t, th_p, collect):
         hidden, others, traces, (acc_t, acc_p) = carry
@@ -192,23 +228,29 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
         delta, d_zeta, g_t, g_p, _ = prog.sig.learning_signals(
             th_t, th_p, args, hidden, others, (tuple(ct_outs), ct_hidden, ct_others, None))
         ctx = prog.context(th_t, fwd)
-        skip_grad = lambda e: deferred(e) or (collect and isinstance(e.rule, IORule))  # noqa: E731
+        skip_grad = lambda e: deferred(e) or owns_io(e, collect)  # noqa: E731
         prog.add_grads(g_t, prog.trace_grads(ctx, new_traces, delta, skip=skip_grad,
                                              skip_trace=skip_tr if collect else None))
-        pairs = {}
-        if collect:
-            for e in io_entries:
-                vals = [[new_traces[p] for p in ps] for ps in e.positions]
-                for t, rid, ex, c in e.rule.signals(ctx, e.traces, vals, delta):
-                    if rid in windowed:
-                        pairs[rid] = (ex, c)
-                        continue
-                    rel = g.relation_by_id[rid]
-                    pi = b.tparam_pos(rel.param)
-                    grads = prog.sig.xy_to_dw_eqn(rel.op, ex, c, th_t[pi])
-                    prog.add_grads(g_t, [(pi, li, gr) for li, gr in enumerate(grads)])
+        pairs, step_io = {}, []
+        for e in io_entries:
+            if not owns_io(e, collect):
+                continue
+            vals = [[new_traces[p] for p in ps] for ps in e.positions]
+            for t, rid, ex, c in e.rule.signals(ctx, e.traces, vals, delta):
+                if collect and rid in windowed:
+                    pairs[rid] = (ex, c)
+                    continue
+                if rid in stepped:
+                    step_io.append((rid, ex, c))
+                    continue
+                rel = g.relation_by_id[rid]
+                pi = b.tparam_pos(rel.param)
+                grads = prog.sig.xy_to_dw_eqn(rel.op, ex, c, th_t[pi])
+                prog.add_grads(g_t, [(pi, li, gr) for li, gr in enumerate(grads)])
         prog.add_grads(g_t, prog.sig.direct_grads(th_t, fwd.xs, d_zeta))
         acc_t = [[a + gg.astype(a.dtype) for a, gg in zip(at, gt)] for at, gt in zip(acc_t, g_t)]
+        for rid, ex, c in step_io:
+            add_relation(acc_t, th_t, rid, ex, c, stepped[rid])
         acc_p = tuple(tuple(a + gg.astype(a.dtype) for a, gg in zip(ap, gp))
                       for ap, gp in zip(acc_p, g_p))
         for e in prog.plan:
@@ -241,18 +283,7 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
             traces, acc_t = dwin.apply(th_t, traces, dw, acc_t)
             traces = tuple(traces)
         for rid, (X, S) in zip(win_order, io):
-            rel = g.relation_by_id[rid]
-            op = g.op_object(rel.op)
-            pi = b.tparam_pos(rel.param)
-            w = b.w_tree(pi, th_t[pi])
-            weight = w["weight"] if isinstance(w, dict) else w
-            chain = None if chain_is_one(op) else op._chain(weight)
-            li_w = leaf_index(g, rel.param, "weight")
-            acc_t[pi][li_w] = window_impl(X, S, acc_t[pi][li_w], chain)
-            li_b = leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
-            if li_b is not None:
-                acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
-                    acc_t[pi][li_b].dtype)
+            add_relation(acc_t, th_t, rid, X, S, window_impl)
         return (hidden, others, traces, (tuple(tuple(a) for a in acc_t), acc_p)), losses
 
     def zero_acc(th_t, th_p):

@@ -160,10 +160,14 @@ class TraceRule:
     signal (one array per hidden state) and returns ``[(param position, leaf, gradient)]``.
     ``check(graph, trace)`` may refuse a trace at emit time (a message, or None).
     A rule may define ``one_pass(ctx, traces, arrays, delta, grad_acc)`` (update and grad
-    from the old arrays in one sweep, for step-owning drivers).
+    from the old arrays in one sweep, for step-owning drivers). An io-dim rule may define
+    ``step_accumulate(eps_x, signal, grad, chain) -> grad`` (the contract of
+    :func:`~.online_driver.window_accumulate`): the step-owning loop then adds each
+    plain-matmul relation's per-step gradient into the running sum with it.
     """
     name = "rule"
     one_pass = None
+    step_accumulate = None
     #: a program feature the rule needs beyond the plain step (None: runs anywhere); the
     #: backend lists the features its step offers in ``program_features``
     needs_program: str | None = None

@@ -9,7 +9,8 @@ braintrace 0.2.x). It only needs brainstate, braintools, jax, numpy and the libr
 measured; the model code comes from ``tools/bench_models.py``.
 
 Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk' /
-'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``, 'param_native':
+'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``, 'io_native':
+ES-D-RTRL with ``backend='native'`` (the per-step gradient added in place), 'param_native':
 D-RTRL with ``backend='native'`` (one kernel pass per step), 'param_native_chunk' the same
 learner with ``chunk``; the rules of ``brainscale.zoo``:
 ``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
@@ -190,6 +191,8 @@ def _learner(lib, algo, net, decay, x0):
         import brainscale as L
         if algo in ("io", "io_chunk"):
             lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay)
+        elif algo == "io_native":       # the per-step gradient on the native outer-accumulate
+            lr = L.DiagIODimAlgorithm(net, decay_or_rank=decay, backend="native")
         elif algo in ("param", "param_chunk"):
             lr = L.DiagParamDimAlgorithm(net)
         elif algo in ("param_native", "param_native_chunk"):   # the native CPU kernel

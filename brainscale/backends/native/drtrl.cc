@@ -15,18 +15,23 @@
 //   update:  eps'[b,a,n,i] = sum_j J[b,n,i,j] eps[b,a,n,j] + x[b,a] c[a,n] df[b,n,i]
 //   grad:    g[a,n] = (gacc[a,n] +) sum_b sum_i delta[b,n,i] eps'[b,a,n,i]
 //
-// Four handlers: step (update + grad from the new values while they are in registers:
-// the trace is read once and written once, in place when the caller aliases eps to the
-// output), update only, grad only, and decay-add, eps' = J eps + cur with a full current
-// term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over rows
-// a of the input dimension (each row of g has one owner, so the batch sum needs no atomics
-// and is deterministic) and run on XLA's intra-op thread pool; the calling thread takes
-// rows too.
+// Four D-RTRL handlers: step (update + grad from the new values while they are in
+// registers: the trace is read once and written once, in place when the caller aliases eps
+// to the output), update only, grad only, and decay-add, eps' = J eps + cur with a full
+// current term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over
+// rows a of the input dimension (each row of g has one owner, so the batch sum needs no
+// atomics and is deterministic) and run on XLA's intra-op thread pool; the calling thread
+// takes rows too.
+//
+// A fifth handler, outer-accumulate, adds the rank-R product x^T s (times c) into a weight
+// gradient in place: the per-step ES-D-RTRL gradient of a dense MatMulOp
+// (brainscale/backends/native/rules.py, NativeIORule).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 
@@ -216,12 +221,13 @@ void run_rows(const Args& a, int64_t a0, int64_t a1) {
   }
 }
 
-// Rows are handed out in chunks through an atomic counter; the caller waits until every
-// chunk is done, not until every scheduled task has run (a task that starts late finds no
-// chunk left and only drops its reference to the shared state).
+// Rows [0, n) are handed out in chunks (multiples of `align`) through an atomic counter;
+// the caller waits until every chunk is done, not until every scheduled task has run (a
+// task that starts late finds no chunk left and only drops its reference to the shared
+// state).
 struct Shared {
-  Args args;
-  int64_t chunk = 1, nchunks = 0;
+  std::function<void(int64_t, int64_t)> fn;
+  int64_t n = 0, chunk = 1, nchunks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mu;
@@ -231,8 +237,7 @@ struct Shared {
     for (;;) {
       const int64_t ci = next.fetch_add(1);
       if (ci >= nchunks) return;
-      const int64_t a0 = ci * chunk, a1 = std::min(args.I, a0 + chunk);
-      run_rows(args, a0, a1);
+      fn(ci * chunk, std::min(n, (ci + 1) * chunk));
       if (done.fetch_add(1) + 1 == nchunks) {
         std::lock_guard<std::mutex> lock(mu);
         cv.notify_all();
@@ -241,27 +246,85 @@ struct Shared {
   }
 };
 
-void launch(ffi::ThreadPool& pool, const Args& args) {
-  if (args.I == 0) return;
-  int64_t nt = pool.num_threads();
-  const int64_t work = args.B * args.I * args.O * args.k;
+// fn(r0, r1) over [0, n) on XLA's intra-op pool; inline when the pool has one thread or the
+// work (elements touched) is small.
+template <typename F>
+void parallel_rows(ffi::ThreadPool& pool, int64_t n, int64_t work, int64_t align, F&& fn) {
+  if (n == 0) return;
+  const int64_t nt = pool.num_threads();
   if (nt <= 1 || work < (int64_t(1) << 16)) {
-    run_rows(args, 0, args.I);
+    fn(int64_t(0), n);
     return;
   }
   auto sh = std::make_shared<Shared>();
-  sh->args = args;
+  sh->fn = fn;
+  sh->n = n;
   // nt workers in all: the calling thread and nt - 1 tasks (one more than the pool has
   // threads oversubscribes the cores: measured 1.2x slower on 2 cores)
-  const int64_t parts = std::min<int64_t>(args.I, 4 * nt);
-  sh->chunk = (args.I + parts - 1) / parts;
-  sh->nchunks = (args.I + sh->chunk - 1) / sh->chunk;
+  const int64_t parts = std::min<int64_t>((n + align - 1) / align, 4 * nt);
+  sh->chunk = ((n + parts - 1) / parts + align - 1) / align * align;
+  sh->nchunks = (n + sh->chunk - 1) / sh->chunk;
   for (int64_t t = 1; t < nt && t < sh->nchunks; ++t) {
     pool.Schedule([sh]() { sh->work(); });
   }
   sh->work();
   std::unique_lock<std::mutex> lock(sh->mu);
   sh->cv.wait(lock, [&] { return sh->done.load() >= sh->nchunks; });
+}
+
+void launch(ffi::ThreadPool& pool, const Args& args) {
+  parallel_rows(pool, args.I, args.B * args.I * args.O * args.k, 1,
+                [&args](int64_t a0, int64_t a1) { run_rows(args, a0, a1); });
+}
+
+// Outer-accumulate: g[a, n] = gacc[a, n] + (c[a, n] *) sum_r x[r, a] s[r, n], the rank-R
+// update of a weight gradient (ES-D-RTRL per step: x = eps_x, s = sum_i eps_f delta, R = B).
+// Register tile: RB rows of g by OC columns, kept in registers over the R terms; the
+// gradient is read and written once (XLA's dot + add writes the product and reads it back).
+constexpr int OUTER_RB = 6;
+constexpr int64_t OUTER_OC = 64;
+
+template <int RB, bool C>
+inline void outer_tile(const float* __restrict x, const float* __restrict s,
+                       const float* __restrict c, const float* __restrict gin,
+                       float* __restrict g, int64_t R, int64_t I, int64_t O, int64_t a) {
+  for (int64_t n0 = 0; n0 < O; n0 += OUTER_OC) {
+    const int64_t nn = std::min<int64_t>(OUTER_OC, O - n0);
+    if (nn == OUTER_OC) {
+      float acc[RB][OUTER_OC];
+      for (int q = 0; q < RB; ++q)
+        for (int64_t n = 0; n < OUTER_OC; ++n) acc[q][n] = C ? 0.f : gin[(a + q) * O + n0 + n];
+      for (int64_t r = 0; r < R; ++r) {
+        const float* sr = s + r * O + n0;
+        const float* xr = x + r * I + a;
+        for (int q = 0; q < RB; ++q) {
+          const float xa = xr[q];
+          for (int64_t n = 0; n < OUTER_OC; ++n) acc[q][n] += xa * sr[n];
+        }
+      }
+      for (int q = 0; q < RB; ++q)
+        for (int64_t n = 0; n < OUTER_OC; ++n) {
+          const int64_t at = (a + q) * O + n0 + n;
+          g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
+        }
+    } else {
+      for (int q = 0; q < RB; ++q)
+        for (int64_t n = 0; n < nn; ++n) {
+          float v = 0.f;
+          for (int64_t r = 0; r < R; ++r) v += x[r * I + a + q] * s[r * O + n0 + n];
+          const int64_t at = (a + q) * O + n0 + n;
+          g[at] = gin[at] + (C ? c[at] * v : v);
+        }
+    }
+  }
+}
+
+template <bool C>
+void outer_rows(const float* x, const float* s, const float* c, const float* gin, float* g,
+                int64_t R, int64_t I, int64_t O, int64_t a0, int64_t a1) {
+  int64_t a = a0;
+  for (; a + OUTER_RB <= a1; a += OUTER_RB) outer_tile<OUTER_RB, C>(x, s, c, gin, g, R, I, O, a);
+  for (; a < a1; ++a) outer_tile<1, C>(x, s, c, gin, g, R, I, O, a);
 }
 
 ffi::Error check(bool ok, const char* what) {
@@ -366,6 +429,29 @@ ffi::Error DecayAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps,
   return ffi::Error::Success();
 }
 
+ffi::Error OuterAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s,
+                        ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> gacc,
+                        ffi::ResultBuffer<ffi::F32> g_out, int64_t has_c) {
+  auto xd = x.dimensions();
+  auto sd = s.dimensions();
+  auto gd = gacc.dimensions();
+  RETURN_IF_ERROR(check(xd.size() == 2 && sd.size() == 2 && gd.size() == 2,
+                        "x, s and gacc must be (R, I), (R, O) and (I, O)"));
+  const int64_t R = xd[0], I = xd[1], O = sd[1];
+  RETURN_IF_ERROR(check(sd[0] == R, "x and s must have the same number of rows R"));
+  RETURN_IF_ERROR(check(gd[0] == I && gd[1] == O, "gacc must be (I, O)"));
+  RETURN_IF_ERROR(check(numel(g_out->dimensions()) == I * O, "g must be (I, O)"));
+  RETURN_IF_ERROR(check(!has_c || numel(c.dimensions()) == I * O, "c must be (I, O)"));
+  const float *xp = x.typed_data(), *sp = s.typed_data(), *cp = c.typed_data();
+  const float* gin = gacc.typed_data();
+  float* g = g_out->typed_data();
+  parallel_rows(pool, I, R * I * O, OUTER_RB, [&](int64_t a0, int64_t a1) {
+    if (has_c) outer_rows<true>(xp, sp, cp, gin, g, R, I, O, a0, a1);
+    else outer_rows<false>(xp, sp, cp, gin, g, R, I, O, a0, a1);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Bindings: the thread pool, the buffers in the order of the Impl's parameters, attributes.
@@ -393,3 +479,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleDrtrlDecayAdd, DecayAddImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleOuterAcc, OuterAccImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<int64_t>("has_c"));

@@ -6,6 +6,10 @@ same layout and math (float32 storage only). Each item is one XLA FFI call
 (``drtrl.cc``): the one-pass step reads ``ε^{t-1}`` once, writes ``ε^t`` in place (the trace
 is aliased to the output) and adds ``Σ_b Σ_i δ ε^t`` into the running gradient (aliased
 too) while the new values are in registers.
+
+:func:`native_outer_acc` adds a rank-R product ``xᵀ s`` into a weight gradient in place (the
+per-step ES-D-RTRL gradient of a dense ``MatMulOp``), with the contract of
+:func:`~..online_driver.window_accumulate`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import numpy as np
 from ..pallas.drtrl import DrtrlItem, _batched, _check, check_operands
 from .build import register
 
-__all__ = ["native_drtrl_multi", "native_drtrl_step", "native_decay_add"]
+__all__ = ["native_drtrl_multi", "native_drtrl_step", "native_decay_add",
+           "native_outer_acc"]
 
 f32 = jnp.float32
 #: under ``jax.vmap`` (e.g. an ensemble of learners) the kernel runs once per mapped element
@@ -97,3 +102,28 @@ def native_decay_add(eps, J, cur):
                            input_output_aliases={0: 0}, vmap_method=VMAP)(
         eps, J.astype(f32), cur.astype(f32))
     return out if batched else out[0]
+
+
+def native_outer_acc(eps_x, signal, grad, chain=None):
+    """``grad + chain ⊙ (Xᵀ S)`` in place on the native kernel, with X, S the rows of
+    ``eps_x`` ``(..., I)`` and ``signal`` ``(..., O)`` (the contract of
+    :func:`~..online_driver.window_accumulate`). ``grad`` (I, O) must be float32: it is
+    aliased to the result, which XLA then keeps in place in a loop carry."""
+    if grad.dtype != f32 or grad.ndim != 2:
+        raise ValueError(f"native outer-accumulate: the gradient must be float32 (I, O), got "
+                         f"{grad.dtype} {tuple(grad.shape)}")
+    I, O = grad.shape
+    if eps_x.shape[-1:] != (I,) or signal.shape[-1:] != (O,) or \
+            int(np.prod(eps_x.shape[:-1])) != int(np.prod(signal.shape[:-1])):
+        raise ValueError(f"native outer-accumulate: eps_x {tuple(eps_x.shape)} and signal "
+                         f"{tuple(signal.shape)} must be (..., I) and (..., O) with the same "
+                         f"leading shape, for a gradient of shape {(I, O)}")
+    if chain is not None:
+        _check(chain, (I, O), "chain")
+    register()
+    X = eps_x.reshape(-1, I).astype(f32)
+    S = signal.reshape(-1, O).astype(f32)
+    c = chain.astype(f32) if chain is not None else jnp.zeros((1, 1), f32)
+    return jax.ffi.ffi_call("brainscale_outer_acc", jax.ShapeDtypeStruct((I, O), f32),
+                            input_output_aliases={3: 0}, vmap_method=VMAP)(
+        X, S, c, grad, has_c=np.int64(chain is not None))

@@ -10,17 +10,24 @@ reads ``ε^{t-1}`` once, writes ``ε^t`` in place and adds ``Σ δ ε^t`` into t
 With ``chunk = K > 1`` its traces are summed per window instead (:mod:`..drtrl_window`,
 the same math on the stacked layout), which is faster when a gradient sum is all that is
 needed.
+
+``('io', None, 'native')``: ES-D-RTRL traces of dense matmul ops. The traces and their
+signals are the JAX io rule's; ``step_accumulate`` is the kernel's outer-accumulate, with
+which the step-owning loop adds each step's ``ε_xᵀ s`` into the gradient sum in place (a
+window of ``chunk = K > 1`` steps keeps its one (K·B)-row XLA product). The learner's own
+step (custom VJP) computes the same gradient with XLA.
 """
 from __future__ import annotations
 
 from ..drtrl_window import allow_window
-from ..rules import register_trace_rule
+from ..rules import IORule, register_trace_rule
 from ..pallas.rules import PallasDrtrlRule
 from ..pallas.select import kernel_instances
 from .build import why_unavailable
-from .kernel import native_decay_add, native_drtrl_multi
+from .kernel import native_decay_add, native_drtrl_multi, native_outer_acc
+from .select import io_native_error
 
-__all__ = ["NativeDrtrlRule"]
+__all__ = ["NativeDrtrlRule", "NativeIORule"]
 
 
 @allow_window          # online_gradients(chunk=K): summed per window like the JAX rule's
@@ -56,3 +63,23 @@ class NativeDrtrlRule(PallasDrtrlRule):
             out.append(f"{t.id} ({t.dim}): path={t.path}; {shapes} — "
                        f"{t.attr('path_reason', '')}")
         return tuple(out)
+
+
+@register_trace_rule("io", None, "native")
+class NativeIORule(IORule):
+    """See the module docstring."""
+    name = "io/native"
+    step_accumulate = staticmethod(native_outer_acc)
+
+    def check(self, graph, trace) -> str | None:
+        why = why_unavailable()
+        if why:
+            return f"the native kernel cannot run here: {why}"
+        why = io_native_error(graph, trace, sized=False)
+        if why:
+            return f"{trace.id} cannot take the native outer-accumulate: {why}"
+        return None
+
+    def notes(self, graph, traces) -> tuple:
+        return tuple(f"{t.id} (io): path={t.path} — {t.attr('path_reason', '')}"
+                     for t in traces)

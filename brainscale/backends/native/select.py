@@ -6,9 +6,16 @@ decisions in the IR, so ``learner.ir()`` shows them:
 * ``path=native`` on every param-dim compact trace of built-in dense ``MatMulOp`` relations
   (what :func:`~..pallas.select.kernel_instances` accepts), laid out as the kernel reads it:
   float32 storage, the weight's k states stacked ``(B, I, O, k)``;
-* ``path=jax`` with ``path_reason=...`` on every other trace (io-dim, LoRA, sparse, conv,
-  per-output-neuron layouts, traces off the default rule axes, ...), which the JAX rules
-  run;
+* ``path=native`` on every io-dim (ES-D-RTRL) trace whose relations are all built-in dense
+  ``MatMulOp`` s with a float32 2-D weight, at sizes where the kernel is faster
+  (``I·O ≥ 65536`` and at least 4 rows of ``ε_x``, i.e. examples; measured in
+  ``benchmarks/README.md``): the step-owning loop (``online_gradients`` / ``train_online``)
+  then adds each step's ``ε_xᵀ s`` into the gradient sum in place with the kernel's
+  outer-accumulate (XLA's product + add reads the product back); the learner's own step
+  computes the same gradient with XLA;
+* ``path=jax`` with ``path_reason=...`` on every other trace (LoRA, sparse, conv,
+  per-output-neuron layouts, small io-dim traces, traces off the default rule axes, ...),
+  which the JAX rules run;
 * the graph note ``native=available`` (``native=select=none`` with ``select='none'``).
 
 ``select='none'`` keeps every trace on the JAX rules (an A/B switch). The pass refuses to
@@ -24,12 +31,52 @@ from ...ir import attrs as mk_attrs
 from ...passes.base import Pass, register_pass
 from ...passes.layout import layout_trace
 from ..pallas.select import kernel_instances, weight_leaf
-from ..rules import rule_key
+from ..rules import plain_matmul_error, rule_key
 from .build import why_unavailable
 
-__all__ = ["NativeSelectPass", "NATIVE_PATH"]
+__all__ = ["NativeSelectPass", "NATIVE_PATH", "io_native_error", "IO_MIN_SIZE",
+           "IO_MIN_ROWS"]
 
 NATIVE_PATH = "native"
+#: below these the XLA product + add is as fast as the kernel's outer-accumulate (I·O
+#: elements of the weight; rows of ε_x, i.e. examples): benchmarks/README.md
+IO_MIN_SIZE = 1 << 16
+IO_MIN_ROWS = 4
+
+
+def io_native_error(graph, trace, sized: bool = True) -> str | None:
+    """None when the native outer-accumulate can add the per-step gradients of the io-dim
+    ``trace`` (every relation a built-in dense ``MatMulOp`` with a float32 2-D weight; with
+    ``sized``, also large enough to gain: :data:`IO_MIN_SIZE`, :data:`IO_MIN_ROWS`), else why
+    not."""
+    if trace.dim != "io":
+        return f"dim={trace.dim}"
+    ex = next((a for a in trace.arrays if a.role == "eps_x"), None)
+    if ex is None:
+        return "no eps_x array"
+    rows = 1
+    for d in tuple(ex.type.shape)[:-1]:
+        rows *= int(d)
+    for rid in trace.relations:
+        rel = graph.relation_by_id[rid]
+        o = graph.op_by_name[rel.op]
+        if o.kind != "dense":
+            return f"op kind {o.kind!r}: the outer-accumulate covers dense matmul only"
+        why = plain_matmul_error(graph.op_object(rel.op))
+        if why:
+            return f"{why}; the outer-accumulate covers the built-in MatMulOp"
+        if not rel.groups:
+            return f"relation {rid} drives no hidden group"
+        _, _, wt = weight_leaf(graph.param_by_name[rel.param].type)
+        if wt is None or len(wt.shape) != 2:
+            return f"relation {rid}: no 2-D weight leaf"
+        if str(wt.dtype) != "float32":
+            return f"relation {rid}: weight dtype {wt.dtype}, the outer-accumulate adds float32"
+        I, O = (int(d) for d in wt.shape)
+        if sized and (I * O < IO_MIN_SIZE or rows < IO_MIN_ROWS):
+            return (f"small (I·O = {I}·{O}, {rows} rows of eps_x; the kernel gains from "
+                    f"I·O ≥ {IO_MIN_SIZE} and ≥ {IO_MIN_ROWS} rows): XLA's product is as fast")
+    return None
 
 
 @register_pass
@@ -55,12 +102,22 @@ class NativeSelectPass(Pass):
             path = "jax"
             if t.dim == "none":
                 reason = "dim=none: instantaneous gradient only"
-            elif t.dim != "param":
-                reason = f"dim={t.dim}: the native kernel runs param-dim D-RTRL traces"
             elif len(rule_key(t)) > 3:
                 axes = ", ".join(f"{k}={v}" for k, v in rule_key(t)[3])
                 reason = (f"rule axes {axes}: the native kernel runs the default D-RTRL rule "
                           f"(compact, diagonal, symmetric signal, read out from the trace)")
+            elif t.dim == "io":
+                bad = io_native_error(graph, t)
+                if bad:
+                    reason = f"io-dim, {bad}"
+                elif self.select == "none":
+                    reason = "select=none"
+                else:
+                    path, reason = NATIVE_PATH, ("native outer-accumulate of the per-step "
+                                                 "gradient in the step-owning loop")
+            elif t.dim != "param":
+                reason = f"dim={t.dim}: the native kernel runs param-dim D-RTRL and io-dim " \
+                         f"ES-D-RTRL traces"
             else:
                 _, bad = kernel_instances(graph, t)
                 if bad:
@@ -72,7 +129,7 @@ class NativeSelectPass(Pass):
             a.update(path_reason=reason)
             ctx.note(self.name, f"{t.id}: {path} — {reason}")
             t = dc_replace(t, path=path, attrs=mk_attrs(**a))
-            if path == NATIVE_PATH:
+            if path == NATIVE_PATH and t.dim == "param":
                 wname = weight_leaf(graph.param_by_name[
                     graph.relation_by_id[t.relations[0]].param].type)[1]
                 t = layout_trace(graph, t, storage="float32", stacked_leaves=(wname,))
