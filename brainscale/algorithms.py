@@ -675,10 +675,11 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
             sums, reassociated: gradients, traces, states and losses equal the per-step loop
             up to float rounding. The loop then owns the step (no ``brainstate`` grad) and
             keeps K steps of those per-neuron quantities. Only for summed gradients: to
-            apply an update every step, use 1. A learner with a one-pass rule (compiled
-            with ``backend='native'``: the D-RTRL update and its gradient read in one pass
-            over the trace) runs in that loop with any ``chunk``, 1 included, unless one of
-            its traces needs the learner's own step (``online_driver.driver_error``).
+            apply an update every step, use 1. A learner compiled with ``backend='native'``
+            (the D-RTRL update and its gradient read in one pass over the trace; the
+            ES-D-RTRL gradient added into the sum in place) runs in that loop with any
+            ``chunk``, 1 included, unless one of its traces needs the learner's own step
+            (``online_driver.driver_error``).
         mesh / batch_axis / neuron_axis: run on a device mesh (see
             :meth:`ETraceAlgorithm.shard`; a learner compiled or sharded with this mesh
             already keeps it). The inputs and targets are split over ``batch_axis`` on their
@@ -699,16 +700,17 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
     """
     learner._require()
     from .backends.online_driver import (callable_key, check_chunk, drive_online,
-                                         driver_compiler_options, driver_error, has_one_pass)
+                                         driver_compiler_options, driver_error, needs_step_loop)
     check_chunk(chunk)
     if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
             (None, None), (learner.batch_axis, learner.neuron_axis))):
         learner.shard(mesh, batch_axis, neuron_axis)
     inputs, targets = start_sequence(learner, inputs, targets, reset)
     prog = learner._step.program
-    if chunk != 1 or (has_one_pass(prog) and driver_error(prog) is None):
-        # windows, or a one-pass rule (native / Pallas D-RTRL kernels), which only the
-        # step-owning loop can call: it needs δ^t in the step that updates the trace
+    if chunk != 1 or (needs_step_loop(prog) and driver_error(prog) is None):
+        # windows, or a rule only the step-owning loop can call: a one-pass D-RTRL kernel
+        # (native / Pallas; it needs δ^t in the step that updates the trace) or the native
+        # ES-D-RTRL outer-accumulate (it adds into the running gradient sum)
         return drive_online(learner, inputs, targets, loss_fn, params=params, chunk=chunk,
                             jit=jit)
     if params is None:

@@ -161,19 +161,20 @@ def _optimizer_for(optimizer, groups: dict, params: dict) -> dict:
 def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
     """For one ``window=K`` schedule (``step``: K = 1): a jitted ``(xs, ys) -> losses`` that
     runs each window through the step-owning loop (``online_gradients(chunk=K)``'s windows:
-    windowed D-RTRL and ES-D-RTRL sums; one-pass kernels, e.g. ``backend='native'``, every
-    step) and applies the window's gradient after it, or None when that loop gains nothing
-    (no windowed sum, no one-pass rule: the per-step loop is then as fast) or cannot run the
+    windowed D-RTRL and ES-D-RTRL sums; ``backend='native'``'s one-pass D-RTRL kernel and
+    ES-D-RTRL outer-accumulate, every step) and applies the window's gradient after it, or
+    None when that loop gains nothing (no windowed sum, no rule that needs the loop: the
+    per-step loop is then as fast) or cannot run the
     learner's traces (:func:`~.backends.online_driver.driver_error`). The same updates as the
     per-step loop: within a window the parameters do not change."""
     from .backends.online_driver import (_others_out, build_loop, callable_key,
                                          driver_compiler_options, driver_error, grads_by_key,
-                                         has_one_pass, scan_windows)
+                                         needs_step_loop, scan_windows)
     prog = learner._step.program
     if driver_error(prog) is not None:   # what only the learner's own step computes
         return None
-    one_pass = has_one_pass(prog)
-    if K < 2 and not one_pass:
+    own_loop = needs_step_loop(prog)
+    if K < 2 and not own_loop:
         return None
     states = learner._bound_states()
     ((opt, names),) = opts.values()
@@ -184,7 +185,7 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
     if ckey in learner._drivers:         # compiled by an earlier call
         return learner._cached_driver(ckey, None)
     loop = build_loop(prog, loss_fn, K)
-    if not (loop.windowed or one_pass):
+    if not (loop.windowed or own_loop):
         return None
     b = prog.b
 

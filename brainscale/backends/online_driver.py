@@ -34,7 +34,7 @@ from .rules import IORule, chain_is_one, leaf_index, plain_matmul_error
 from .signals import is_float
 
 __all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_error",
-           "has_one_pass", "scan_windows",
+           "needs_step_loop", "scan_windows",
            "driver_compiler_options", "callable_key", "window_accumulate",
            "plain_matmul_error", "chain_is_one"]
 
@@ -112,7 +112,7 @@ def driver_error(prog) -> str | None:
     return None
 
 
-def has_one_pass(prog) -> bool:
+def needs_step_loop(prog) -> bool:
     """Whether a rule of ``prog`` needs the step-owning loop to run as compiled: it updates
     its traces and reads their gradient in one pass (``one_pass``: the native and Pallas
     D-RTRL kernels), or adds its per-step gradient into the running sum in place
