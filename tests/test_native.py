@@ -191,8 +191,15 @@ def test_train_online_step_schedule_takes_the_one_pass_loop():
     """A per-step schedule (an optimizer step after every step) on a native learner runs
     the one-pass loop one step per window; the same losses and weights as the JAX learner."""
     (net_j, lj), (net_n, ln), x0 = pair("alif", 2)
-    xs = sequence(x0, 6, seed=4)[0]
-    ys = jnp.asarray(np.random.RandomState(5).rand(6, 2, 5), jnp.float32)
+    train_both_equal(net_j, lj, net_n, ln, x0, seed=4)
+    assert any(k[0] == "train-window" for k in ln._drivers)
+    assert not any(k[0] == "train-window" for k in lj._drivers)
+
+
+def train_both_equal(net_j, lj, net_n, ln, x0, seed):
+    """``train_online`` with per-step Adam on both learners: equal losses and weights."""
+    xs = sequence(x0, 6, seed=seed)[0]
+    ys = jnp.asarray(np.random.RandomState(seed + 1).rand(6, 2, 5), jnp.float32)
 
     def mse(out, y):
         return jnp.mean((out - y) ** 2)
@@ -201,8 +208,6 @@ def test_train_online_step_schedule_takes_the_one_pass_loop():
         opt = braintools.optim.Adam(lr=0.05)
         opt.register_trainable_weights(net.states(brainstate.ParamState))
         losses.append(np.asarray(brainscale.train_online(learner, opt, xs, ys, mse)))
-    assert any(k[0] == "train-window" for k in ln._drivers)
-    assert not any(k[0] == "train-window" for k in lj._drivers)
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5, atol=1e-7)
     pj, pn = net_j.states(brainstate.ParamState), net_n.states(brainstate.ParamState)
     for k in pj:
@@ -452,22 +457,8 @@ def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, io_a
 @needs_kernel
 def test_es_train_online_per_step_on_the_outer_accumulate(io_any_size, outer_calls):
     (net_j, lj), (net_n, ln), x0 = io_pair("alif", 2)
-    xs = sequence(x0, 6, seed=14)[0]
-    ys = jnp.asarray(np.random.RandomState(15).rand(6, 2, 5), jnp.float32)
-
-    def mse(out, y):
-        return jnp.mean((out - y) ** 2)
-    losses = []
-    for net, learner in ((net_j, lj), (net_n, ln)):
-        opt = braintools.optim.Adam(lr=0.05)
-        opt.register_trainable_weights(net.states(brainstate.ParamState))
-        losses.append(np.asarray(brainscale.train_online(learner, opt, xs, ys, mse)))
+    train_both_equal(net_j, lj, net_n, ln, x0, seed=14)
     assert outer_calls and any(k[0] == "train-window" for k in ln._drivers)
-    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5, atol=1e-7)
-    pj, pn = net_j.states(brainstate.ParamState), net_n.states(brainstate.ParamState)
-    for k in pj:
-        for a, b in zip(jax.tree.leaves(pn[k].value), jax.tree.leaves(pj[k].value)):
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
 @needs_kernel
