@@ -75,7 +75,8 @@ def _zoo_backend(backend, feedback_seed: int):
     if backend == "native" or type(backend) is NativeBackend:
         # the zoo's step (aux inputs, every signal) with the native kernel's selection
         return NativeZooBackend(select=getattr(backend, "select", "all"),
-                                jit=getattr(backend, "jit", True), feedback_seed=feedback_seed)
+                                jit=getattr(backend, "jit", True), feedback_seed=feedback_seed,
+                                trace_dtype=getattr(backend, "trace_dtype", "float32"))
     return backend
 
 

@@ -63,6 +63,37 @@ def test_kernel_equals_reference(B, I, O, k, c, acc, update, grad):
 
 
 @needs_kernel
+@pytest.mark.parametrize("B,I,O,k,c,acc", [(3, 5, 7, 2, True, True), (4, 64, 128, 2, True, True),
+                                           (0, 5, 6, 1, False, False), (2, 3, 4, 6, False, True)])
+@pytest.mark.parametrize("update,grad", [(True, True), (True, False), (False, True)])
+def test_kernel_bfloat16_storage_equals_reference(B, I, O, k, c, acc, update, grad):
+    """A bfloat16 trace: read into float32, updated in float32, contracted before rounding
+    and stored rounded to nearest even, as the reference (and the Pallas kernel) does."""
+    a = arrays(B, I, O, k, c, acc, seed=21)
+    a["eps"] = a["eps"].astype(jnp.bfloat16)
+    ref = drtrl_reference(a["eps"], a["J"], a["df"], a["x"], a["delta"], a["c"], a["grad_acc"],
+                          update=update, grad=grad)
+    got = jax.jit(lambda d: native.native_drtrl_multi([DrtrlItem(**d)], update=update,
+                                                      grad=grad)[0])(a)
+    for r, g in zip(ref, got):
+        if r is None:
+            assert g is None
+            continue
+        assert g.shape == r.shape and g.dtype == r.dtype
+        # one bf16 ulp where the two float32 sums round either side of a tie
+        assert rel(g, r) < (1e-6 if g.dtype == jnp.float32 else 8e-3)
+    if update:
+        e = got[0].astype(jnp.float32)
+        assert float(jnp.mean(e != ref[0].astype(jnp.float32))) < 0.01
+    cur = a["eps"].astype(jnp.float32) * 0.5 + 1.0
+    J = a["J"]
+    ref_da = (jnp.einsum("...nij,...anj->...ani", J, a["eps"].astype(jnp.float32),
+                         precision="highest") + cur).astype(jnp.bfloat16)
+    got_da = jax.jit(native.native_decay_add)(a["eps"], J, cur)
+    assert got_da.dtype == jnp.bfloat16 and rel(got_da, ref_da) < 8e-3
+
+
+@needs_kernel
 def test_kernel_in_a_scan_updates_in_place_and_equals_reference():
     """Twelve steps as a scan carry (the trace and the running gradient aliased to the
     outputs): equal to the reference's scan."""
@@ -86,8 +117,8 @@ def test_kernel_refuses_bad_input():
     a = arrays(2, 4, 6, 2, False, False)
     with pytest.raises(ValueError, match=r"J has shape \(2, 6, 2\), expected \(2, 6, 2, 2\)"):
         native.native_drtrl_step(a["eps"], a["J"][..., 0], a["df"], a["x"], a["delta"])
-    with pytest.raises(ValueError, match="the trace must be float32"):
-        native.native_drtrl_step(a["eps"].astype(jnp.bfloat16), a["J"], a["df"], a["x"],
+    with pytest.raises(ValueError, match="the trace must be float32 or bfloat16, got float16"):
+        native.native_drtrl_step(a["eps"].astype(jnp.float16), a["J"], a["df"], a["x"],
                                  a["delta"])
     with pytest.raises(ValueError, match="nothing to do"):
         native.native_drtrl_multi([DrtrlItem(a["eps"])], update=False, grad=False)
@@ -548,3 +579,47 @@ def test_native_loop_equals_the_dense_oracle(name, algo, batch, io_any_size, out
         flat = [jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(t[k])])
                 for t in (grads, total)]
         assert rel(*flat) < 1e-4, k
+
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+@pytest.mark.parametrize("name,batch", [("alif", 2), ("gru_rh", 2), ("lif_delta", 0)])
+def test_bfloat16_traces_equal_the_pallas_kernels(name, batch):
+    """``NativeBackend(trace_dtype='bfloat16')``: the kernel's traces are stored in bfloat16
+    (the IR says so); per step the gradients equal the Pallas backend's bfloat16 kernel
+    (interpret mode, the same rounding points), and per step and with ``chunk`` they stay
+    within bfloat16 rounding of the float32 JAX backend."""
+    from brainscale.backends.pallas import PallasBackend
+    out = {}
+    for tag, be in (("jax", "jax"), ("native", native.NativeBackend(trace_dtype="bfloat16")),
+                    ("pallas", PallasBackend(trace_dtype="bfloat16", interpret=True))):
+        net, x0 = models.make(name, batch=batch)
+        learner = brainscale.DiagParamDimAlgorithm(net, backend=be).compile_graph(x0)
+        xs, ys = sequence(x0, 7, seed=22)
+        out[tag] = (learner, brainscale.online_gradients(learner, xs, ys, loss_fn),
+                    brainscale.online_gradients(learner, xs, ys, loss_fn, chunk=3))
+    ln = out["native"][0]
+    kern = [t for t in ln.graph.traces if t.path == "native"]
+    assert kern and all(a.storage == "bfloat16" for t in kern for a in t.arrays)
+    assert "{storage=bf16}" in ln.ir()
+    assert all(t.value.dtype == jnp.bfloat16 for t in ln._traces if t.value.ndim == 4)
+
+    def err(ga, gb):
+        return max(rel(a, b) for k in gb for a, b in zip(jax.tree.leaves(ga[k]),
+                                                         jax.tree.leaves(gb[k])))
+    (gn, lossn), (gp, lossp), (gj, lossj) = (out[t][1] for t in ("native", "pallas", "jax"))
+    assert err(gn, gp) < 1e-5 and rel(lossn, lossp) < 1e-6       # per step
+    assert err(gn, gj) < 1e-2 and rel(lossn, lossj) < 1e-5
+    # chunk=3: the native traces are summed per window, so they are rounded to bfloat16 once
+    # per window instead of every step (the Pallas rule runs one pass every step)
+    gc, lossc = out["native"][2]
+    assert err(gc, gn) < 1e-2 and err(gc, gj) < 1e-2 and rel(lossc, lossj) < 1e-5
+
+
+def test_bad_trace_dtype_is_refused():
+    net, x0 = models.make("alif", batch=2)
+    with pytest.raises(PipelineError, match="trace_dtype must be 'float32' or 'bfloat16', "
+                                            "got 'float16'"):
+        brainscale.DiagParamDimAlgorithm(
+            net, backend=native.NativeBackend(trace_dtype="float16")).compile_graph(x0)

@@ -16,7 +16,9 @@ Both D-RTRL rows measure, in their own process, the machine's copy bandwidth, so
 the floor, and the gradient of the native row against the JAX row (cosine, relative
 error), on the same data. With ``--chunk K`` also ``param_chunk`` / ``param_native_chunk``:
 the gradient summed over windows of K steps on both backends (windowed D-RTRL,
-``backends/drtrl_window.py``).
+``backends/drtrl_window.py``). With ``--bf16`` also ``param_native_bf16``: the native
+learner with its traces stored in bfloat16 (``NativeBackend(trace_dtype='bfloat16')``),
+against the float32 native row and the float32 bound.
 
     python tools/bench_native.py --models lif,alif,gru --N 512,1024 --T 60 --rounds 3 \\
         --out benchmarks/results/cpu/native-drtrl
@@ -55,8 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None)
     p.add_argument("--chunk", type=int, default=0,
                    help="also time online_gradients(chunk=K) on both backends (0: not)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time the native learner with bfloat16 trace storage")
     a = p.parse_args(argv)
-    algos = ALGOS + (CHUNK_ALGOS if a.chunk > 1 else ())
+    algos = ALGOS + (CHUNK_ALGOS if a.chunk > 1 else ()) + (("param_native_bf16",) if a.bf16
+                                                            else ())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     wd = Path(bench.scratch_dir(a, "native"))
@@ -152,6 +157,26 @@ def main(argv=None) -> int:
                 lines.append(f"| {model} | {N} | {pj['ms']:.3f} ({pj['ms'] / bound:.2f}) | "
                              f"{pn['ms']:.3f} ({pn['ms'] / bound:.2f}) | "
                              f"{pn['ms'] / pj['ms']:.2f} | {rel:.1e} |")
+    if a.bf16:
+        lines += ["", "Native D-RTRL per step with the traces stored in bfloat16 "
+                  "(`NativeBackend(trace_dtype='bfloat16')`), ms per step; × bound: the float32 "
+                  "bound above; grad: the largest relative error against the float32 JAX row.",
+                  "", "| model | N | native f32 | native bf16 | bf16 / f32 | bf16 × f32 bound "
+                  "| grad rel err (cos) |", "|---|---|---|---|---|---|---|"]
+        for model in a.models:
+            for N in a.N:
+                pn, pb = (best.get((model, N, al)) for al in ("param_native",
+                                                               "param_native_bf16"))
+                if not (pn and pb):
+                    lines.append(f"| {model} | {N} | missing runs | | | | |")
+                    continue
+                bound = pn["bound"]
+                g = grads.get(f"{model}/{N}/param_native_bf16", {})
+                rel = max((v["rel"] for v in g.values()), default=float("nan"))
+                cos = min((v["cos"] for v in g.values()), default=float("nan"))
+                lines.append(f"| {model} | {N} | {pn['ms']:.3f} | {pb['ms']:.3f} | "
+                             f"{pb['ms'] / pn['ms']:.2f} | {pb['ms'] / bound:.2f} | "
+                             f"{rel:.1e} ({cos:.6f}) |")
     text = "\n".join(lines) + "\n"
     (out / "native.md").write_text(text)
     print(text)

@@ -11,7 +11,8 @@ measured; the model code comes from ``tools/bench_models.py``.
 Config keys: ``lib, model, algo ('bptt'|'io'|'param'|'hybrid', and for ours 'io_chunk' /
 'param_chunk': ES-D-RTRL / D-RTRL summed with ``online_gradients(chunk=...)``, 'io_native':
 ES-D-RTRL with ``backend='native'`` (the per-step gradient added in place), 'param_native':
-D-RTRL with ``backend='native'`` (one kernel pass per step), 'param_native_chunk' the same
+D-RTRL with ``backend='native'`` (one kernel pass per step; 'param_native_bf16' with the
+traces stored in bfloat16), 'param_native_chunk' the same
 learner with ``chunk``; the rules of ``brainscale.zoo``:
 ``ZOO_ALGOS``, several also in braintrace), chunk (default 16), N, B, T, layers,
 seed, decay, repeats, run`` (execute, or only compile for the memory analysis), ``mem_T`` (more
@@ -197,6 +198,9 @@ def _learner(lib, algo, net, decay, x0):
             lr = L.DiagParamDimAlgorithm(net)
         elif algo in ("param_native", "param_native_chunk"):   # the native CPU kernel
             lr = L.DiagParamDimAlgorithm(net, backend="native")
+        elif algo == "param_native_bf16":     # the same, traces stored in bfloat16
+            from brainscale.backends.native import NativeBackend
+            lr = L.DiagParamDimAlgorithm(net, backend=NativeBackend(trace_dtype="bfloat16"))
         elif algo == "hybrid":
             lr = L.DiagHybridDimAlgorithm(net, decay_or_rank=decay)
         else:

@@ -27,12 +27,15 @@ class NativeBackend(Backend):
     Args:
         select: 'all' (every supported trace takes the kernel) or 'none' (none does).
         jit: jit the step (as the JAX backend).
+        trace_dtype: storage of the kernel's D-RTRL traces, 'float32' or 'bfloat16' (half
+            the memory and the traffic per step; arithmetic and gradients stay float32).
     """
     name = "native"
 
-    def __init__(self, select: str = "all", jit: bool = True):
+    def __init__(self, select: str = "all", jit: bool = True, trace_dtype: str = "float32"):
         self.select = select
         self.jit = jit
+        self.trace_dtype = trace_dtype
 
     @staticmethod
     def unavailable() -> str | None:
@@ -40,7 +43,7 @@ class NativeBackend(Backend):
         return why_unavailable()
 
     def pipeline(self) -> tuple:
-        return (NativeSelectPass(select=self.select),)
+        return (NativeSelectPass(select=self.select, trace_dtype=self.trace_dtype),)
 
     def unsupported(self, graph) -> tuple:
         return unsupported_traces(graph)
@@ -55,9 +58,11 @@ class NativeZooBackend(ZooBackend):
     default D-RTRL rule take the native kernel and the others their zoo rules."""
     name = "native-zoo"
 
-    def __init__(self, select: str = "all", jit: bool = True, feedback_seed: int = 0):
+    def __init__(self, select: str = "all", jit: bool = True, feedback_seed: int = 0,
+                 trace_dtype: str = "float32"):
         super().__init__(jit=jit, feedback_seed=feedback_seed)
         self.select = select
+        self.trace_dtype = trace_dtype
 
     def pipeline(self) -> tuple:
-        return (NativeSelectPass(select=self.select),)
+        return (NativeSelectPass(select=self.select, trace_dtype=self.trace_dtype),)

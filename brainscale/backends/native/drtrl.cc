@@ -4,7 +4,7 @@
 // against the XLA FFI headers that ship with jaxlib. Layout (the Pallas kernel's, see
 // brainscale/backends/pallas/drtrl.py):
 //
-//   eps   (B, I, O, k)   float32, the trace (stacked states last)
+//   eps   (B, I, O, k)   float32 or bfloat16, the trace (stacked states last)
 //   J     (B, O, k, k)   J[b,n,i,j] = dh_{n,i}^t / dh_{n,j}^{t-1}
 //   df    (B, O, k)      dh_{n,i}^t / dy_n^t
 //   x     (B, I)         the op input
@@ -21,7 +21,8 @@
 // current term (a window's advance, brainscale/backends/drtrl_window.py). Work is split over
 // rows a of the input dimension (each row of g has one owner, so the batch sum needs no
 // atomics and is deterministic) and run on XLA's intra-op thread pool; the calling thread
-// takes rows too.
+// takes rows too. A bfloat16 trace is read into float32, updated and contracted in float32
+// (the contraction reads the new values before rounding) and stored rounded to nearest even.
 //
 // A fifth handler, outer-accumulate, adds the rank-R product x^T s (times c) into a weight
 // gradient in place: the per-step ES-D-RTRL gradient of a dense MatMulOp
@@ -42,19 +43,41 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Args {
-  const float* eps;
+  const void* eps;             // float or bf16 (uint16_t), see `bf16`
   const float* J;
   const float* df;
   const float* x;
   const float* c;
   const float* delta;
   const float* gacc;
-  float* eps_out;
+  void* eps_out;
   float* g_out;
   int64_t B, I, O, k;
   bool update, grad, has_c, accumulate;
   const float* cur = nullptr;   // decay-add: the current term (B, I, O, k) replaces x c df
+  bool bf16 = false;           // the trace's storage: bfloat16 (else float32)
 };
+
+// Trace storage: float32, or bfloat16 kept as uint16_t (load: the high half of a float32;
+// store: round to nearest even, NaN kept quiet).
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) {
+  const uint32_t u = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(uint16_t* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = uint16_t((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  p[i] = uint16_t(u >> 16);
+}
 
 // Initialise the gradient rows [a0, a1) of g (copy of gacc, or zeros).
 void init_rows(const Args& a, int64_t a0, int64_t a1) {
@@ -76,20 +99,20 @@ void init_rows(const Args& a, int64_t a0, int64_t a1) {
 // because every store eo[n*K+i] depends on all loads e[n*K+j] of the same neuron and on no
 // load of another neuron, so no reordering the compiler may do can move a load of a
 // neuron after a store to it.
-template <int K, bool C, bool G>
-inline void row_update(const float* __restrict e, float* __restrict eo,
+template <int K, bool C, bool G, typename T>
+inline void row_update(const T* __restrict e, T* __restrict eo,
                        const float* __restrict J, const float* __restrict df,
                        const float* __restrict crow, float xa,
                        const float* __restrict d, float* __restrict g, int64_t O) {
   for (int64_t n = 0; n < O; ++n) {
     float z[K];
-    for (int j = 0; j < K; ++j) z[j] = e[n * K + j];
+    for (int j = 0; j < K; ++j) z[j] = ld(e, n * K + j);
     const float u = C ? xa * crow[n] : xa;
     float s = 0.f;
     for (int i = 0; i < K; ++i) {
       float v = u * df[n * K + i];
       for (int j = 0; j < K; ++j) v += J[(n * K + i) * K + j] * z[j];
-      eo[n * K + i] = v;
+      st(eo, n * K + i, v);
       if (G) s += d[n * K + i] * v;
     }
     if (G) g[n] += s;
@@ -98,26 +121,26 @@ inline void row_update(const float* __restrict e, float* __restrict eo,
 
 // Decay-add (a window's advance, drtrl_window.py): eo = J z + cur, per neuron; the same
 // in-place argument as row_update.
-template <int K>
-inline void row_decay_add(const float* __restrict e, float* __restrict eo,
+template <int K, typename T>
+inline void row_decay_add(const T* __restrict e, T* __restrict eo,
                           const float* __restrict J, const float* __restrict cur, int64_t O) {
   for (int64_t n = 0; n < O; ++n) {
     float z[K];
-    for (int j = 0; j < K; ++j) z[j] = e[n * K + j];
+    for (int j = 0; j < K; ++j) z[j] = ld(e, n * K + j);
     for (int i = 0; i < K; ++i) {
       float v = cur[n * K + i];
       for (int j = 0; j < K; ++j) v += J[(n * K + i) * K + j] * z[j];
-      eo[n * K + i] = v;
+      st(eo, n * K + i, v);
     }
   }
 }
 
-template <int K>
-inline void row_grad(const float* __restrict e, const float* __restrict d,
+template <int K, typename T>
+inline void row_grad(const T* __restrict e, const float* __restrict d,
                      float* __restrict g, int64_t O) {
   for (int64_t n = 0; n < O; ++n) {
     float s = 0.f;
-    for (int i = 0; i < K; ++i) s += d[n * K + i] * e[n * K + i];
+    for (int i = 0; i < K; ++i) s += d[n * K + i] * ld(e, n * K + i);
     g[n] += s;
   }
 }
@@ -136,49 +159,57 @@ void for_rows(const Args& a, int64_t a0, int64_t a1, F&& f) {
   }
 }
 
-template <int K, bool C, bool G>
+template <int K, bool C, bool G, typename T>
 void rows_update(const Args& a, int64_t a0, int64_t a1) {
   const int64_t I = a.I, O = a.O;
+  const T* eps = static_cast<const T*>(a.eps);
+  T* eps_out = static_cast<T*>(a.eps_out);
   for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
     const int64_t off = ((b * I + r) * O) * K;
-    row_update<K, C, G>(a.eps + off, a.eps_out + off, a.J + b * O * K * K, a.df + b * O * K,
+    row_update<K, C, G, T>(eps + off, eps_out + off, a.J + b * O * K * K, a.df + b * O * K,
                         C ? a.c + r * O : nullptr, a.x[b * I + r],
                         G ? a.delta + b * O * K : nullptr, G ? a.g_out + r * O : nullptr, O);
   });
 }
 
-template <int K>
+template <int K, typename T>
 void rows_grad(const Args& a, int64_t a0, int64_t a1) {
   const int64_t I = a.I, O = a.O;
+  const T* eps = static_cast<const T*>(a.eps);
   for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
-    row_grad<K>(a.eps + ((b * I + r) * O) * K, a.delta + b * O * K, a.g_out + r * O, O);
+    row_grad<K, T>(eps + ((b * I + r) * O) * K, a.delta + b * O * K, a.g_out + r * O, O);
   });
 }
 
-template <int K>
+template <int K, typename T>
 void rows_decay_add(const Args& a, int64_t a0, int64_t a1) {
   const int64_t I = a.I, O = a.O;
+  const T* eps = static_cast<const T*>(a.eps);
+  T* eps_out = static_cast<T*>(a.eps_out);
   for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
     const int64_t off = ((b * I + r) * O) * K;
-    row_decay_add<K>(a.eps + off, a.eps_out + off, a.J + b * O * K * K, a.cur + off, O);
+    row_decay_add<K, T>(eps + off, eps_out + off, a.J + b * O * K * K, a.cur + off, O);
   });
 }
 
-template <int K>
+template <int K, typename T>
 void rows_fixed(const Args& a, int64_t a0, int64_t a1) {
-  if (a.cur) return rows_decay_add<K>(a, a0, a1);
-  if (!a.update) return rows_grad<K>(a, a0, a1);
+  if (a.cur) return rows_decay_add<K, T>(a, a0, a1);
+  if (!a.update) return rows_grad<K, T>(a, a0, a1);
   if (a.has_c) {
-    if (a.grad) return rows_update<K, true, true>(a, a0, a1);
-    return rows_update<K, true, false>(a, a0, a1);
+    if (a.grad) return rows_update<K, true, true, T>(a, a0, a1);
+    return rows_update<K, true, false, T>(a, a0, a1);
   }
-  if (a.grad) return rows_update<K, false, true>(a, a0, a1);
-  return rows_update<K, false, false>(a, a0, a1);
+  if (a.grad) return rows_update<K, false, true, T>(a, a0, a1);
+  return rows_update<K, false, false, T>(a, a0, a1);
 }
 
+template <typename T>
 void rows_any(const Args& a, int64_t a0, int64_t a1) {
   const int64_t B = a.B, I = a.I, O = a.O, K = a.k;
   init_rows(a, a0, a1);
+  const T* eps = static_cast<const T*>(a.eps);
+  T* eps_out = static_cast<T*>(a.eps_out);
   float z[64];
   for (int64_t b = 0; b < B; ++b) {
     const float* db = a.grad ? a.delta + b * O * K : nullptr;
@@ -187,12 +218,12 @@ void rows_any(const Args& a, int64_t a0, int64_t a1) {
     for (int64_t r = a0; r < a1; ++r) {
       float* g = a.grad ? a.g_out + r * O : nullptr;
       const float* crow = a.has_c ? a.c + r * O : nullptr;
-      const float* e = a.eps + ((b * I + r) * O) * K;
-      float* eo = a.update ? a.eps_out + ((b * I + r) * O) * K : nullptr;
+      const T* e = eps + ((b * I + r) * O) * K;
+      T* eo = a.update ? eps_out + ((b * I + r) * O) * K : nullptr;
       const float xa = a.update && !a.cur ? a.x[b * I + r] : 0.f;
       const float* cr = a.cur ? a.cur + ((b * I + r) * O) * K : nullptr;
       for (int64_t n = 0; n < O; ++n) {
-        for (int64_t j = 0; j < K; ++j) z[j] = e[n * K + j];   // all reads before the writes
+        for (int64_t j = 0; j < K; ++j) z[j] = ld(e, n * K + j);   // all reads before the writes
         const float u = crow ? xa * crow[n] : xa;
         float s = 0.f;
         for (int64_t i = 0; i < K; ++i) {
@@ -201,7 +232,7 @@ void rows_any(const Args& a, int64_t a0, int64_t a1) {
             v = cr ? cr[n * K + i] : u * dfb[n * K + i];
             const float* Ji = Jb + (n * K + i) * K;
             for (int64_t j = 0; j < K; ++j) v += Ji[j] * z[j];
-            eo[n * K + i] = v;
+            st(eo, n * K + i, v);
           }
           if (db) s += db[n * K + i] * v;
         }
@@ -211,14 +242,20 @@ void rows_any(const Args& a, int64_t a0, int64_t a1) {
   }
 }
 
-void run_rows(const Args& a, int64_t a0, int64_t a1) {
+template <typename T>
+void run_rows_t(const Args& a, int64_t a0, int64_t a1) {
   switch (a.k) {
-    case 1: rows_fixed<1>(a, a0, a1); return;
-    case 2: rows_fixed<2>(a, a0, a1); return;
-    case 3: rows_fixed<3>(a, a0, a1); return;
-    case 4: rows_fixed<4>(a, a0, a1); return;
-    default: rows_any(a, a0, a1); return;
+    case 1: rows_fixed<1, T>(a, a0, a1); return;
+    case 2: rows_fixed<2, T>(a, a0, a1); return;
+    case 3: rows_fixed<3, T>(a, a0, a1); return;
+    case 4: rows_fixed<4, T>(a, a0, a1); return;
+    default: rows_any<T>(a, a0, a1); return;
   }
+}
+
+void run_rows(const Args& a, int64_t a0, int64_t a1) {
+  if (a.bf16) run_rows_t<uint16_t>(a, a0, a1);
+  else run_rows_t<float>(a, a0, a1);
 }
 
 // Rows [0, n) are handed out in chunks (multiples of `align`) through an atomic counter;
@@ -368,16 +405,30 @@ ffi::Error grad_shapes(const Args& a, ffi::Buffer<ffi::F32>& delta, ffi::Buffer<
   return check(numel(g_out->dimensions()) == a.I * a.O, "g must be (I, O)");
 }
 
-ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer<ffi::F32> J,
+// The trace's storage (float32 or bfloat16); eps_out, when given, must match it.
+ffi::Error storage(Args& a, ffi::AnyBuffer& eps, ffi::Result<ffi::AnyBuffer>* eps_out) {
+  const auto t = eps.element_type();
+  RETURN_IF_ERROR(check(t == ffi::DataType::F32 || t == ffi::DataType::BF16,
+                        "eps must be float32 or bfloat16"));
+  RETURN_IF_ERROR(check(!eps_out || (*eps_out)->element_type() == t,
+                        "eps_out must have the dtype of eps"));
+  RETURN_IF_ERROR(check(!eps_out || numel((*eps_out)->dimensions()) == numel(eps.dimensions()),
+                        "eps_out must have the shape of eps"));
+  a.bf16 = t == ffi::DataType::BF16;
+  return ffi::Error::Success();
+}
+
+ffi::Error StepImpl(ffi::ThreadPool pool, ffi::AnyBuffer eps, ffi::Buffer<ffi::F32> J,
                     ffi::Buffer<ffi::F32> df, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c,
                     ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::F32> gacc,
-                    ffi::ResultBuffer<ffi::F32> eps_out, ffi::ResultBuffer<ffi::F32> g_out,
+                    ffi::Result<ffi::AnyBuffer> eps_out, ffi::ResultBuffer<ffi::F32> g_out,
                     int64_t has_c, int64_t accumulate) {
   auto ed = eps.dimensions();
   if (ed.size() != 4) return check(false, "eps must be (B, I, O, k)");
-  Args a{eps.typed_data(), J.typed_data(), df.typed_data(), x.typed_data(), c.typed_data(),
-         delta.typed_data(), gacc.typed_data(), eps_out->typed_data(), g_out->typed_data(),
+  Args a{eps.untyped_data(), J.typed_data(), df.typed_data(), x.typed_data(), c.typed_data(),
+         delta.typed_data(), gacc.typed_data(), eps_out->untyped_data(), g_out->typed_data(),
          ed[0], ed[1], ed[2], ed[3], true, true, has_c != 0, accumulate != 0};
+  RETURN_IF_ERROR(storage(a, eps, &eps_out));
   RETURN_IF_ERROR(shapes(a, ed));
   RETURN_IF_ERROR(update_shapes(a, J, df, x, c));
   RETURN_IF_ERROR(grad_shapes(a, delta, gacc, g_out));
@@ -385,43 +436,47 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer<ffi::F32> J,
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::AnyBuffer eps, ffi::Buffer<ffi::F32> J,
                       ffi::Buffer<ffi::F32> df, ffi::Buffer<ffi::F32> x,
-                      ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> eps_out,
+                      ffi::Buffer<ffi::F32> c, ffi::Result<ffi::AnyBuffer> eps_out,
                       int64_t has_c) {
   auto ed = eps.dimensions();
   if (ed.size() != 4) return check(false, "eps must be (B, I, O, k)");
-  Args a{eps.typed_data(), J.typed_data(), df.typed_data(), x.typed_data(), c.typed_data(),
-         nullptr, nullptr, eps_out->typed_data(), nullptr,
+  Args a{eps.untyped_data(), J.typed_data(), df.typed_data(), x.typed_data(), c.typed_data(),
+         nullptr, nullptr, eps_out->untyped_data(), nullptr,
          ed[0], ed[1], ed[2], ed[3], true, false, has_c != 0, false};
+  RETURN_IF_ERROR(storage(a, eps, &eps_out));
   RETURN_IF_ERROR(shapes(a, ed));
   RETURN_IF_ERROR(update_shapes(a, J, df, x, c));
   launch(pool, a);
   return ffi::Error::Success();
 }
 
-ffi::Error GradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps, ffi::Buffer<ffi::F32> delta,
+ffi::Error GradImpl(ffi::ThreadPool pool, ffi::AnyBuffer eps, ffi::Buffer<ffi::F32> delta,
                     ffi::Buffer<ffi::F32> gacc, ffi::ResultBuffer<ffi::F32> g_out,
                     int64_t accumulate) {
   auto ed = eps.dimensions();
   if (ed.size() != 4) return check(false, "eps must be (B, I, O, k)");
-  Args a{eps.typed_data(), nullptr, nullptr, nullptr, nullptr, delta.typed_data(),
+  Args a{eps.untyped_data(), nullptr, nullptr, nullptr, nullptr, delta.typed_data(),
          gacc.typed_data(), nullptr, g_out->typed_data(),
          ed[0], ed[1], ed[2], ed[3], false, true, false, accumulate != 0};
+  RETURN_IF_ERROR(storage(a, eps, nullptr));
   RETURN_IF_ERROR(shapes(a, ed));
   RETURN_IF_ERROR(grad_shapes(a, delta, gacc, g_out));
   launch(pool, a);
   return ffi::Error::Success();
 }
 
-ffi::Error DecayAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> eps,
+ffi::Error DecayAddImpl(ffi::ThreadPool pool, ffi::AnyBuffer eps,
                         ffi::Buffer<ffi::F32> J, ffi::Buffer<ffi::F32> cur,
-                        ffi::ResultBuffer<ffi::F32> eps_out) {
+                        ffi::Result<ffi::AnyBuffer> eps_out) {
   auto ed = eps.dimensions();
   if (ed.size() != 4) return check(false, "eps must be (B, I, O, k)");
-  Args a{eps.typed_data(), J.typed_data(), nullptr, nullptr, nullptr, nullptr, nullptr,
-         eps_out->typed_data(), nullptr, ed[0], ed[1], ed[2], ed[3], true, false, false, false};
+  Args a{eps.untyped_data(), J.typed_data(), nullptr, nullptr, nullptr, nullptr, nullptr,
+         eps_out->untyped_data(), nullptr, ed[0], ed[1], ed[2], ed[3], true, false, false,
+         false};
   a.cur = cur.typed_data();
+  RETURN_IF_ERROR(storage(a, eps, &eps_out));
   RETURN_IF_ERROR(shapes(a, ed));
   RETURN_IF_ERROR(check(numel(J.dimensions()) == a.B * a.O * a.k * a.k, "J must be (B, O, k, k)"));
   RETURN_IF_ERROR(check(numel(cur.dimensions()) == numel(ed), "cur must be (B, I, O, k)"));
@@ -456,29 +511,30 @@ ffi::Error OuterAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 // Bindings: the thread pool, the buffers in the order of the Impl's parameters, attributes.
 using Buf = ffi::Buffer<ffi::F32>;
+using Any = ffi::AnyBuffer;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleDrtrlStep, StepImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-        .Ret<Buf>().Ret<Buf>().Attr<int64_t>("has_c").Attr<int64_t>("accumulate"));
+        .Arg<Any>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Ret<Any>().Ret<Buf>().Attr<int64_t>("has_c").Attr<int64_t>("accumulate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleDrtrlUpdate, UpdateImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-        .Ret<Buf>().Attr<int64_t>("has_c"));
+        .Arg<Any>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Ret<Any>().Attr<int64_t>("has_c"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleDrtrlGrad, GradImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-        .Arg<Buf>().Arg<Buf>().Arg<Buf>()
+        .Arg<Any>().Arg<Buf>().Arg<Buf>()
         .Ret<Buf>().Attr<int64_t>("accumulate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleDrtrlDecayAdd, DecayAddImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-        .Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>());
+        .Arg<Any>().Arg<Buf>().Arg<Buf>().Ret<Any>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleOuterAcc, OuterAccImpl,

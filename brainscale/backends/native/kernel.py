@@ -2,7 +2,8 @@
 
 :func:`native_drtrl_multi` takes and returns what :func:`~..pallas.drtrl.drtrl_multi` does
 (:class:`~..pallas.drtrl.DrtrlItem` per trace, ``(eps_new, grad)`` per item), with the
-same layout and math (float32 storage only). Each item is one XLA FFI call
+same layout and math (trace storage float32 or bfloat16; arithmetic float32, the
+contraction reads the new values before they are rounded for storage). Each item is one XLA FFI call
 (``drtrl.cc``): the one-pass step reads ``ε^{t-1}`` once, writes ``ε^t`` in place (the trace
 is aliased to the output) and adds ``Σ_b Σ_i δ ε^t`` into the running gradient (aliased
 too) while the new values are in registers.
@@ -30,14 +31,23 @@ f32 = jnp.float32
 VMAP = "sequential"
 
 
+#: the trace storage the kernel reads and writes (arithmetic is float32)
+STORAGE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def _storage(eps, what: str):
+    if eps.dtype not in STORAGE:
+        raise ValueError(f"native {what}: the trace must be float32 or bfloat16, got "
+                         f"{eps.dtype}")
+
+
 def _one(it: DrtrlItem, update: bool, grad: bool):
     B, I, O, k = it.eps.shape
-    if it.eps.dtype != f32:
-        raise ValueError(f"native D-RTRL kernel: the trace must be float32, got {it.eps.dtype}")
+    _storage(it.eps, "D-RTRL kernel")
     check_operands(it, update, grad)
     register()
     ph = jnp.zeros((1, 1), f32)
-    eps_t = jax.ShapeDtypeStruct((B, I, O, k), f32)
+    eps_t = jax.ShapeDtypeStruct((B, I, O, k), it.eps.dtype)
     g_t = jax.ShapeDtypeStruct((I, O), f32)
     has_c = np.int64(it.c is not None)
     acc = np.int64(it.grad_acc is not None)
@@ -87,18 +97,18 @@ def native_drtrl_step(eps, J, df, x, delta, c=None, grad_acc=None):
 def native_decay_add(eps, J, cur):
     """``ε'[.., a, n, i] = Σ_j J[.., n, i, j] ε[.., a, n, j] + cur[.., a, n, i]`` in place on
     the native kernel (a window's advance: ``J = Φ_{K,0}``, ``cur`` the window's current
-    term). ``eps``, ``cur``: ``(B, I, O, k)`` or ``(I, O, k)`` float32; ``J``: ``(B, O, k, k)``
-    or ``(O, k, k)``."""
+    term). ``eps``: ``(B, I, O, k)`` or ``(I, O, k)``, float32 or bfloat16 (stored rounded);
+    ``cur`` the same shape (float32 arithmetic); ``J``: ``(B, O, k, k)`` or ``(O, k, k)``."""
     batched = eps.ndim == 4
     if not batched:
         eps, J, cur = eps[None], J[None], cur[None]
     B, I, O, k = eps.shape
-    if eps.dtype != f32:
-        raise ValueError(f"native decay-add: the trace must be float32, got {eps.dtype}")
+    _storage(eps, "decay-add")
     _check(J, (B, O, k, k), "J")
     _check(cur, (B, I, O, k), "cur")
     register()
-    out = jax.ffi.ffi_call("brainscale_drtrl_decay_add", jax.ShapeDtypeStruct(eps.shape, f32),
+    out = jax.ffi.ffi_call("brainscale_drtrl_decay_add",
+                           jax.ShapeDtypeStruct(eps.shape, eps.dtype),
                            input_output_aliases={0: 0}, vmap_method=VMAP)(
         eps, J.astype(f32), cur.astype(f32))
     return out if batched else out[0]

@@ -41,9 +41,10 @@ class NativeDrtrlRule(PallasDrtrlRule):
         if why:
             return f"the native kernel cannot run here: {why}"
         for a in trace.arrays:
-            if a.storage != "float32":
-                return (f"the native kernel keeps float32 traces, {trace.id} stores "
-                        f"{a.storage}: lay it out with storage='float32' (native-select does)")
+            if a.storage not in ("float32", "bfloat16"):
+                return (f"the native kernel keeps float32 or bfloat16 traces, {trace.id} "
+                        f"stores {a.storage}: lay it out with storage='float32' or "
+                        f"'bfloat16' (native-select does)")
         return super().check(graph, trace)
 
     def _launch(self, items, update: bool, grad: bool):

@@ -5,7 +5,8 @@ decisions in the IR, so ``learner.ir()`` shows them:
 
 * ``path=native`` on every param-dim compact trace of built-in dense ``MatMulOp`` relations
   (what :func:`~..pallas.select.kernel_instances` accepts), laid out as the kernel reads it:
-  float32 storage, the weight's k states stacked ``(B, I, O, k)``;
+  storage ``trace_dtype`` (float32, or bfloat16: half the trace's memory and traffic,
+  arithmetic in float32), the weight's k states stacked ``(B, I, O, k)``;
 * ``path=native`` on every io-dim (ES-D-RTRL) trace whose relations are all built-in dense
   ``MatMulOp`` s with a float32 2-D weight, at sizes where the kernel is faster
   (``I·O ≥ 65536`` and at least 4 rows of ``ε_x``, i.e. examples; measured in
@@ -87,11 +88,15 @@ class NativeSelectPass(Pass):
     requires = frozenset({"trace-arrays"})
     provides = frozenset({"backend-paths"})
     select: str = "all"             # 'all' (every supported trace) | 'none'
+    trace_dtype: str = "float32"    # storage of native-path D-RTRL traces: float32 | bfloat16
 
     def run(self, graph, ctx):
         if self.select not in ("all", "none"):
             raise PipelineError(f"native-select: select must be 'all' or 'none', "
                                 f"got {self.select!r}")
+        if self.trace_dtype not in ("float32", "bfloat16"):
+            raise PipelineError(f"native-select: trace_dtype must be 'float32' or 'bfloat16', "
+                                f"got {self.trace_dtype!r}")
         # select='none' uses no kernel: it is not built for it
         why = why_unavailable() if self.select != "none" else None
         if why:
@@ -132,7 +137,7 @@ class NativeSelectPass(Pass):
             if path == NATIVE_PATH and t.dim == "param":
                 wname = weight_leaf(graph.param_by_name[
                     graph.relation_by_id[t.relations[0]].param].type)[1]
-                t = layout_trace(graph, t, storage="float32", stacked_leaves=(wname,))
+                t = layout_trace(graph, t, storage=self.trace_dtype, stacked_leaves=(wname,))
             new_traces.append(t)
         gattrs = dict(graph.attrs)
         gattrs.update(native="available" if self.select != "none" else "select=none")
