@@ -313,6 +313,11 @@ def test_auto_backend_takes_the_native_kernel_on_the_cpu(monkeypatch):
     learner = brainscale.DiagParamDimAlgorithm(net, backend="auto").compile_graph(x0)
     assert [t.path for t in learner.graph.traces] == ["native"]
     assert "auto backend: native (CPU: the native D-RTRL kernel)" in learner._step.notes
+    # the trace storage option reaches the native kernel on the CPU
+    net, x0 = models.make("alif", batch=2)
+    lb = brainscale.DiagParamDimAlgorithm(
+        net, backend=get_backend("auto", trace_dtype="bfloat16")).compile_graph(x0)
+    assert [a.storage for t in lb.graph.traces for a in t.arrays][:1] == ["bfloat16"]
     # a zoo algorithm with 'auto' gets the zoo's step with the kernel
     from brainscale import zoo
     net, x0 = models.make("alif", batch=2)

@@ -70,8 +70,9 @@ class AutoBackend(Backend):
     """``backend='auto'``: :class:`PallasBackend` on a CUDA GPU with Triton support (cc >= 8);
     on the CPU the native backend (the one-pass D-RTRL kernel, ``docs/native.md``) where its
     kernel builds, else :class:`JaxBackend`. Options go to the Pallas backend; on the CPU
-    only ``jit`` and ``select='none'`` (every trace on the JAX rules) apply. The choice and
-    its reason are a note of the compiled step."""
+    only ``jit``, ``select='none'`` (every trace on the JAX rules) and ``trace_dtype`` (the
+    native kernel's trace storage) apply. The choice and its reason are a note of the
+    compiled step."""
     name = "auto"
 
     def __init__(self, **options):
@@ -85,7 +86,8 @@ class AutoBackend(Backend):
         why = native.unavailable() if native is not None else "the native backend is not loaded"
         if why is None:
             select = "none" if options.get("select") == "none" else "all"
-            self.impl = native(select=select, jit=jit)
+            self.impl = native(select=select, jit=jit,
+                               trace_dtype=options.get("trace_dtype", "float32"))
             self.reason = "CPU: the native D-RTRL kernel"
         else:
             self.impl = JaxBackend(jit=jit)
