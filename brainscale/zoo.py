@@ -76,7 +76,9 @@ def _zoo_backend(backend, feedback_seed: int):
         # the zoo's step (aux inputs, every signal) with the native kernel's selection
         return NativeZooBackend(select=getattr(backend, "select", "all"),
                                 jit=getattr(backend, "jit", True), feedback_seed=feedback_seed,
-                                trace_dtype=getattr(backend, "trace_dtype", "float32"))
+                                **{k: getattr(backend, k) for k in (
+                                    "trace_dtype", "io_min_size", "io_min_rows")
+                                   if hasattr(backend, k)})
     return backend
 
 

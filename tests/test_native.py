@@ -418,11 +418,8 @@ def test_outer_acc_refuses_bad_input():
         native.native_outer_acc(X, S, jnp.ones((5, 6)), jnp.ones((6, 5)))
 
 
-@pytest.fixture
-def io_any_size(monkeypatch):
-    """The test models are small: let native-select take their io-dim traces anyway."""
-    monkeypatch.setattr(native_select, "IO_MIN_SIZE", 0)
-    monkeypatch.setattr(native_select, "IO_MIN_ROWS", 0)
+#: the test models are small: let native-select route their io-dim traces to the kernel
+ANY_SIZE = dict(io_min_size=0, io_min_rows=0)
 
 
 @pytest.fixture
@@ -436,12 +433,12 @@ def outer_calls(monkeypatch):
     return calls
 
 
-def io_pair(name, batch):
+def io_pair(name, batch, **native_options):
     net_j, x0 = models.make(name, batch=batch)
     net_n, _ = models.make(name, batch=batch)
     lj = brainscale.DiagIODimAlgorithm(net_j, decay_or_rank=0.9).compile_graph(x0)
-    ln = brainscale.DiagIODimAlgorithm(net_n, decay_or_rank=0.9,
-                                       backend="native").compile_graph(x0)
+    ln = brainscale.DiagIODimAlgorithm(net_n, decay_or_rank=0.9, backend=native.NativeBackend(
+        **native_options)).compile_graph(x0)
     return (net_j, lj), (net_n, ln), x0
 
 
@@ -460,13 +457,12 @@ def assert_same_io(gj, gn, lj, ln, tol=1e-5):
 @pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
 @pytest.mark.parametrize("name,batch", [("lif_delta", 2), ("alif", 0), ("alif", 3),
                                         ("gru_rh", 2), ("elemwise_tau", 2)])
-def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, io_any_size,
-                                                              outer_calls):
+def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, outer_calls):
     """ES-D-RTRL with ``backend='native'``: ``online_gradients`` runs the step-owning loop and
     adds each dense relation's per-step gradient with the outer-accumulate; gradients,
     losses and traces equal the JAX backend's (per step, and with ``chunk``, where the
     window's XLA product takes over)."""
-    (net_j, lj), (net_n, ln), x0 = io_pair(name, batch)
+    (net_j, lj), (net_n, ln), x0 = io_pair(name, batch, **ANY_SIZE)
     io = [t for t in ln.graph.traces if t.dim == "io"]
     assert io and all(t.path == "native" for t in io)
     assert all(t.attr("path_reason") == "native outer-accumulate of the per-step gradient in "
@@ -489,8 +485,8 @@ def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, io_a
 
 
 @needs_kernel
-def test_es_train_online_per_step_on_the_outer_accumulate(io_any_size, outer_calls):
-    (net_j, lj), (net_n, ln), x0 = io_pair("alif", 2)
+def test_es_train_online_per_step_on_the_outer_accumulate(outer_calls):
+    (net_j, lj), (net_n, ln), x0 = io_pair("alif", 2, **ANY_SIZE)
     train_both_equal(net_j, lj, net_n, ln, x0, seed=14)
     assert outer_calls and any(k[0] == "train-window" for k in ln._drivers)
 
@@ -518,6 +514,18 @@ def test_es_ir_paths_and_reasons():
         assert NativeIORule().check(lx.graph, io[0]).endswith(
             f"op kind '{kind}': the outer-accumulate covers dense matmul only")
     assert NativeIORule().check(ln.graph, t) is None       # small, but the kernel can run it
+    # the thresholds are the backend's (and the pass's) options, recorded in the reason
+    (_, _), (_, l40), _ = io_pair("alif", 2, io_min_size=40, io_min_rows=2)
+    assert [t.path for t in l40.graph.traces] == ["native"]
+    (_, _), (_, l3), _ = io_pair("alif", 2, io_min_size=40, io_min_rows=3)
+    assert l3.graph.traces[0].attr("path_reason").endswith(
+        "(I·O = 8·5, 2 rows of eps_x; the kernel gains from I·O ≥ 40 and ≥ 3 rows): XLA's "
+        "product is as fast")
+    from brainscale import zoo
+    net, x0 = models.make("alif", batch=2)
+    ez = zoo.RuleAlgorithm(net, policy="io", decay_or_rank=0.9, backend=native.NativeBackend(
+        **ANY_SIZE)).compile_graph(x0)
+    assert ez._backend_obj.name == "native-zoo" and ez.graph.traces[0].path == "native"
 
 
 @needs_kernel
@@ -543,7 +551,7 @@ def test_es_takes_the_kernel_at_its_default_sizes(outer_calls):
 @pytest.mark.parametrize("name,algo,batch", [("lif_delta", "param", 2), ("alif", "param", 0),
                                              ("alif", "io", 2), ("gru_rh", "io", 2),
                                              ("gru_rh", "param", 0)])
-def test_native_loop_equals_the_dense_oracle(name, algo, batch, io_any_size, outer_calls):
+def test_native_loop_equals_the_dense_oracle(name, algo, batch, outer_calls):
     """The native learner's step-owning loop (one-pass D-RTRL kernel, outer-accumulate for
     ES-D-RTRL) against the dense oracle directly (tests/oracle.py: the literal equations),
     not only against the JAX backend: the summed gradient and every loss over 8 steps."""
@@ -551,10 +559,11 @@ def test_native_loop_equals_the_dense_oracle(name, algo, batch, io_any_size, out
     T, alpha = 8, 0.9
     net, x0 = models.make(name, batch=batch)
     net_o, _ = models.make(name, batch=batch)
+    be = native.NativeBackend(**ANY_SIZE)
     if algo == "param":
-        learner = brainscale.DiagParamDimAlgorithm(net, backend="native")
+        learner = brainscale.DiagParamDimAlgorithm(net, backend=be)
     else:
-        learner = brainscale.DiagIODimAlgorithm(net, decay_or_rank=alpha, backend="native")
+        learner = brainscale.DiagIODimAlgorithm(net, decay_or_rank=alpha, backend=be)
     learner.compile_graph(x0)
     assert "native" in {t.path for t in learner.graph.traces}
 

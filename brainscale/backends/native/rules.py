@@ -76,7 +76,7 @@ class NativeIORule(IORule):
         why = why_unavailable()
         if why:
             return f"the native kernel cannot run here: {why}"
-        why = io_native_error(graph, trace, sized=False)
+        why = io_native_error(graph, trace)
         if why:
             return f"{trace.id} cannot take the native outer-accumulate: {why}"
         return None

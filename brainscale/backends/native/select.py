@@ -9,8 +9,9 @@ decisions in the IR, so ``learner.ir()`` shows them:
   arithmetic in float32), the weight's k states stacked ``(B, I, O, k)``;
 * ``path=native`` on every io-dim (ES-D-RTRL) trace whose relations are all built-in dense
   ``MatMulOp`` s with a float32 2-D weight, at sizes where the kernel is faster
-  (``I·O ≥ 65536`` and at least 4 rows of ``ε_x``, i.e. examples; measured in
-  ``benchmarks/README.md``): the step-owning loop (``online_gradients`` / ``train_online``)
+  (``I·O ≥ 65536`` and at least 4 rows of ``ε_x``, i.e. examples, measured in
+  ``benchmarks/README.md``; the pass options ``io_min_size`` / ``io_min_rows`` and the
+  backend's of the same names change them): the step-owning loop (``online_gradients`` / ``train_online``)
   then adds each step's ``ε_xᵀ s`` into the gradient sum in place with the kernel's
   outer-accumulate (XLA's product + add reads the product back); the learner's own step
   computes the same gradient with XLA;
@@ -45,11 +46,12 @@ IO_MIN_SIZE = 1 << 16
 IO_MIN_ROWS = 4
 
 
-def io_native_error(graph, trace, sized: bool = True) -> str | None:
+def io_native_error(graph, trace, min_size: int = 0, min_rows: int = 0) -> str | None:
     """None when the native outer-accumulate can add the per-step gradients of the io-dim
-    ``trace`` (every relation a built-in dense ``MatMulOp`` with a float32 2-D weight; with
-    ``sized``, also large enough to gain: :data:`IO_MIN_SIZE`, :data:`IO_MIN_ROWS`), else why
-    not."""
+    ``trace`` (every relation a built-in dense ``MatMulOp`` with a float32 2-D weight, of at
+    least ``min_size`` elements ``I·O``, and at least ``min_rows`` rows of ``ε_x``), else why
+    not. ``native-select`` asks for the sizes where the kernel gains (:data:`IO_MIN_SIZE`,
+    :data:`IO_MIN_ROWS` by default); the rule's own check for none."""
     if trace.dim != "io":
         return f"dim={trace.dim}"
     ex = next((a for a in trace.arrays if a.role == "eps_x"), None)
@@ -74,9 +76,9 @@ def io_native_error(graph, trace, sized: bool = True) -> str | None:
         if str(wt.dtype) != "float32":
             return f"relation {rid}: weight dtype {wt.dtype}, the outer-accumulate adds float32"
         I, O = (int(d) for d in wt.shape)
-        if sized and (I * O < IO_MIN_SIZE or rows < IO_MIN_ROWS):
+        if I * O < min_size or rows < min_rows:
             return (f"small (I·O = {I}·{O}, {rows} rows of eps_x; the kernel gains from "
-                    f"I·O ≥ {IO_MIN_SIZE} and ≥ {IO_MIN_ROWS} rows): XLA's product is as fast")
+                    f"I·O ≥ {min_size} and ≥ {min_rows} rows): XLA's product is as fast")
     return None
 
 
@@ -89,6 +91,8 @@ class NativeSelectPass(Pass):
     provides = frozenset({"backend-paths"})
     select: str = "all"             # 'all' (every supported trace) | 'none'
     trace_dtype: str = "float32"    # storage of native-path D-RTRL traces: float32 | bfloat16
+    io_min_size: int = IO_MIN_SIZE  # io-dim traces take the outer-accumulate from I·O ...
+    io_min_rows: int = IO_MIN_ROWS  # ... and this many rows of ε_x (examples) up
 
     def run(self, graph, ctx):
         if self.select not in ("all", "none"):
@@ -112,7 +116,7 @@ class NativeSelectPass(Pass):
                 reason = (f"rule axes {axes}: the native kernel runs the default D-RTRL rule "
                           f"(compact, diagonal, symmetric signal, read out from the trace)")
             elif t.dim == "io":
-                bad = io_native_error(graph, t)
+                bad = io_native_error(graph, t, self.io_min_size, self.io_min_rows)
                 if bad:
                     reason = f"io-dim, {bad}"
                 elif self.select == "none":
