@@ -158,8 +158,9 @@ def _optimizer_for(optimizer, groups: dict, params: dict) -> dict:
     return out
 
 
-def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
-    """For one ``window=K`` schedule (``step``: K = 1): a jitted ``(xs, ys) -> losses`` that
+def _windowed_training(learner, opts, params, loss_fn, K: int, T: int, chunk: int | None = None):
+    """For one ``window=K`` schedule (``step``: K = 1; ``end``: K = T with ``chunk=1``, the
+    loop's steps one by one inside the one window): a jitted ``(xs, ys) -> losses`` that
     runs each window through the step-owning loop (``online_gradients(chunk=K)``'s windows:
     windowed D-RTRL and ES-D-RTRL sums; ``backend='native'``'s one-pass D-RTRL kernel and
     ES-D-RTRL outer-accumulate, every step) and applies the window's gradient after it, or
@@ -174,17 +175,18 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int):
     if driver_error(prog) is not None:   # what only the learner's own step computes
         return None
     own_loop = needs_step_loop(prog)
-    if K < 2 and not own_loop:
+    chunk = K if chunk is None else chunk
+    if chunk < 2 and not own_loop:
         return None
     states = learner._bound_states()
     ((opt, names),) = opts.values()
     copts = driver_compiler_options()
-    ckey = ("train-window", callable_key(loss_fn), K, T,
+    ckey = ("train-window", callable_key(loss_fn), K, chunk, T,
             tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt),
             copts is not None)
     if ckey in learner._drivers:         # compiled by an earlier call
         return learner._cached_driver(ckey, None)
-    loop = build_loop(prog, loss_fn, K)
+    loop = build_loop(prog, loss_fn, chunk)
     if not (loop.windowed or own_loop):
         return None
     b = prog.b
@@ -241,9 +243,12 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
     T = int(jnp.shape(leaves[0])[0])
     inputs, targets = start_sequence(learner, inputs, targets, reset)
     only = next(iter(groups)) if len(groups) == 1 else None
-    if jit and only is not None and (only == "step" or only.startswith("window=")):
-        K = 1 if only == "step" else int(only.split("=", 1)[1])
-        fast = _windowed_training(learner, opts, params, loss_fn, K, T)
+    if jit and only is not None:
+        if only == "end":     # one window of the whole sequence, its steps one by one
+            fast = _windowed_training(learner, opts, params, loss_fn, T, T, chunk=1)
+        else:
+            K = 1 if only == "step" else int(only.split("=", 1)[1])
+            fast = _windowed_training(learner, opts, params, loss_fn, K, T)
         if fast is not None:
             return fast(inputs, targets)
     one = step_gradient(learner, params, loss_fn)

@@ -635,3 +635,24 @@ def test_bad_trace_dtype_is_refused():
                                             "got 'float16'"):
         brainscale.DiagParamDimAlgorithm(
             net, backend=native.NativeBackend(trace_dtype="float16")).compile_graph(x0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("policy", ["param", "io"])
+def test_end_schedule_runs_the_step_loop_once_over_the_sequence(policy, outer_calls):
+    """``train_online`` with ``schedule='end'`` on a native learner: one window of the whole
+    sequence through the step-owning loop (one-pass D-RTRL / outer-accumulate every step,
+    nothing kept per step), the summed gradient applied once; equal to the JAX learner."""
+    from brainscale import zoo
+    kw = dict(policy=policy, schedule="end", **({"decay_or_rank": 0.9} if policy == "io" else {}))
+    out = []
+    for be in ("jax", native.NativeBackend(**ANY_SIZE)):
+        net, x0 = models.make("alif", batch=2)
+        out.append((net, zoo.RuleAlgorithm(net, backend=be, **kw).compile_graph(x0)))
+    (net_j, lj), (net_n, ln) = out
+    assert set(brainscale.update_schedule(ln).values()) == {"end"}
+    assert {t.path for t in ln.graph.traces} == {"native"}
+    train_both_equal(net_j, lj, net_n, ln, x0, seed=23)
+    assert any(k[0] == "train-window" for k in ln._drivers)
+    assert not any(k[0] == "train-window" for k in lj._drivers)
+    assert bool(outer_calls) == (policy == "io")
