@@ -165,9 +165,9 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int, chunk: in
     windowed D-RTRL and ES-D-RTRL sums; ``backend='native'``'s one-pass D-RTRL kernel and
     ES-D-RTRL outer-accumulate, every step) and applies the window's gradient after it, or
     None when that loop gains nothing (no windowed sum, no rule that needs the loop: the
-    per-step loop is then as fast) or cannot run the
-    learner's traces (:func:`~.backends.online_driver.driver_error`). The same updates as the
-    per-step loop: within a window the parameters do not change."""
+    per-step loop is then as fast) or cannot run the learner's traces
+    (:func:`~.backends.online_driver.driver_error`). The same updates as the per-step loop:
+    within a window the parameters do not change."""
     from .backends.online_driver import (_others_out, build_loop, callable_key,
                                          driver_compiler_options, driver_error, grads_by_key,
                                          needs_step_loop, scan_windows)
