@@ -20,8 +20,22 @@ from .select import IO_MIN_ROWS, IO_MIN_SIZE, NativeSelectPass
 __all__ = ["NativeBackend", "NativeZooBackend"]
 
 
+class _NativeSelecting:
+    """The options of ``native-select`` a native backend keeps, and its pipeline."""
+
+    def _select_options(self, select, trace_dtype, io_min_size, io_min_rows):
+        self.select = select
+        self.trace_dtype = trace_dtype
+        self.io_min_size = io_min_size
+        self.io_min_rows = io_min_rows
+
+    def pipeline(self) -> tuple:
+        return (NativeSelectPass(select=self.select, trace_dtype=self.trace_dtype,
+                                 io_min_size=self.io_min_size, io_min_rows=self.io_min_rows),)
+
+
 @register_backend
-class NativeBackend(Backend):
+class NativeBackend(_NativeSelecting, Backend):
     """JAX backend + the native CPU D-RTRL kernel (C++, XLA FFI, built on first use).
 
     Args:
@@ -37,19 +51,13 @@ class NativeBackend(Backend):
 
     def __init__(self, select: str = "all", jit: bool = True, trace_dtype: str = "float32",
                  io_min_size: int = IO_MIN_SIZE, io_min_rows: int = IO_MIN_ROWS):
-        self.select = select
         self.jit = jit
-        self.trace_dtype = trace_dtype
-        self.io_min_size = io_min_size
-        self.io_min_rows = io_min_rows
+        self._select_options(select, trace_dtype, io_min_size, io_min_rows)
 
     @staticmethod
     def unavailable() -> str | None:
         """None when the kernel can run here, else why not (``build.why_unavailable``)."""
         return why_unavailable()
-
-    def pipeline(self) -> tuple:
-        return (select_pass(self),)
 
     def unsupported(self, graph) -> tuple:
         return unsupported_traces(graph)
@@ -58,7 +66,7 @@ class NativeBackend(Backend):
         return emit_step(graph, self, self.jit)
 
 
-class NativeZooBackend(ZooBackend):
+class NativeZooBackend(_NativeSelecting, ZooBackend):
     """``backend='native'`` for the algorithms of :mod:`brainscale.zoo`: the ``jax-zoo`` step
     (every rule axis and learning signal) with ``native-select``, so the traces on the
     default D-RTRL rule take the native kernel and the others their zoo rules."""
@@ -68,16 +76,4 @@ class NativeZooBackend(ZooBackend):
                  trace_dtype: str = "float32", io_min_size: int = IO_MIN_SIZE,
                  io_min_rows: int = IO_MIN_ROWS):
         super().__init__(jit=jit, feedback_seed=feedback_seed)
-        self.select = select
-        self.trace_dtype = trace_dtype
-        self.io_min_size = io_min_size
-        self.io_min_rows = io_min_rows
-
-    def pipeline(self) -> tuple:
-        return (select_pass(self),)
-
-
-def select_pass(backend) -> NativeSelectPass:
-    """The backend's ``native-select`` with its options."""
-    return NativeSelectPass(select=backend.select, trace_dtype=backend.trace_dtype,
-                            io_min_size=backend.io_min_size, io_min_rows=backend.io_min_rows)
+        self._select_options(select, trace_dtype, io_min_size, io_min_rows)

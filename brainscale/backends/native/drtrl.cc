@@ -159,36 +159,41 @@ void for_rows(const Args& a, int64_t a0, int64_t a1, F&& f) {
   }
 }
 
-template <int K, bool C, bool G, typename T>
-void rows_update(const Args& a, int64_t a0, int64_t a1) {
-  const int64_t I = a.I, O = a.O;
+// f(b, r, e, eo) over the trace rows of for_rows, with e / eo the row's K-state values in
+// the trace and its output (eo null when the call writes no trace).
+template <int K, typename T, typename F>
+void for_trace_rows(const Args& a, int64_t a0, int64_t a1, F&& f) {
   const T* eps = static_cast<const T*>(a.eps);
   T* eps_out = static_cast<T*>(a.eps_out);
   for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
-    const int64_t off = ((b * I + r) * O) * K;
-    row_update<K, C, G, T>(eps + off, eps_out + off, a.J + b * O * K * K, a.df + b * O * K,
-                        C ? a.c + r * O : nullptr, a.x[b * I + r],
-                        G ? a.delta + b * O * K : nullptr, G ? a.g_out + r * O : nullptr, O);
+    const int64_t off = ((b * a.I + r) * a.O) * K;
+    f(b, r, eps + off, eps_out ? eps_out + off : nullptr);
+  });
+}
+
+template <int K, bool C, bool G, typename T>
+void rows_update(const Args& a, int64_t a0, int64_t a1) {
+  const int64_t I = a.I, O = a.O;
+  for_trace_rows<K, T>(a, a0, a1, [&](int64_t b, int64_t r, const T* e, T* eo) {
+    row_update<K, C, G, T>(e, eo, a.J + b * O * K * K, a.df + b * O * K,
+                           C ? a.c + r * O : nullptr, a.x[b * I + r],
+                           G ? a.delta + b * O * K : nullptr, G ? a.g_out + r * O : nullptr, O);
   });
 }
 
 template <int K, typename T>
 void rows_grad(const Args& a, int64_t a0, int64_t a1) {
-  const int64_t I = a.I, O = a.O;
-  const T* eps = static_cast<const T*>(a.eps);
-  for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
-    row_grad<K, T>(eps + ((b * I + r) * O) * K, a.delta + b * O * K, a.g_out + r * O, O);
+  const int64_t O = a.O;
+  for_trace_rows<K, T>(a, a0, a1, [&](int64_t b, int64_t r, const T* e, T*) {
+    row_grad<K, T>(e, a.delta + b * O * K, a.g_out + r * O, O);
   });
 }
 
 template <int K, typename T>
 void rows_decay_add(const Args& a, int64_t a0, int64_t a1) {
   const int64_t I = a.I, O = a.O;
-  const T* eps = static_cast<const T*>(a.eps);
-  T* eps_out = static_cast<T*>(a.eps_out);
-  for_rows(a, a0, a1, [&](int64_t b, int64_t r) {
-    const int64_t off = ((b * I + r) * O) * K;
-    row_decay_add<K, T>(eps + off, eps_out + off, a.J + b * O * K * K, a.cur + off, O);
+  for_trace_rows<K, T>(a, a0, a1, [&](int64_t b, int64_t r, const T* e, T* eo) {
+    row_decay_add<K, T>(e, eo, a.J + b * O * K * K, a.cur + ((b * I + r) * O) * K, O);
   });
 }
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..pallas._common import SUPPORTED_STORAGE
 from ..pallas.drtrl import DrtrlItem, _batched, _check, check_operands
 from .build import register
 
@@ -31,8 +32,8 @@ f32 = jnp.float32
 VMAP = "sequential"
 
 
-#: the trace storage the kernel reads and writes (arithmetic is float32)
-STORAGE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+#: the trace storage the kernel reads and writes, as the Pallas kernels (arithmetic float32)
+STORAGE = tuple(jnp.dtype(s) for s in SUPPORTED_STORAGE)
 
 
 def _storage(eps, what: str):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..drtrl_window import allow_window
 from ..rules import IORule, register_trace_rule
+from ..pallas._common import SUPPORTED_STORAGE
 from ..pallas.rules import PallasDrtrlRule
 from ..pallas.select import kernel_instances
 from .build import why_unavailable
@@ -41,7 +42,7 @@ class NativeDrtrlRule(PallasDrtrlRule):
         if why:
             return f"the native kernel cannot run here: {why}"
         for a in trace.arrays:
-            if a.storage not in ("float32", "bfloat16"):
+            if a.storage not in SUPPORTED_STORAGE:
                 return (f"the native kernel keeps float32 or bfloat16 traces, {trace.id} "
                         f"stores {a.storage}: lay it out with storage='float32' or "
                         f"'bfloat16' (native-select does)")

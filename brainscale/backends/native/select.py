@@ -32,6 +32,7 @@ from ...errors import PipelineError
 from ...ir import attrs as mk_attrs
 from ...passes.base import Pass, register_pass
 from ...passes.layout import layout_trace
+from ..pallas._common import SUPPORTED_STORAGE
 from ..pallas.select import kernel_instances, weight_leaf
 from ..rules import plain_matmul_error, rule_key
 from .build import why_unavailable
@@ -98,8 +99,9 @@ class NativeSelectPass(Pass):
         if self.select not in ("all", "none"):
             raise PipelineError(f"native-select: select must be 'all' or 'none', "
                                 f"got {self.select!r}")
-        if self.trace_dtype not in ("float32", "bfloat16"):
-            raise PipelineError(f"native-select: trace_dtype must be 'float32' or 'bfloat16', "
+        if self.trace_dtype not in SUPPORTED_STORAGE:
+            raise PipelineError(f"native-select: trace_dtype must be "
+                                f"{' or '.join(map(repr, SUPPORTED_STORAGE))}, "
                                 f"got {self.trace_dtype!r}")
         # select='none' uses no kernel: it is not built for it
         why = why_unavailable() if self.select != "none" else None
