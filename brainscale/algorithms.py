@@ -693,14 +693,17 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         ``(grads, losses)``: grads summed over time (same keys as ``params``) and the
         per-step losses ``(T,)``. With ``jit`` the loop is compiled with
         ``brainscale.backends.online_driver.driver_compiler_options()`` (on CPU, XLA's
-        region-analysis copy insertion, which keeps the carried traces in place). Memory
+        region-analysis copy insertion, which keeps the carried traces in place, and XLA's
+        own matrix products instead of YNNPACK's when the step's dense ops have at most 16
+        rows: faster at small batches). Memory
         does not depend on ``T``: the loop is a scan whose body takes the gradient of one
         step only (with ``chunk``, K steps of ``ε_x`` and ``ε_f∘δ``, and of the D-RTRL
         window's ``J``, ``∂h/∂y``, ``δ`` and ``x``, are kept).
     """
     learner._require()
     from .backends.online_driver import (callable_key, check_chunk, drive_online,
-                                         driver_compiler_options, driver_error, needs_step_loop)
+                                         driver_compiler_options, driver_error, needs_step_loop,
+                                         options_key)
     check_chunk(chunk)
     if mesh is not None and (mesh is not learner.mesh or (batch_axis, neuron_axis) not in (
             (None, None), (learner.batch_axis, learner.neuron_axis))):
@@ -730,9 +733,9 @@ def online_gradients(learner: ETraceAlgorithm, inputs, targets, loss_fn: Callabl
         # one jitted loop per (loss function, parameters, bound states) and compiled step:
         # later calls with an equal loss function reuse it (see callable_key; the cached
         # closure holds ``params`` and the states, so the ids in the key stay unique)
-        opts = driver_compiler_options()
+        opts = driver_compiler_options(learner.graph)
         key = ("online", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
-               tuple(map(id, learner._bound_states())), opts is not None)
+               tuple(map(id, learner._bound_states())), options_key(opts))
         run = learner._cached_driver(key, lambda: brainstate.transform.jit(
             run, compiler_options=opts))
     return run(inputs, targets)

@@ -170,7 +170,7 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int, chunk: in
     within a window the parameters do not change."""
     from .backends.online_driver import (_others_out, build_loop, callable_key,
                                          driver_compiler_options, driver_error, grads_by_key,
-                                         needs_step_loop, scan_windows)
+                                         needs_step_loop, options_key, scan_windows)
     prog = learner._step.program
     if driver_error(prog) is not None:   # what only the learner's own step computes
         return None
@@ -180,10 +180,10 @@ def _windowed_training(learner, opts, params, loss_fn, K: int, T: int, chunk: in
         return None
     states = learner._bound_states()
     ((opt, names),) = opts.values()
-    copts = driver_compiler_options()
+    copts = driver_compiler_options(learner.graph)
     ckey = ("train-window", callable_key(loss_fn), K, chunk, T,
             tuple((k, id(v)) for k, v in params.items()), tuple(map(id, states)), id(opt),
-            copts is not None)
+            options_key(copts))
     if ckey in learner._drivers:         # compiled by an earlier call
         return learner._cached_driver(ckey, None)
     loop = build_loop(prog, loss_fn, chunk)
@@ -283,11 +283,12 @@ def train_online(learner, optimizer, inputs, targets, loss_fn: Callable, params=
         return losses
 
     if jit:
-        from .backends.online_driver import callable_key, driver_compiler_options
-        copts = driver_compiler_options()
+        from .backends.online_driver import (callable_key, driver_compiler_options,
+                                             options_key)
+        copts = driver_compiler_options(learner.graph)
         key = ("train", callable_key(loss_fn), tuple((k, id(v)) for k, v in params.items()),
                tuple(map(id, learner._bound_states())),
-               tuple((k, id(o)) for k, (o, _) in sorted(opts.items())), T, copts is not None)
+               tuple((k, id(o)) for k, (o, _) in sorted(opts.items())), T, options_key(copts))
         run = learner._cached_driver(key, lambda: brainstate.transform.jit(
             run, compiler_options=copts))
     return run(inputs, targets)

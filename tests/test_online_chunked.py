@@ -117,3 +117,42 @@ def test_online_gradients_under_the_callers_jit(chunk):
         for k in runs[0]:
             for a, b in zip(jax.tree.leaves(runs[0][k]), jax.tree.leaves(g[k])):
                 assert rel(b, a) < 1e-6
+
+
+def test_online_loops_take_xla_products_at_small_batches():
+    """The loops' compiler options switch YNNPACK's matrix-product fusions off when every dense
+    op of the step has at most YNN_MAX_ROWS rows (the batch), and only then: an ALIF net of
+    batch 2 gets the option, one of batch 32 does not, a conv net (a kernel the measurement did
+    not cover) does not; inside the caller's jit there are no options at all. The option
+    changes which kernels multiply, not what: the gradients equal the loop compiled without
+    any option."""
+    from brainscale.backends import online_driver as od
+    small, x0 = models.make("alif", batch=2)
+    lrn = brainscale.DiagParamDimAlgorithm(small).compile_graph(x0)
+    assert od.dense_rows(lrn.graph) == 2
+    opts = od.driver_compiler_options(lrn.graph)
+    assert opts["xla_cpu_copy_insertion_use_region_analysis"] is True
+    if od._ynn_flag_known():
+        assert opts["xla_cpu_experimental_ynn_fusion_type"] == ""
+    big, xb = models.make("alif", batch=od.YNN_MAX_ROWS * 2)
+    lb = brainscale.DiagParamDimAlgorithm(big).compile_graph(xb)
+    assert od.dense_rows(lb.graph) == od.YNN_MAX_ROWS * 2
+    assert "xla_cpu_experimental_ynn_fusion_type" not in od.driver_compiler_options(lb.graph)
+    conv, xc = models.make("conv_snn", batch=2)
+    lc = brainscale.DiagParamDimAlgorithm(conv).compile_graph(xc)
+    assert od.dense_rows(lc.graph) is None
+    assert "xla_cpu_experimental_ynn_fusion_type" not in od.driver_compiler_options(lc.graph)
+    seen = []
+    jax.jit(lambda v: (seen.append(od.driver_compiler_options(lrn.graph)), v)[1])(1.0)
+    assert seen == [None]
+    assert od.options_key(opts) != od.options_key(od.driver_compiler_options(lb.graph))
+    # the same gradients as the loop compiled without options
+    xs, ys = sequence(x0, 6, seed=4)
+    twin, _ = models.make("alif", batch=2)
+    lt = brainscale.DiagParamDimAlgorithm(twin).compile_graph(x0)
+    g_opt, l_opt = brainscale.online_gradients(lrn, xs, ys, loss_fn)
+    g_plain, l_plain = brainscale.online_gradients(lt, xs, ys, loss_fn, jit=False)
+    assert rel(l_opt, l_plain) < 1e-6
+    for k in g_plain:
+        for a, b in zip(jax.tree.leaves(g_opt[k]), jax.tree.leaves(g_plain[k])):
+            assert rel(a, b) < 1e-5, k

@@ -35,7 +35,8 @@ from .signals import is_float
 
 __all__ = ["drive_online", "build_loop", "grads_by_key", "check_chunk", "driver_error",
            "needs_step_loop", "scan_windows",
-           "driver_compiler_options", "callable_key", "window_accumulate",
+           "driver_compiler_options", "options_key", "dense_rows", "YNN_MAX_ROWS",
+           "callable_key", "window_accumulate",
            "plain_matmul_error", "chain_is_one"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -68,16 +69,68 @@ def callable_key(fn) -> tuple:
     return ("object", id(fn))
 
 
-def driver_compiler_options() -> dict | None:
+#: XLA CPU's YNNPACK fusions of matrix products are switched off in the online loops when no
+#: dense op of the step has more rows than this (``driver_compiler_options``)
+YNN_MAX_ROWS = 16
+_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def dense_rows(graph) -> int | None:
+    """The most rows (the product of the output's leading axes: the batch) of a dense op of
+    ``graph``; None when the step has no dense op, or an op other than dense and element-wise
+    (convolutions, sparse, LoRA, function and custom ops: kernels the measurement behind
+    :data:`YNN_MAX_ROWS` did not cover)."""
+    kinds = {op.kind for op in graph.ops}
+    if "dense" not in kinds or not kinds <= {"dense", "elemwise"}:
+        return None
+    return max(int(np.prod(op.type.shape[:-1], dtype=np.int64))
+               for op in graph.ops if op.kind == "dense")
+
+
+def driver_compiler_options(graph=None, *, rows: int | None = None) -> dict | None:
     """XLA options the online loops (``online_gradients``, ``train_online``) are compiled
-    with: on CPU, copy insertion with region analysis, which lets the loop update its carried
-    traces in place instead of copying them (10-25 % per step for windowed D-RTRL, ALIF
-    N = 1024; ``benchmarks/README.md``). None inside another trace (a loop called under the
-    user's own ``jit``): JAX takes compiler options on the outermost ``jit`` only, so the
-    caller's options apply there. A cache of compiled loops keys on the result."""
+    with, on CPU:
+
+    * copy insertion with region analysis, which lets the loop update its carried traces in
+      place instead of copying them (10-25 % per step for windowed D-RTRL, ALIF N = 1024;
+      ``benchmarks/README.md``);
+    * when every dense op of the step (``graph``, :func:`dense_rows`; or ``rows`` given)
+      has at most :data:`YNN_MAX_ROWS` rows: no YNNPACK fusions, so that XLA's own (Eigen)
+      kernels run the matrix products. At 8-16 rows they are 0.63-0.9× YNNPACK's time
+      (the forward's ``[B, I]·[I, O]``, ``I·O`` from 0.3 M to 3.5 M), at 32-64 rows mostly
+      slower (``benchmarks/README.md``, *The matrix products of the online loops*).
+      Skipped on a JAX whose XLA does not know the flag.
+
+    None inside another trace (a loop called under the user's own ``jit``): JAX takes compiler
+    options on the outermost ``jit`` only, so the caller's options apply there. A cache of
+    compiled loops keys on the result (:func:`options_key`)."""
     if jax.default_backend() != "cpu" or not _outside_any_trace():
         return None
-    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    opts = {"xla_cpu_copy_insertion_use_region_analysis": True}
+    if rows is None and graph is not None:
+        rows = dense_rows(graph)
+    if rows is not None and rows <= YNN_MAX_ROWS and _ynn_flag_known():
+        opts[_YNN_FLAG] = ""
+    return opts
+
+
+def options_key(opts) -> tuple | None:
+    """A hashable form of :func:`driver_compiler_options`' result (for cache keys)."""
+    return None if opts is None else tuple(sorted(opts.items()))
+
+
+_YNN_KNOWN: list = []
+
+
+def _ynn_flag_known() -> bool:
+    """Whether this XLA takes the YNNPACK fusion option (tried once on a tiny program)."""
+    if not _YNN_KNOWN:
+        try:
+            jax.jit(lambda v: v + 1).lower(np.float32(0)).compile({_YNN_FLAG: ""})
+            _YNN_KNOWN.append(True)
+        except Exception:  # noqa: BLE001 - an XLA without the flag refuses it
+            _YNN_KNOWN.append(False)
+    return _YNN_KNOWN[0]
 
 
 def _outside_any_trace() -> bool:
@@ -375,9 +428,9 @@ def drive_online(learner, inputs, targets, loss_fn, params=None, chunk: int = 1,
     run = build_loop(prog, loss_fn, chunk, window_impl).run
 
     if jit:
-        opts = driver_compiler_options()
+        opts = driver_compiler_options(learner.graph)
         run = learner._cached_driver(("drive", callable_key(loss_fn), chunk, window_impl,
-                                      opts is not None),
+                                      options_key(opts)),
                                      lambda: jax.jit(run, compiler_options=opts))
     (hidden, others, traces, (acc_t, acc_p)), losses = run(theta_t, theta_p, hidden0, others0,
                                                            traces0, inputs, targets)

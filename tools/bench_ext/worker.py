@@ -429,7 +429,9 @@ def run(cfg: dict) -> dict:
         # what online_gradients compiles its loop with (jit=True); the floor and forward rows
         # with the same options, so that online / floor compares like with like
         from brainscale.backends.online_driver import driver_compiler_options
-        opts = driver_compiler_options()
+        # the floor and forward rows run the bench models' dense layers on B rows
+        opts = (driver_compiler_options(rows=B) if algo in NO_LEARNER
+                else driver_compiler_options(learner.graph))
     compiled = jax.jit(pure, compiler_options=opts).lower(vals, xs, ys).compile()
     res["xla_s"] = time.perf_counter() - t0
     if cfg.get("hlo_out"):      # the optimised HLO, for a per-op breakdown
