@@ -22,6 +22,7 @@ With ``chunk = K > 1`` the loop runs windows of K steps:
 """
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import brainstate
@@ -49,7 +50,6 @@ def callable_key(fn) -> tuple:
     identity. An inline ``lambda`` written in a loop therefore hits the cache, while a
     closure over a different object misses it. The cache entry keeps ``fn`` (and so every
     object whose id is in the key) alive, so ids are not reused while the key is in use."""
-    import functools
     import types
     if isinstance(fn, types.MethodType):
         return ("method", callable_key(fn.__func__), id(fn.__self__))
@@ -96,9 +96,9 @@ def driver_compiler_options(graph=None, *, rows: int | None = None) -> dict | No
       ``benchmarks/README.md``);
     * when every dense op of the step (``graph``, :func:`dense_rows`; or ``rows`` given)
       has at most :data:`YNN_MAX_ROWS` rows: no YNNPACK fusions, so that XLA's own (Eigen)
-      kernels run the matrix products. At 8-16 rows they are 0.63-0.9× YNNPACK's time
-      (the forward's ``[B, I]·[I, O]``, ``I·O`` from 0.3 M to 3.5 M), at 32-64 rows mostly
-      slower (``benchmarks/README.md``, *The matrix products of the online loops*).
+      kernels run the matrix products. At 8-16 rows they took 0.62-1.01× YNNPACK's time
+      (a recurrent ``[B, I]·[I, O]``, ``I·O`` from 0.3 M to 3.5 M), at 32-64 rows mostly
+      more (``benchmarks/README.md``, *The matrix products of the online loops*).
       Skipped on a JAX whose XLA does not know the flag.
 
     None inside another trace (a loop called under the user's own ``jit``): JAX takes compiler
@@ -119,18 +119,14 @@ def options_key(opts) -> tuple | None:
     return None if opts is None else tuple(sorted(opts.items()))
 
 
-_YNN_KNOWN: list = []
-
-
+@functools.cache
 def _ynn_flag_known() -> bool:
     """Whether this XLA takes the YNNPACK fusion option (tried once on a tiny program)."""
-    if not _YNN_KNOWN:
-        try:
-            jax.jit(lambda v: v + 1).lower(np.float32(0)).compile({_YNN_FLAG: ""})
-            _YNN_KNOWN.append(True)
-        except Exception:  # noqa: BLE001 - an XLA without the flag refuses it
-            _YNN_KNOWN.append(False)
-    return _YNN_KNOWN[0]
+    try:
+        jax.jit(lambda v: v + 1).lower(np.float32(0)).compile({_YNN_FLAG: ""})
+        return True
+    except Exception:  # noqa: BLE001 - an XLA without the flag refuses it
+        return False
 
 
 def _outside_any_trace() -> bool:
