@@ -418,18 +418,72 @@ def test_outer_acc_refuses_bad_input():
         native.native_outer_acc(X, S, jnp.ones((5, 6)), jnp.ones((6, 5)))
 
 
+@needs_kernel
+def test_outer_acc_multi_equals_one_call_per_weight():
+    """Several weights in one call (the step's ``step_accumulate_multi``): each result is
+    bit for bit the single call's (rows of a weight are never split inside a tile, and a
+    narrow weight takes the same tile code), in a scan too; one weight is the single call."""
+    rng = np.random.RandomState(15)
+    f = lambda *s: jnp.asarray(rng.randn(*s).astype(np.float32))  # noqa: E731
+    items = [(f(16, 61), f(16, 130), f(61, 130), None),
+             (f(3, 5, 7), f(3, 5, 3), f(7, 3), f(7, 3)),
+             (f(16, 100), f(16, 512), f(100, 512), f(100, 512)),
+             (f(16, 96), f(16, 10), f(96, 10), None)]
+    got = jax.jit(native.native_outer_acc_multi)(items)
+    assert len(got) == len(items)
+    for it, g in zip(items, got):
+        assert g.shape == it[2].shape and g.dtype == jnp.float32
+        np.testing.assert_array_equal(g, jax.jit(native.native_outer_acc)(*it))
+        assert rel(g, xla_outer_acc(*it)) < 2e-6
+    (one,) = native.native_outer_acc_multi(items[:1])
+    np.testing.assert_array_equal(one, native.native_outer_acc(*items[0]))
+    X1, S1, X2, S2 = f(9, 4, 40), f(9, 4, 70), f(9, 4, 64), f(9, 4, 33)
+
+    def run(both):
+        def body(gs, xs):
+            return both(xs, gs), None
+        return jax.jit(lambda: jax.lax.scan(body, (jnp.zeros((40, 70)), jnp.zeros((64, 33))),
+                                            (X1, S1, X2, S2))[0])()
+    multi = run(lambda xs, gs: tuple(native.native_outer_acc_multi(
+        [(xs[0], xs[1], gs[0], None), (xs[2], xs[3], gs[1], None)])))
+    single = run(lambda xs, gs: (native.native_outer_acc(xs[0], xs[1], gs[0]),
+                                 native.native_outer_acc(xs[2], xs[3], gs[1])))
+    for a, b in zip(multi, single):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="the gradient must be float32"):
+        native.native_outer_acc_multi([items[0], (f(4, 5), f(4, 6), jnp.ones((5, 6),
+                                                                            jnp.bfloat16), None)])
+
+
 #: the test models are small: let native-select route their io-dim traces to the kernel
 ANY_SIZE = dict(io_min_size=0, io_min_rows=0)
+
+
+class _Calls(list):
+    """The relations the traced outer-accumulate calls took (their ε_x shapes), and the
+    number of kernel calls (``kernel``)."""
+    kernel = 0
 
 
 @pytest.fixture
 def outer_calls(monkeypatch):
     """Count the outer-accumulate calls the step-owning loop traces."""
     from brainscale.backends.native.rules import NativeIORule
-    calls = []
+    calls = _Calls()
     orig = NativeIORule.step_accumulate
-    monkeypatch.setattr(NativeIORule, "step_accumulate", staticmethod(
-        lambda *a: (calls.append(a[0].shape), orig(*a))[1]))
+    orig_multi = NativeIORule.step_accumulate_multi
+
+    def one(*a):
+        calls.append(a[0].shape)
+        calls.kernel += 1
+        return orig(*a)
+
+    def multi(items):
+        calls.extend(it[0].shape for it in items)
+        calls.kernel += 1
+        return orig_multi(items)
+    monkeypatch.setattr(NativeIORule, "step_accumulate", staticmethod(one))
+    monkeypatch.setattr(NativeIORule, "step_accumulate_multi", staticmethod(multi))
     return calls
 
 
@@ -471,7 +525,8 @@ def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, oute
     gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
     gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
     n_rel = sum(len(t.relations) for t in io)
-    assert len(outer_calls) == n_rel                  # one call per relation in the loop body
+    assert len(outer_calls) == n_rel                  # every relation, once in the loop body
+    assert outer_calls.kernel == 1                    # all of them in one kernel call
     assert any(k[0] == "drive" for k in ln._drivers)
     assert not any(k[0] == "drive" for k in lj._drivers)
     assert rel(lossn, lossj) < 1e-5
@@ -482,6 +537,78 @@ def test_es_online_gradients_on_the_outer_accumulate_equal_jax(name, batch, oute
     assert not outer_calls
     assert rel(lossc, lossj) < 1e-5
     assert_same_io(gj, gc, lj, ln)
+
+
+class SharedWeightNet(brainstate.nn.Module):
+    """One weight read by two ops of the step (``W · tanh(h)`` and ``W · sin(h)``) beside an
+    input weight: two relations update the same gradient leaf."""
+
+    def __init__(self, n_in=3, n=5, batch=2, seed=0):
+        super().__init__()
+        rng = np.random.RandomState(seed)
+        self.W = models._mm(rng, n, n)
+        self.Win = models._mm(rng, n_in, n, bias=False)
+        self.h = brainscale.ETraceState(jnp.asarray(rng.randn(batch, n).astype(np.float32)))
+
+    def update(self, x):
+        h = self.h.value
+        self.h.value = 0.8 * h + 0.3 * jnp.tanh(
+            self.W.execute(jnp.tanh(h)) + 0.5 * self.W.execute(jnp.sin(h)) + self.Win.execute(x))
+        return self.h.value
+
+
+@needs_kernel
+def test_es_shared_weight_takes_one_kernel_call_per_update(outer_calls):
+    """Two relations of one weight never share a kernel call (each call updates a gradient
+    once): the step splits the calls, and the gradients equal the JAX backend's."""
+    learners = []
+    for backend in ("jax", native.NativeBackend(**ANY_SIZE)):
+        net = SharedWeightNet()
+        x0 = jnp.zeros((2, 3), jnp.float32)
+        learners.append(brainscale.DiagIODimAlgorithm(net, decay_or_rank=0.9,
+                                                      backend=backend).compile_graph(x0))
+    lj, ln = learners
+    io = [t for t in ln.graph.traces if t.dim == "io"]
+    assert all(t.path == "native" for t in io)
+    rels = [ln.graph.relation_by_id[r] for t in io for r in t.relations]
+    assert len(rels) == 3 and len({r.param for r in rels}) == 2
+    xs, ys = sequence(jnp.zeros((2, 3)), 6, seed=16)
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
+    assert len(outer_calls) == 3 and outer_calls.kernel == 2
+    assert rel(lossn, lossj) < 1e-5
+    assert_same_io(gj, gn, lj, ln)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::brainscale.errors.NoTemporalCreditWarning")
+def test_es_small_trace_joins_the_steps_kernel_call(monkeypatch, outer_calls):
+    """A trace below the size threshold joins the kernel when another io-dim trace of the
+    step takes it and its weights are at least ``IO_JOIN_MIN_OUT`` outputs wide; the IR
+    says so, and the gradients equal the JAX backend's. Narrower weights stay on XLA."""
+    # gru_rh: io-dim traces of Wz (I·O = 28), Wx (12) and U (16); Wr's is dim=none
+    size = dict(io_min_size=20, io_min_rows=0)
+    (_, _), (_, ln), _ = io_pair("gru_rh", 2, **size)
+    io = [t for t in ln.graph.traces if t.dim == "io"]
+    assert [t.path for t in io] == ["native", "jax", "jax"]
+    assert all(t.attr("path_reason").startswith("io-dim, small (I·O = ") for t in io[1:])
+    monkeypatch.setattr(native_select, "IO_JOIN_MIN_OUT", 4)
+    (net_j, lj), (net_n, ln), x0 = io_pair("gru_rh", 2, **size)
+    io = [t for t in ln.graph.traces if t.dim == "io"]
+    assert [t.path for t in io] == ["native"] * 3
+    joined = [t.attr("path_reason") for t in io if "in the step's one call" in
+              t.attr("path_reason")]
+    assert len(joined) == 2 and all("(alone: small (I·O = " in r for r in joined)
+    assert "in the step's one call" in str(ln.ir())
+    xs, ys = sequence(x0, 7, seed=17)
+    gj, lossj = brainscale.online_gradients(lj, xs, ys, loss_fn)
+    gn, lossn = brainscale.online_gradients(ln, xs, ys, loss_fn)
+    assert len(outer_calls) == 3 and outer_calls.kernel == 1
+    assert rel(lossn, lossj) < 1e-5
+    assert_same_io(gj, gn, lj, ln)
+    # no larger trace in the step: nothing to join, the small ones stay on XLA
+    (_, _), (_, l_all_small), _ = io_pair("gru_rh", 2, io_min_size=1000, io_min_rows=0)
+    assert all(t.path == "jax" for t in l_all_small.graph.traces if t.dim == "io")
 
 
 @needs_kernel

@@ -221,35 +221,67 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
     win_order = sorted(windowed, key=lambda r: int(r[1:]))
     # io-dim relations whose per-step gradient the rule adds into the running sum in place
     # (``step_accumulate``; a window's product takes those it sums)
+    # (``step_accumulate``, or ``step_accumulate_multi`` for all of a step's at once)
     stepped = {}
     for e in io_entries:
         acc_fn = getattr(e.rule, "step_accumulate", None)
+        multi_fn = getattr(e.rule, "step_accumulate_multi", None)
         for t in e.traces if acc_fn is not None else ():
             for rid in t.relations:
                 rel = g.relation_by_id[rid]
                 if rel.groups and plain_matmul_error(g.op_object(rel.op)) is None:
-                    stepped[rid] = acc_fn
+                    stepped[rid] = (acc_fn, multi_fn)
 
     def owns_io(e, collect):
         """Whether the loop reads this io entry's signals itself (not ``trace_grads``)."""
         return isinstance(e.rule, IORule) and (
             collect or getattr(e.rule, "step_accumulate", None) is not None)
 
-    def add_relation(acc_t, th_t, rid, X, S, impl):
-        """``acc += c ⊙ (Xᵀ S)`` for the weight of relation ``rid`` (and ``Σ S`` for its
-        bias) with ``impl`` (X, S: rows of ``ε_x`` and ``s``)."""
+    def relation_slot(acc_t, th_t, rid, S):
+        """``(param position, weight leaf index, chain)`` of relation ``rid``; adds ``Σ S``
+        into its bias (S: rows of the signal ``s``)."""
         rel = g.relation_by_id[rid]
         op = g.op_object(rel.op)
         pi = b.tparam_pos(rel.param)
         w = b.w_tree(pi, th_t[pi])
         weight = w["weight"] if isinstance(w, dict) else w
         chain = None if chain_is_one(op) else op._chain(weight)
-        li_w = leaf_index(g, rel.param, "weight")
-        acc_t[pi][li_w] = impl(X, S, acc_t[pi][li_w], chain)
         li_b = leaf_index(g, rel.param, "bias") if isinstance(w, dict) else None
         if li_b is not None:
             acc_t[pi][li_b] = acc_t[pi][li_b] + S.reshape(-1, S.shape[-1]).sum(0).astype(
                 acc_t[pi][li_b].dtype)
+        return pi, leaf_index(g, rel.param, "weight"), chain
+
+    def add_relation(acc_t, th_t, rid, X, S, impl):
+        """``acc += c ⊙ (Xᵀ S)`` for the weight of relation ``rid`` (and ``Σ S`` for its
+        bias) with ``impl`` (X, S: rows of ``ε_x`` and ``s``)."""
+        pi, li_w, chain = relation_slot(acc_t, th_t, rid, S)
+        acc_t[pi][li_w] = impl(X, S, acc_t[pi][li_w], chain)
+
+    def add_stepped(acc_t, th_t, step_io):
+        """The per-step products of the ``stepped`` relations: one ``step_accumulate_multi``
+        call per rule for all of them (a weight two relations share starts a new call, so
+        each call updates a gradient once), else ``step_accumulate`` per relation."""
+        batches: dict = {}
+
+        def flush(fn):
+            rows = batches.pop(fn, [])
+            if rows:
+                new = fn([(X, S, acc_t[pi][li], ch) for X, S, (pi, li, ch) in rows])
+                for (_, _, (pi, li, _)), v in zip(rows, new):
+                    acc_t[pi][li] = v
+
+        for rid, X, S in step_io:
+            acc_fn, multi_fn = stepped[rid]
+            if multi_fn is None:
+                add_relation(acc_t, th_t, rid, X, S, acc_fn)
+                continue
+            slot = relation_slot(acc_t, th_t, rid, S)
+            if any(sl[:2] == slot[:2] for _, _, sl in batches.get(multi_fn, ())):
+                flush(multi_fn)
+            batches.setdefault(multi_fn, []).append((X, S, slot))
+        for fn in list(batches):
+            flush(fn)
 
     def one(carry, xy, th_t, th_p, collect):
         hidden, others, traces, (acc_t, acc_p) = carry
@@ -298,8 +330,7 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
                 prog.add_grads(g_t, [(pi, li, gr) for li, gr in enumerate(grads)])
         prog.add_grads(g_t, prog.sig.direct_grads(th_t, fwd.xs, d_zeta))
         acc_t = [[a + gg.astype(a.dtype) for a, gg in zip(at, gt)] for at, gt in zip(acc_t, g_t)]
-        for rid, ex, c in step_io:
-            add_relation(acc_t, th_t, rid, ex, c, stepped[rid])
+        add_stepped(acc_t, th_t, step_io)
         acc_p = tuple(tuple(a + gg.astype(a.dtype) for a, gg in zip(ap, gp))
                       for ap, gp in zip(acc_p, g_p))
         for e in prog.plan:

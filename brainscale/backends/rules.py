@@ -163,11 +163,14 @@ class TraceRule:
     from the old arrays in one sweep, for step-owning drivers). An io-dim rule may define
     ``step_accumulate(eps_x, signal, grad, chain) -> grad`` (the contract of
     :func:`~.online_driver.window_accumulate`): the step-owning loop then adds each
-    plain-matmul relation's per-step gradient into the running sum with it.
+    plain-matmul relation's per-step gradient into the running sum with it; with
+    ``step_accumulate_multi([(eps_x, signal, grad, chain), ...]) -> [grad, ...]`` it adds
+    all of a step's in one call.
     """
     name = "rule"
     one_pass = None
     step_accumulate = None
+    step_accumulate_multi = None
     #: a program feature the rule needs beyond the plain step (None: runs anywhere); the
     #: backend lists the features its step offers in ``program_features``
     needs_program: str | None = None

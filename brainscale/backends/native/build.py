@@ -33,7 +33,8 @@ TARGETS = {"brainscale_drtrl_step": "BrainscaleDrtrlStep",
            "brainscale_drtrl_update": "BrainscaleDrtrlUpdate",
            "brainscale_drtrl_grad": "BrainscaleDrtrlGrad",
            "brainscale_drtrl_decay_add": "BrainscaleDrtrlDecayAdd",
-           "brainscale_outer_acc": "BrainscaleOuterAcc"}
+           "brainscale_outer_acc": "BrainscaleOuterAcc",
+           "brainscale_outer_acc_multi": "BrainscaleOuterAccMulti"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w") + (
     ("-mprefer-vector-width=512",) if _platform.machine() in ("x86_64", "AMD64") else ())
 

@@ -35,6 +35,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -350,12 +351,23 @@ inline void outer_tile(const float* __restrict x, const float* __restrict s,
           g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
         }
     } else {
+      // the last, narrower column block (or a weight with fewer than OUTER_OC outputs): the
+      // same register tile, nn columns of it
+      float acc[RB][OUTER_OC];
+      for (int q = 0; q < RB; ++q)
+        for (int64_t n = 0; n < nn; ++n) acc[q][n] = C ? 0.f : gin[(a + q) * O + n0 + n];
+      for (int64_t r = 0; r < R; ++r) {
+        const float* sr = s + r * O + n0;
+        const float* xr = x + r * I + a;
+        for (int q = 0; q < RB; ++q) {
+          const float xa = xr[q];
+          for (int64_t n = 0; n < nn; ++n) acc[q][n] += xa * sr[n];
+        }
+      }
       for (int q = 0; q < RB; ++q)
         for (int64_t n = 0; n < nn; ++n) {
-          float v = 0.f;
-          for (int64_t r = 0; r < R; ++r) v += x[r * I + a + q] * s[r * O + n0 + n];
           const int64_t at = (a + q) * O + n0 + n;
-          g[at] = gin[at] + (C ? c[at] * v : v);
+          g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
         }
     }
   }
@@ -512,6 +524,63 @@ ffi::Error OuterAccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// Outer-accumulate of m weights in one call (the per-step ES-D-RTRL gradients of a step's
+// dense ops): one job over all their rows, so XLA's pool wakes its worker once per step, not
+// once per weight (a worker starts too late to share one N = 512 weight's ~0.1 ms job:
+// measured, two threads no faster than one; three weights of a GRU in one call 1.3x
+// faster). Arguments: m groups of (x, s, c, gacc), results: m gradients; has_c per weight.
+ffi::Error OuterAccMultiImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                             ffi::RemainingRets rets, ffi::Span<const int64_t> has_c) {
+  struct Mat {
+    const float *x, *s, *c, *gin;
+    float* g;
+    int64_t R, I, O, row0;
+    bool has_c;
+  };
+  const int64_t m = has_c.size();
+  RETURN_IF_ERROR(check(m >= 1 && int64_t(args.size()) == 4 * m && int64_t(rets.size()) == m,
+                        "outer-accumulate (multi): 4 arguments (x, s, c, gacc) and one result "
+                        "per weight"));
+  std::vector<Mat> mats;
+  int64_t rows = 0, work = 0;
+  for (int64_t q = 0; q < m; ++q) {
+    auto x = args.get<ffi::Buffer<ffi::F32>>(4 * q);
+    auto s = args.get<ffi::Buffer<ffi::F32>>(4 * q + 1);
+    auto c = args.get<ffi::Buffer<ffi::F32>>(4 * q + 2);
+    auto gacc = args.get<ffi::Buffer<ffi::F32>>(4 * q + 3);
+    auto g = rets.get<ffi::Buffer<ffi::F32>>(q);
+    RETURN_IF_ERROR(check(x.has_value() && s.has_value() && c.has_value() && gacc.has_value() &&
+                          g.has_value(), "outer-accumulate (multi): float32 buffers expected"));
+    auto xd = x->dimensions();
+    auto sd = s->dimensions();
+    auto gd = gacc->dimensions();
+    RETURN_IF_ERROR(check(xd.size() == 2 && sd.size() == 2 && gd.size() == 2,
+                          "x, s and gacc must be (R, I), (R, O) and (I, O)"));
+    Mat mt{x->typed_data(), s->typed_data(), c->typed_data(), gacc->typed_data(),
+           (*g)->typed_data(), xd[0], xd[1], sd[1], rows, has_c[q] != 0};
+    RETURN_IF_ERROR(check(sd[0] == mt.R, "x and s must have the same number of rows R"));
+    RETURN_IF_ERROR(check(gd[0] == mt.I && gd[1] == mt.O, "gacc must be (I, O)"));
+    RETURN_IF_ERROR(check(numel((*g)->dimensions()) == mt.I * mt.O, "g must be (I, O)"));
+    RETURN_IF_ERROR(check(!mt.has_c || numel(c->dimensions()) == mt.I * mt.O,
+                          "c must be (I, O)"));
+    mats.push_back(mt);
+    // each weight's rows start on a multiple of the tile height: chunks (multiples of it)
+    // then split a weight only between whole tiles
+    rows += (mt.I + OUTER_RB - 1) / OUTER_RB * OUTER_RB;
+    work += mt.R * mt.I * mt.O;
+  }
+  parallel_rows(pool, rows, work, OUTER_RB, [&](int64_t r0, int64_t r1) {
+    for (const Mat& mt : mats) {
+      const int64_t a0 = std::max(r0, mt.row0) - mt.row0;
+      const int64_t a1 = std::min(r1, mt.row0 + mt.I) - mt.row0;
+      if (a0 >= a1) continue;
+      if (mt.has_c) outer_rows<true>(mt.x, mt.s, mt.c, mt.gin, mt.g, mt.R, mt.I, mt.O, a0, a1);
+      else outer_rows<false>(mt.x, mt.s, mt.c, mt.gin, mt.g, mt.R, mt.I, mt.O, a0, a1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Bindings: the thread pool, the buffers in the order of the Impl's parameters, attributes.
@@ -545,3 +614,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BrainscaleOuterAcc, OuterAccImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
         .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<int64_t>("has_c"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BrainscaleOuterAccMulti, OuterAccMultiImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+        .RemainingArgs().RemainingRets().Attr<ffi::Span<const int64_t>>("has_c"));

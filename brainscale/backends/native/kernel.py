@@ -25,7 +25,7 @@ from ..pallas.drtrl import DrtrlItem, _batched, _check, check_operands
 from .build import register
 
 __all__ = ["native_drtrl_multi", "native_drtrl_step", "native_decay_add",
-           "native_outer_acc"]
+           "native_outer_acc", "native_outer_acc_multi"]
 
 f32 = jnp.float32
 #: under ``jax.vmap`` (e.g. an ensemble of learners) the kernel runs once per mapped element
@@ -115,11 +115,8 @@ def native_decay_add(eps, J, cur):
     return out if batched else out[0]
 
 
-def native_outer_acc(eps_x, signal, grad, chain=None):
-    """``grad + chain ⊙ (Xᵀ S)`` in place on the native kernel, with X, S the rows of
-    ``eps_x`` ``(..., I)`` and ``signal`` ``(..., O)`` (the contract of
-    :func:`~..online_driver.window_accumulate`). ``grad`` (I, O) must be float32: it is
-    aliased to the result, which XLA then keeps in place in a loop carry."""
+def _outer_operands(eps_x, signal, grad, chain):
+    """``(X, S, c, grad)`` of one outer-accumulate, checked (float32, rows flattened)."""
     if grad.dtype != f32 or grad.ndim != 2:
         raise ValueError(f"native outer-accumulate: the gradient must be float32 (I, O), got "
                          f"{grad.dtype} {tuple(grad.shape)}")
@@ -131,10 +128,37 @@ def native_outer_acc(eps_x, signal, grad, chain=None):
                          f"leading shape, for a gradient of shape {(I, O)}")
     if chain is not None:
         _check(chain, (I, O), "chain")
-    register()
     X = eps_x.reshape(-1, I).astype(f32)
     S = signal.reshape(-1, O).astype(f32)
     c = chain.astype(f32) if chain is not None else jnp.zeros((1, 1), f32)
-    return jax.ffi.ffi_call("brainscale_outer_acc", jax.ShapeDtypeStruct((I, O), f32),
+    return X, S, c, grad
+
+
+def native_outer_acc(eps_x, signal, grad, chain=None):
+    """``grad + chain ⊙ (Xᵀ S)`` in place on the native kernel, with X, S the rows of
+    ``eps_x`` ``(..., I)`` and ``signal`` ``(..., O)`` (the contract of
+    :func:`~..online_driver.window_accumulate`). ``grad`` (I, O) must be float32: it is
+    aliased to the result, which XLA then keeps in place in a loop carry."""
+    ops = _outer_operands(eps_x, signal, grad, chain)
+    register()
+    return jax.ffi.ffi_call("brainscale_outer_acc", jax.ShapeDtypeStruct(grad.shape, f32),
                             input_output_aliases={3: 0}, vmap_method=VMAP)(
-        X, S, c, grad, has_c=np.int64(chain is not None))
+        *ops, has_c=np.int64(chain is not None))
+
+
+def native_outer_acc_multi(items):
+    """:func:`native_outer_acc` of several weights in one kernel call: ``items`` is a list of
+    ``(eps_x, signal, grad, chain)``, the result the list of new gradients. One call shares
+    the thread pool's start-up over every weight of the step (module ``drtrl.cc``)."""
+    items = list(items)
+    if len(items) == 1:
+        return [native_outer_acc(*items[0])]
+    ops = [_outer_operands(*it) for it in items]
+    register()
+    outs = jax.ffi.ffi_call(
+        "brainscale_outer_acc_multi",
+        [jax.ShapeDtypeStruct(it[2].shape, f32) for it in items],
+        input_output_aliases={4 * q + 3: q for q in range(len(items))}, vmap_method=VMAP)(
+        *[a for op in ops for a in op],
+        has_c=np.asarray([it[3] is not None for it in items], np.int64))
+    return list(outs)

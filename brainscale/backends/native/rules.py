@@ -13,7 +13,8 @@ needed.
 
 ``('io', None, 'native')``: ES-D-RTRL traces of dense matmul ops. The traces and their
 signals are the JAX io rule's; ``step_accumulate`` is the kernel's outer-accumulate, with
-which the step-owning loop adds each step's ``ε_xᵀ s`` into the gradient sum in place (a
+which the step-owning loop adds each step's ``ε_xᵀ s`` into the gradient sum in place, all
+of a step's weights in one kernel call (``step_accumulate_multi``; a
 window of ``chunk = K > 1`` steps keeps its one (K·B)-row XLA product). The learner's own
 step (custom VJP) computes the same gradient with XLA.
 """
@@ -25,7 +26,8 @@ from ..pallas._common import SUPPORTED_STORAGE
 from ..pallas.rules import PallasDrtrlRule
 from ..pallas.select import kernel_instances
 from .build import why_unavailable
-from .kernel import native_decay_add, native_drtrl_multi, native_outer_acc
+from .kernel import (native_decay_add, native_drtrl_multi, native_outer_acc,
+                     native_outer_acc_multi)
 from .select import io_native_error
 
 __all__ = ["NativeDrtrlRule", "NativeIORule"]
@@ -72,6 +74,7 @@ class NativeIORule(IORule):
     """See the module docstring."""
     name = "io/native"
     step_accumulate = staticmethod(native_outer_acc)
+    step_accumulate_multi = staticmethod(native_outer_acc_multi)
 
     def check(self, graph, trace) -> str | None:
         why = why_unavailable()

@@ -38,13 +38,23 @@ from ..rules import plain_matmul_error, rule_key
 from .build import why_unavailable
 
 __all__ = ["NativeSelectPass", "NATIVE_PATH", "io_native_error", "IO_MIN_SIZE",
-           "IO_MIN_ROWS"]
+           "IO_MIN_ROWS", "IO_JOIN_MIN_OUT"]
 
 NATIVE_PATH = "native"
 #: below these the XLA product + add is as fast as the kernel's outer-accumulate (I·O
 #: elements of the weight; rows of ε_x, i.e. examples): benchmarks/README.md
 IO_MIN_SIZE = 1 << 16
 IO_MIN_ROWS = 4
+#: a smaller io-dim trace joins the step's kernel call when its weights have at least this
+#: many outputs (the kernel's register tile is 64 outputs wide; a narrower weight, e.g. a
+#: read-out to 10 classes, runs 3x slower there than on XLA's product)
+IO_JOIN_MIN_OUT = 64
+
+
+def _io_outputs(graph, trace) -> int:
+    """The fewest outputs O of the weights of an io-dim trace's relations."""
+    return min(int(weight_leaf(graph.param_by_name[graph.relation_by_id[rid].param].type)[2]
+                   .shape[-1]) for rid in trace.relations)
 
 
 def io_native_error(graph, trace, min_size: int = 0, min_rows: int = 0) -> str | None:
@@ -107,6 +117,13 @@ class NativeSelectPass(Pass):
         why = why_unavailable() if self.select != "none" else None
         if why:
             raise PipelineError(f"native-select: {why}")
+        # a small io-dim trace joins the kernel when another of the step takes it: its
+        # product is then one more weight in the step's one outer-accumulate call
+        # (``step_accumulate_multi``), where alone it would pay a call of its own
+        io_big = self.select != "none" and any(
+            t.dim == "io" and len(rule_key(t)) <= 3
+            and io_native_error(graph, t, self.io_min_size, self.io_min_rows) is None
+            for t in graph.traces)
         new_traces = []
         for t in graph.traces:
             a = dict(t.attrs)
@@ -119,7 +136,12 @@ class NativeSelectPass(Pass):
                           f"(compact, diagonal, symmetric signal, read out from the trace)")
             elif t.dim == "io":
                 bad = io_native_error(graph, t, self.io_min_size, self.io_min_rows)
-                if bad:
+                if bad and io_big and io_native_error(graph, t) is None \
+                        and _io_outputs(graph, t) >= IO_JOIN_MIN_OUT:
+                    path, reason = NATIVE_PATH, (
+                        f"native outer-accumulate, in the step's one call with the larger "
+                        f"io-dim traces (alone: {bad})")
+                elif bad:
                     reason = f"io-dim, {bad}"
                 elif self.select == "none":
                     reason = "select=none"
