@@ -26,7 +26,8 @@
 //
 // A fifth handler, outer-accumulate, adds the rank-R product x^T s (times c) into a weight
 // gradient in place: the per-step ES-D-RTRL gradient of a dense MatMulOp
-// (brainscale/backends/native/rules.py, NativeIORule).
+// (brainscale/backends/native/rules.py, NativeIORule); a sixth does that for several
+// weights in one call (all of a step's).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
