@@ -422,7 +422,8 @@ def test_outer_acc_refuses_bad_input():
 def test_outer_acc_multi_equals_one_call_per_weight():
     """Several weights in one call (the step's ``step_accumulate_multi``): each result is
     bit for bit the single call's (rows of a weight are never split inside a tile, and a
-    narrow weight takes the same tile code), in a scan too; one weight is the single call."""
+    narrow weight takes the same tile code), in a scan and under ``vmap`` too; one weight
+    is the single call."""
     rng = np.random.RandomState(15)
     f = lambda *s: jnp.asarray(rng.randn(*s).astype(np.float32))  # noqa: E731
     items = [(f(16, 61), f(16, 130), f(61, 130), None),
@@ -450,6 +451,13 @@ def test_outer_acc_multi_equals_one_call_per_weight():
                                  native.native_outer_acc(xs[2], xs[3], gs[1])))
     for a, b in zip(multi, single):
         np.testing.assert_array_equal(a, b)
+    # under vmap (an ensemble of learners): one call per mapped element
+    G1, G2 = f(3, 40, 70), f(3, 64, 33)
+    got = jax.jit(jax.vmap(lambda a, b, c, d, e, g: native.native_outer_acc_multi(
+        [(a, b, c, None), (d, e, g, None)])))(X1[:3], S1[:3], G1, X2[:3], S2[:3], G2)
+    for i in range(3):
+        np.testing.assert_array_equal(got[0][i], native.native_outer_acc(X1[i], S1[i], G1[i]))
+        np.testing.assert_array_equal(got[1][i], native.native_outer_acc(X2[i], S2[i], G2[i]))
     with pytest.raises(ValueError, match="the gradient must be float32"):
         native.native_outer_acc_multi([items[0], (f(4, 5), f(4, 6), jnp.ones((5, 6),
                                                                             jnp.bfloat16), None)])
