@@ -458,6 +458,8 @@ def test_outer_acc_multi_equals_one_call_per_weight():
     for i in range(3):
         np.testing.assert_array_equal(got[0][i], native.native_outer_acc(X1[i], S1[i], G1[i]))
         np.testing.assert_array_equal(got[1][i], native.native_outer_acc(X2[i], S2[i], G2[i]))
+    with pytest.raises(ValueError, match="no weights given"):
+        native.native_outer_acc_multi([])
     with pytest.raises(ValueError, match="the gradient must be float32"):
         native.native_outer_acc_multi([items[0], (f(4, 5), f(4, 6), jnp.ones((5, 6),
                                                                             jnp.bfloat16), None)])

@@ -220,8 +220,8 @@ def build_loop(prog, loss_fn, chunk: int, window_impl=None) -> SimpleNamespace:
                         windowed.add(rid)
     win_order = sorted(windowed, key=lambda r: int(r[1:]))
     # io-dim relations whose per-step gradient the rule adds into the running sum in place
-    # (``step_accumulate``; a window's product takes those it sums)
-    # (``step_accumulate``, or ``step_accumulate_multi`` for all of a step's at once)
+    # (``step_accumulate``, or ``step_accumulate_multi`` for all of a step's at once; a
+    # window's product takes those it sums)
     stepped = {}
     for e in io_entries:
         acc_fn = getattr(e.rule, "step_accumulate", None)

@@ -328,49 +328,41 @@ void launch(ffi::ThreadPool& pool, const Args& args) {
 constexpr int OUTER_RB = 6;
 constexpr int64_t OUTER_OC = 64;
 
+// One column block of a tile: RB rows by nn <= OUTER_OC columns of g, kept in registers over
+// the R terms. FULL: nn == OUTER_OC, a compile-time width the compiler unrolls and
+// vectorises; else the last, narrower block (or a weight with fewer outputs).
+template <int RB, bool C, bool FULL>
+inline void outer_block(const float* __restrict x, const float* __restrict s,
+                        const float* __restrict c, const float* __restrict gin,
+                        float* __restrict g, int64_t R, int64_t I, int64_t O, int64_t a,
+                        int64_t n0, int64_t width) {
+  const int64_t nn = FULL ? OUTER_OC : width;
+  float acc[RB][OUTER_OC];
+  for (int q = 0; q < RB; ++q)
+    for (int64_t n = 0; n < nn; ++n) acc[q][n] = C ? 0.f : gin[(a + q) * O + n0 + n];
+  for (int64_t r = 0; r < R; ++r) {
+    const float* sr = s + r * O + n0;
+    const float* xr = x + r * I + a;
+    for (int q = 0; q < RB; ++q) {
+      const float xa = xr[q];
+      for (int64_t n = 0; n < nn; ++n) acc[q][n] += xa * sr[n];
+    }
+  }
+  for (int q = 0; q < RB; ++q)
+    for (int64_t n = 0; n < nn; ++n) {
+      const int64_t at = (a + q) * O + n0 + n;
+      g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
+    }
+}
+
 template <int RB, bool C>
 inline void outer_tile(const float* __restrict x, const float* __restrict s,
                        const float* __restrict c, const float* __restrict gin,
                        float* __restrict g, int64_t R, int64_t I, int64_t O, int64_t a) {
   for (int64_t n0 = 0; n0 < O; n0 += OUTER_OC) {
     const int64_t nn = std::min<int64_t>(OUTER_OC, O - n0);
-    if (nn == OUTER_OC) {
-      float acc[RB][OUTER_OC];
-      for (int q = 0; q < RB; ++q)
-        for (int64_t n = 0; n < OUTER_OC; ++n) acc[q][n] = C ? 0.f : gin[(a + q) * O + n0 + n];
-      for (int64_t r = 0; r < R; ++r) {
-        const float* sr = s + r * O + n0;
-        const float* xr = x + r * I + a;
-        for (int q = 0; q < RB; ++q) {
-          const float xa = xr[q];
-          for (int64_t n = 0; n < OUTER_OC; ++n) acc[q][n] += xa * sr[n];
-        }
-      }
-      for (int q = 0; q < RB; ++q)
-        for (int64_t n = 0; n < OUTER_OC; ++n) {
-          const int64_t at = (a + q) * O + n0 + n;
-          g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
-        }
-    } else {
-      // the last, narrower column block (or a weight with fewer than OUTER_OC outputs): the
-      // same register tile, nn columns of it
-      float acc[RB][OUTER_OC];
-      for (int q = 0; q < RB; ++q)
-        for (int64_t n = 0; n < nn; ++n) acc[q][n] = C ? 0.f : gin[(a + q) * O + n0 + n];
-      for (int64_t r = 0; r < R; ++r) {
-        const float* sr = s + r * O + n0;
-        const float* xr = x + r * I + a;
-        for (int q = 0; q < RB; ++q) {
-          const float xa = xr[q];
-          for (int64_t n = 0; n < nn; ++n) acc[q][n] += xa * sr[n];
-        }
-      }
-      for (int q = 0; q < RB; ++q)
-        for (int64_t n = 0; n < nn; ++n) {
-          const int64_t at = (a + q) * O + n0 + n;
-          g[at] = C ? gin[at] + c[at] * acc[q][n] : acc[q][n];
-        }
-    }
+    if (nn == OUTER_OC) outer_block<RB, C, true>(x, s, c, gin, g, R, I, O, a, n0, nn);
+    else outer_block<RB, C, false>(x, s, c, gin, g, R, I, O, a, n0, nn);
   }
 }
 

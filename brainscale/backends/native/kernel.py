@@ -151,6 +151,8 @@ def native_outer_acc_multi(items):
     ``(eps_x, signal, grad, chain)``, the result the list of new gradients. One call shares
     the thread pool's start-up over every weight of the step (module ``drtrl.cc``)."""
     items = list(items)
+    if not items:
+        raise ValueError("native outer-accumulate (multi): no weights given")
     if len(items) == 1:
         return [native_outer_acc(*items[0])]
     ops = [_outer_operands(*it) for it in items]

@@ -120,10 +120,9 @@ class NativeSelectPass(Pass):
         # a small io-dim trace joins the kernel when another of the step takes it: its
         # product is then one more weight in the step's one outer-accumulate call
         # (``step_accumulate_multi``), where alone it would pay a call of its own
-        io_big = self.select != "none" and any(
-            t.dim == "io" and len(rule_key(t)) <= 3
-            and io_native_error(graph, t, self.io_min_size, self.io_min_rows) is None
-            for t in graph.traces)
+        io_bad = {t.id: io_native_error(graph, t, self.io_min_size, self.io_min_rows)
+                  for t in graph.traces if t.dim == "io" and len(rule_key(t)) <= 3}
+        io_big = self.select != "none" and any(v is None for v in io_bad.values())
         new_traces = []
         for t in graph.traces:
             a = dict(t.attrs)
@@ -135,7 +134,7 @@ class NativeSelectPass(Pass):
                 reason = (f"rule axes {axes}: the native kernel runs the default D-RTRL rule "
                           f"(compact, diagonal, symmetric signal, read out from the trace)")
             elif t.dim == "io":
-                bad = io_native_error(graph, t, self.io_min_size, self.io_min_rows)
+                bad = io_bad[t.id]
                 if bad and io_big and io_native_error(graph, t) is None \
                         and _io_outputs(graph, t) >= IO_JOIN_MIN_OUT:
                     path, reason = NATIVE_PATH, (
